@@ -1,0 +1,251 @@
+"""Paged decode attention: one query token per sequence against its paged KV cache.
+
+Contract (``paged_decode_attention`` and ``paged_decode_attention_ref`` alike):
+
+    q             (B, num_heads, head_dim)                          float dtype
+    k_cache       (num_blocks, block_size, num_kv_heads, head_dim)  q's dtype
+    v_cache       (num_blocks, block_size, num_kv_heads, head_dim)  q's dtype
+    block_tables  (B, max_blocks_per_seq) int32; row b lists sequence b's
+                  physical blocks in order; entries past its last block are
+                  ignored (any value)
+    context_lens  (B,) int32; tokens of sequence b = its first context_lens[b]
+                  slots, >= 1 (0 is tolerated: out 0, lse -inf, i.e. an empty
+                  shard for ``merge_attention_states``)
+    scale         float softmax scale
+
+    returns out (B, num_heads, head_dim) in q's dtype and
+            lse (B, num_heads) float32 = logsumexp_l(scale * q . k_l) (natural
+            log), so the softmax weights are exp(score - lse).
+
+Grouped-query attention: num_heads % num_kv_heads == 0 and query head h reads
+kv head h // (num_heads // num_kv_heads). Values in block_tables and
+context_lens are the caller's invariant (not checked: that would synchronise
+the GPU); the wrappers check ranks, shapes, dtypes and devices and raise
+ValueError naming the bad argument. Strides are free (any layout).
+
+The Triton kernel runs one program per (sequence, kv head): it loads the
+group's query heads once and walks the sequence's blocks with an online
+softmax in float32. The torch reference gathers every block at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._dispatch import next_power_of_2, tl, triton, use_triton
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over a paged KV cache; see the module docstring."""
+    _check_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    if use_triton(impl, q, _paged_decode_kernel):
+        return _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch reference (the CPU production path): one gather, float32 math."""
+    _check_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    k, v, valid = _gather_context(k_cache, v_cache, block_tables, context_lens)  # (B, L, ...)
+    qg = q.float().view(batch, num_kv_heads, group, head_dim)  # (B, KVH, G, D)
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * scale  # (B, KVH, G, L)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))  # (B, KVH, G, L)
+    lse = torch.logsumexp(scores, dim=-1)  # (B, KVH, G)
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # (B, KVH, G)
+    probs = torch.exp(scores - lse_safe[..., None])  # (B, KVH, G, L)
+    out = torch.einsum("bkgl,blkd->bkgd", probs, v)  # (B, KVH, G, D)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype), lse.reshape(batch, num_heads)
+
+
+def _gather_context(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 keys and values (B, L, KVH, D) of every sequence, and its valid slots (B, L).
+
+    Table entries past a sequence's last block are replaced by block 0 so any
+    value there is harmless, and values in invalid slots are zeroed so stale
+    NaN/inf in unused cache memory cannot leak through a zero softmax weight.
+    """
+    block_size = k_cache.shape[1]
+    longest = int(context_lens.max()) if context_lens.numel() else 0
+    num_blocks = min(-(-longest // block_size), block_tables.shape[1])
+    used_blocks = (context_lens + block_size - 1) // block_size  # (B,)
+    block_idx = torch.arange(num_blocks, device=block_tables.device)  # (NB,)
+    in_use = block_idx[None, :] < used_blocks[:, None]  # (B, NB)
+    ids = torch.where(in_use, block_tables[:, :num_blocks], 0).reshape(-1)  # (B * NB,)
+    shape = (context_lens.shape[0], num_blocks * block_size, *k_cache.shape[2:])  # (B, L, KVH, D)
+    k = k_cache.index_select(0, ids).view(shape).float()  # (B, L, KVH, D), a fresh tensor
+    v = v_cache.index_select(0, ids).view(shape).float()  # (B, L, KVH, D), a fresh tensor
+    positions = torch.arange(shape[1], device=k.device)  # (L,)
+    valid = positions[None, :] < context_lens[:, None]  # (B, L)
+    v.masked_fill_(~valid[:, :, None, None], 0.0)  # (B, L, KVH, D)
+    return k, v, valid
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> None:
+    """Raise ValueError naming the first argument whose rank, shape, dtype or device is wrong."""
+    _check_shapes(q, k_cache, v_cache)
+    _check_dtypes(q, k_cache, v_cache)
+    _check_tables(q.shape[0], block_tables, context_lens)
+    _check_devices(q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                   context_lens=context_lens)
+
+
+def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must have shape (B, num_heads, head_dim), got {tuple(q.shape)}")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    cache_shape = "(num_blocks, block_size, num_kv_heads, head_dim)"
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must have shape {cache_shape}, got {tuple(k_cache.shape)}")
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"k_cache head_dim {k_cache.shape[3]} must equal q head_dim {head_dim}; "
+            f"expected shape {cache_shape} = (*, *, *, {head_dim})"
+        )
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+        )
+    num_kv_heads = k_cache.shape[2]
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"q num_heads {num_heads} must be a multiple of k_cache num_kv_heads {num_kv_heads}"
+        )
+
+
+def _check_tables(batch: int, block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(
+            f"block_tables must have shape (B={batch}, max_blocks_per_seq), "
+            f"got {tuple(block_tables.shape)}"
+        )
+    if block_tables.dtype != torch.int32:
+        raise ValueError(f"block_tables must be int32, got {block_tables.dtype}")
+    if context_lens.shape != (batch,):
+        raise ValueError(f"context_lens must have shape (B={batch},), got {tuple(context_lens.shape)}")
+    if context_lens.dtype != torch.int32:
+        raise ValueError(f"context_lens must be int32, got {context_lens.dtype}")
+
+
+def _check_dtypes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q must be a floating-point tensor, got {q.dtype}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {cache.dtype} must equal q dtype {q.dtype}")
+
+
+def _check_devices(q: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, tensor in others.items():
+        if tensor.device != q.device:
+            raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}")
+
+
+def _paged_decode_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch ``_paged_decode_kernel`` on a (B, num_kv_heads) grid."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)  # (B, H, D)
+    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)  # (B, H)
+    if batch == 0:
+        return out, lse
+    _paged_decode_kernel[(batch, num_kv_heads)](
+        out, lse, q, k_cache, v_cache, block_tables, context_lens, float(scale),
+        *q.stride(), *out.stride(), *lse.stride(),
+        *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), context_lens.stride(0),
+        GROUP=group, GROUP_PAD=next_power_of_2(group),
+        BLOCK_SIZE=block_size, BLOCK_PAD=next_power_of_2(block_size),
+        HEAD_DIM=head_dim, HEAD_PAD=next_power_of_2(head_dim),
+    )
+    return out, lse
+
+
+@triton.jit
+def _paged_decode_kernel(
+    out_ptr, lse_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, scale,
+    stride_qb, stride_qh, stride_qd,
+    stride_ob, stride_oh, stride_od,
+    stride_lb, stride_lh,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_tb, stride_tn, stride_len,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+):
+    """Program (seq, kv_head): the GROUP query heads of kv_head against seq's blocks."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    offs_g = tl.arange(0, GROUP_PAD)  # (G,)
+    offs_t = tl.arange(0, BLOCK_PAD)  # (T,)
+    offs_d = tl.arange(0, HEAD_PAD)  # (D,)
+    g_ok = offs_g < GROUP  # (G,)
+    d_ok = offs_d < HEAD_DIM  # (D,)
+    heads = kv_head * GROUP + offs_g  # (G,)
+    q_offs = seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptr + q_offs, mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # (G, D)
+    q = q.to(tl.float32)
+    ctx_len = tl.load(lens_ptr + seq * stride_len)
+    m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)  # (G,) running max
+    l_sum = tl.zeros((GROUP_PAD,), tl.float32)  # (G,) running sum of exp
+    acc = tl.zeros((GROUP_PAD, HEAD_PAD), tl.float32)  # (G, D)
+    num_blocks = (ctx_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    for j in range(0, num_blocks):
+        block_id = tl.load(tables_ptr + seq * stride_tb + j * stride_tn).to(tl.int64)
+        t_ok = (offs_t < BLOCK_SIZE) & (j * BLOCK_SIZE + offs_t < ctx_len)  # (T,)
+        kv_mask = t_ok[:, None] & d_ok[None, :]  # (T, D)
+        k_offs = block_id * stride_kb + offs_t[:, None] * stride_kt + offs_d[None, :] * stride_kd
+        k = tl.load(k_ptr + k_offs + kv_head * stride_kh, mask=kv_mask, other=0.0)  # (T, D)
+        scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale  # (G, T)
+        scores = tl.where(t_ok[None, :], scores, float("-inf"))  # (G, T)
+        m_new = tl.maximum(m, tl.max(scores, axis=1))  # (G,)
+        alpha = tl.exp(m - m_new)  # (G,)
+        p = tl.exp(scores - m_new[:, None])  # (G, T)
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)  # (G,)
+        v_offs = block_id * stride_vb + offs_t[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        v = tl.load(v_ptr + v_offs + kv_head * stride_vh, mask=kv_mask, other=0.0)  # (T, D)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        m = m_new
+    nonempty = l_sum > 0  # (G,) false only when ctx_len == 0
+    out = acc / tl.where(nonempty, l_sum, 1.0)[:, None]  # (G, D)
+    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l_sum, 1.0)), float("-inf"))  # (G,)
+    o_offs = seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + seq * stride_lb + heads * stride_lh, lse, mask=g_ok)

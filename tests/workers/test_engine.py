@@ -1,0 +1,228 @@
+"""LLMEngine against a naive full-recompute forward, continuous batching,
+prefix reuse, sampling, verification and bad input."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from workers.sampling import SamplingParams
+from workers.sequence import FinishReason
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+MIXED_LENS = [1, 7, 16, 33, 64, 100, 257, 300]
+
+
+def prompts_of(lens: list[int], seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(n)] for n in lens]
+
+
+def naive_greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the logits that chose them, recomputing everything."""
+    ids, logits = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(n):
+            row = model.forward_dense(torch.tensor(ids))[-1]
+            logits.append(row)
+            ids.append(int(row.argmax()))
+    return ids[len(prompt):], torch.stack(logits)
+
+
+class LogitSpy:
+    """Records the sampling logits the runner returns for each request."""
+
+    def __init__(self, engine):
+        self.engine, self.rows = engine, {}
+        self._run = engine.runner.run
+        engine.runner.run = self
+
+    def __call__(self, items):
+        out = self._run(items)
+        live = [s for s in self.engine.running]
+        by_table = {tuple(self.engine.blocks.block_table(s.request_id)): s.request_id for s in live}
+        for item, lg in zip(items, out):
+            if lg is not None:
+                self.rows.setdefault(by_table[tuple(item.block_table)], []).append(lg[-1].clone())
+        return out
+
+
+def test_paged_chunked_engine_equals_naive_recompute(make_engine, tiny_model):
+    engine = make_engine(prefill_chunk_size=64, max_num_batched_tokens=256)
+    spy = LogitSpy(engine)
+    prompts = prompts_of(MIXED_LENS)
+    outs = engine.generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, outs):
+        ref_tokens, ref_logits = naive_greedy(tiny_model.model, prompt, 32)
+        assert out.token_ids == ref_tokens
+        got = torch.stack(spy.rows[out.request_id])
+        assert torch.allclose(got, ref_logits, atol=1e-4, rtol=0)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_joining_and_leaving_mid_batch_changes_no_other_request(make_engine):
+    prompts = prompts_of([40, 90, 17], seed=1)
+    alone = [make_engine().generate([p], GREEDY)[0].token_ids for p in prompts]
+    engine = make_engine(prefill_chunk_size=32)
+    engine.add_request("a", prompts[0], GREEDY)
+    engine.add_request("b", prompts[1], GREEDY)
+    got = {"a": [], "b": [], "c": []}
+    for step in range(200):
+        if step == 5:
+            engine.add_request("c", prompts[2], GREEDY)
+        if step == 12:
+            assert engine.abort("b")
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+        if not engine.has_unfinished():
+            break
+    assert got["a"] == alone[0] and got["c"] == alone[2]
+    assert got["b"] == alone[1][:len(got["b"])] and len(got["b"]) < 32
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_prefix_reuse_shares_blocks_and_computes_only_the_suffix(make_engine):
+    prefix = prompts_of([128], seed=2)[0]
+    first, second = prefix + [7] * 20, prefix + [9] * 30
+    engine = make_engine(block_size=16)
+    engine.add_request("first", first, GREEDY)
+    engine.step()  # whole prompt prefilled in one chunk
+    first_blocks = list(engine.blocks.block_table("first"))
+    while engine.has_unfinished():
+        engine.step()
+    before = engine.stats.prefill_tokens
+    engine.add_request("second", second, GREEDY)
+    engine.step()
+    seq = engine.sequence("second")
+    assert seq.num_cached_tokens == 128
+    assert engine.blocks.block_table("second")[:8] == first_blocks[:8]
+    assert engine.stats.prefill_tokens - before == 30
+    tokens = list(seq.output_token_ids)
+    while engine.has_unfinished():
+        tokens += [t for o in engine.step() for t in o.new_token_ids]
+    fresh = make_engine(enable_prefix_caching=False).generate([second], GREEDY)[0]
+    assert tokens == fresh.token_ids
+
+
+def test_preemption_under_kv_pressure_keeps_outputs_exact(make_engine):
+    prompts = prompts_of([60, 50, 70, 40], seed=3)
+    ref = make_engine().generate(prompts, GREEDY)
+    engine = make_engine(num_kv_blocks=14, block_size=16)  # fits ~2 requests at a time
+    outs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    assert engine.blocks.num_free_blocks == 14
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(make_engine):
+    p = SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=1234, max_tokens=24,
+                       ignore_eos=True)
+    prompt = prompts_of([30], seed=4)[0]
+    alone = make_engine().generate([prompt], p)[0].token_ids
+    others = prompts_of([10, 80], seed=5)
+    mixed = make_engine().generate(
+        others + [prompt], [SamplingParams(temperature=1.0, max_tokens=24)] * 2 + [p])
+    assert mixed[2].token_ids == alone
+    other_seed = make_engine().generate([prompt], SamplingParams(
+        temperature=0.9, top_k=50, top_p=0.9, seed=99, max_tokens=24, ignore_eos=True))
+    assert other_seed[0].token_ids != alone
+
+
+def test_top_k_one_is_greedy(make_engine):
+    prompt = prompts_of([25], seed=6)[0]
+    greedy = make_engine().generate([prompt], GREEDY)[0].token_ids
+    topk1 = make_engine().generate([prompt], SamplingParams(
+        temperature=1.5, top_k=1, max_tokens=32, ignore_eos=True, seed=3))[0].token_ids
+    assert topk1 == greedy
+
+
+def test_stop_token_ids_and_eos_finish_with_stop(make_engine, tiny_model):
+    prompt = prompts_of([12], seed=7)[0]
+    ref, _ = naive_greedy(tiny_model.model, prompt, 10)
+    out = make_engine().generate([prompt], SamplingParams(
+        temperature=0, max_tokens=10, stop_token_ids=(ref[3],)))[0]
+    first = ref.index(ref[3])
+    assert out.token_ids == ref[:first + 1] and out.finish_reason is FinishReason.STOP
+    length = make_engine().generate([prompt], SamplingParams(temperature=0, max_tokens=5,
+                                                             ignore_eos=True))[0]
+    assert length.finish_reason is FinishReason.LENGTH and len(length.token_ids) == 5
+
+
+def test_stop_string_cuts_text_before_it(make_engine):
+    prompt = "stop strings are matched on text"
+    full = make_engine().generate([prompt], SamplingParams(
+        temperature=0, max_tokens=40, ignore_eos=True))[0].text
+    ascii_at = next(i for i in range(4, len(full) - 3) if full[i:i + 2].isascii()
+                    and full[i:i + 2].isprintable())
+    stop = full[ascii_at:ascii_at + 2]
+    out = make_engine().generate([prompt], SamplingParams(
+        temperature=0, max_tokens=40, ignore_eos=True, stop=(stop,)))[0]
+    assert out.finish_reason is FinishReason.STOP
+    assert out.text == full[:full.find(stop)]
+
+
+def test_logprobs_match_naive_log_softmax(make_engine, tiny_model):
+    prompt = prompts_of([20], seed=8)[0]
+    out = make_engine().generate([prompt], SamplingParams(
+        temperature=0, max_tokens=4, ignore_eos=True, logprobs=3))[0]
+    _, logits = naive_greedy(tiny_model.model, prompt, 4)
+    ref = torch.log_softmax(logits, dim=-1)
+    for i, lp in enumerate(out.logprobs):
+        assert lp.token_id == out.token_ids[i]
+        assert lp.logprob == pytest.approx(float(ref[i, lp.token_id]), abs=1e-4)
+        assert [t for t, _ in lp.top] == ref[i].topk(3).indices.tolist()
+
+
+def test_verify_scores_all_draft_positions_in_one_pass(make_engine, tiny_model):
+    prompt = prompts_of([45], seed=9)[0]
+    ref_tokens, ref_logits = naive_greedy(tiny_model.model, prompt, 8)
+    engine = make_engine()
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.step()  # prefill, samples ref_tokens[0]
+    draft = ref_tokens[1:5]
+    logits = engine.verify("r", draft)
+    assert logits.shape == (5, tiny_model.config.vocab_size)
+    assert torch.allclose(logits, ref_logits[1:6], atol=1e-4, rtol=0)
+    outs = engine.accept("r", draft + [int(logits[-1].argmax())])
+    assert [o.new_token_ids[0] for o in outs] == ref_tokens[1:6]
+    rest = [t for o in engine.stream() for t in o.new_token_ids]
+    assert ref_tokens[:6] + rest == ref_tokens
+
+
+BAD_INPUTS = [
+    ("", GREEDY, "prompt must not be empty"),
+    ([], GREEDY, "prompt must not be empty"),
+    ([5, 320], GREEDY, r"token id 320 is outside the vocabulary \[0, 320\)"),
+    ([5, -1], GREEDY, "token id -1 is outside the vocabulary"),
+    ([5], SamplingParams(max_tokens=0), "max_tokens=0 must be an integer > 0"),
+    ([5], SamplingParams(max_tokens=-3), "max_tokens=-3"),
+    ([5], SamplingParams(temperature=-0.1), "temperature=-0.1 must be >= 0"),
+    ([5], SamplingParams(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
+    ([5], SamplingParams(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+    ([5], SamplingParams(top_k=-1), "top_k=-1 must be an integer >= 0"),
+    ([5] * 2000, SamplingParams(max_tokens=100), r"= 2100 exceeds the model's context of 2048"),
+]
+
+
+@pytest.mark.parametrize("prompt,params,message", BAD_INPUTS,
+                         ids=["empty-str", "empty-list", "vocab-high", "vocab-negative",
+                              "max-tokens-zero", "max-tokens-negative", "temperature",
+                              "top-p-zero", "top-p-high", "top-k", "context"])
+def test_bad_input_raises_and_leaves_engine_unchanged(make_engine, prompt, params, message):
+    engine = make_engine()
+    engine.add_request("ok", [1, 2, 3], GREEDY)
+    free = engine.blocks.num_free_blocks
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("bad", prompt, params)
+    assert [s.request_id for s in engine.waiting] == ["ok"]
+    assert engine.blocks.num_free_blocks == free
+    assert engine.generate([[1, 2, 3]], GREEDY)[0].token_ids == \
+        make_engine().generate([[1, 2, 3]], GREEDY)[0].token_ids
+
+
+def test_duplicate_request_id_is_rejected(make_engine):
+    engine = make_engine()
+    engine.add_request("x", [1, 2], GREEDY)
+    with pytest.raises(ValueError, match="request_id 'x' is already in use"):
+        engine.add_request("x", [3], GREEDY)

@@ -1,0 +1,198 @@
+"""Paged KV cache bookkeeping: which physical blocks hold which tokens.
+
+Pure Python (no torch): the memory itself lives in ``kv_cache.KVCache``; this
+module only hands out block ids, so the simulator uses it as is.
+
+Lifecycle of a block::
+
+    free (no hash) --allocate--> owned (ref_count >= 1) --free, ref 0-->
+    free-but-cached (hash kept, reusable by a later prefix hit, evicted LRU
+    when a fresh block is needed) --prefix hit--> owned again
+
+Prefix reuse: a *full* block is named by a chained hash
+``h_i = H(h_{i-1}, tokens of block i)``, so equal hashes mean equal prefixes.
+Out of memory is a value (``None`` / ``False``), never an exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    """Stable 64-bit hash of a full block given its parent's hash."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update((parent or 0).to_bytes(8, "little"))
+    h.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
+    return int.from_bytes(h.digest(), "little")
+
+
+def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """Hashes of every full block of ``token_ids``."""
+    hashes: list[int] = []
+    parent = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = chain_hash(parent, tuple(token_ids[start:start + block_size]))
+        hashes.append(parent)
+    return hashes
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Result of admitting a sequence's prompt."""
+
+    block_ids: tuple[int, ...]  # physical blocks, in token order
+    num_cached_tokens: int  # leading tokens whose KV is already in those blocks
+
+
+@dataclass
+class _Block:
+    ref_count: int = 0
+    block_hash: int | None = None  # set once the block is full and hashed
+
+
+class BlockManager:
+    """Allocates fixed-size KV blocks to sequences, with prefix reuse."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be > 0")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks = [_Block() for _ in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._cached: dict[int, int] = {}  # block hash -> block id
+        self._tables: dict[str, list[int]] = {}  # seq id -> block ids
+        self._hashed: dict[str, int] = {}  # seq id -> number of its blocks already hashed
+        self.prefix_queries = 0  # blocks looked up in the prefix cache
+        self.prefix_hits = 0  # of which found
+
+    # ----- queries -------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def block_table(self, seq_id: str) -> list[int]:
+        return self._tables[seq_id]
+
+    def has(self, seq_id: str) -> bool:
+        return seq_id in self._tables
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _prefix_hits(self, token_ids: list[int]) -> list[int]:
+        """Cached block ids for the longest cached prefix (never the whole prompt:
+        the last token must be computed to get its logits)."""
+        if not self.enable_prefix_caching:
+            return []
+        hits = []
+        for h in block_hashes(token_ids[:-1], self.block_size):
+            block_id = self._cached.get(h)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate(self, token_ids: list[int]) -> bool:
+        hits = self._prefix_hits(token_ids)
+        revived = sum(1 for b in hits if self._blocks[b].ref_count == 0)
+        fresh = self.blocks_needed(len(token_ids)) - len(hits)
+        return fresh + revived <= self.num_free_blocks
+
+    # ----- mutations -----------------------------------------------------
+    def allocate(self, seq_id: str, token_ids: list[int]) -> Allocation | None:
+        """Blocks for a whole prompt, reusing cached prefix blocks; None if full."""
+        assert seq_id not in self._tables, f"sequence {seq_id} already allocated"
+        if not token_ids or not self.can_allocate(token_ids):
+            return None
+        hits = self._prefix_hits(token_ids)
+        self.prefix_queries += len(block_hashes(token_ids[:-1], self.block_size))
+        self.prefix_hits += len(hits)
+        for b in hits:
+            self._take(b)
+        fresh = [self._take_fresh() for _ in range(self.blocks_needed(len(token_ids)) - len(hits))]
+        self._tables[seq_id] = hits + fresh
+        self._hashed[seq_id] = len(hits)
+        return Allocation(tuple(hits + fresh), len(hits) * self.block_size)
+
+    def can_append(self, seq_id: str, num_tokens: int) -> bool:
+        """Whether the sequence can grow to ``num_tokens`` tokens in total."""
+        extra = self.blocks_needed(num_tokens) - len(self._tables[seq_id])
+        return extra <= self.num_free_blocks
+
+    def append(self, seq_id: str, num_tokens: int) -> bool:
+        """Grow the sequence's table to hold ``num_tokens`` tokens; False if full."""
+        if not self.can_append(seq_id, num_tokens):
+            return False
+        table = self._tables[seq_id]
+        while len(table) < self.blocks_needed(num_tokens):
+            table.append(self._take_fresh())
+        return True
+
+    def commit_full_blocks(self, seq_id: str, token_ids: list[int]) -> None:
+        """Hash the sequence's blocks that became full and hold computed KV
+        (``token_ids`` = the tokens whose KV is written), so later requests can
+        reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        table, done = self._tables[seq_id], self._hashed[seq_id]
+        full = min(len(token_ids) // self.block_size, len(table))
+        if full <= done:
+            return
+        hashes = block_hashes(token_ids[:full * self.block_size], self.block_size)
+        for i in range(done, full):
+            block = self._blocks[table[i]]
+            if hashes[i] not in self._cached:
+                block.block_hash = hashes[i]
+                self._cached[hashes[i]] = table[i]
+        self._hashed[seq_id] = full
+
+    def truncate(self, seq_id: str, num_tokens: int) -> None:
+        """Shrink the sequence to ``num_tokens`` tokens (speculative rollback);
+        blocks past the end are freed, a partial tail block loses its hash."""
+        table = self._tables[seq_id]
+        keep = self.blocks_needed(num_tokens)
+        for b in reversed(table[keep:]):
+            self._release(b)
+        del table[keep:]
+        full = num_tokens // self.block_size
+        if self._hashed[seq_id] > full:
+            for b in table[full:]:
+                self._unhash(b)
+            self._hashed[seq_id] = full
+
+    def free(self, seq_id: str) -> None:
+        """Release a sequence's blocks; hashed ones stay reusable until evicted."""
+        for b in reversed(self._tables.pop(seq_id)):
+            self._release(b)
+        self._hashed.pop(seq_id)
+
+    # ----- internals -----------------------------------------------------
+    def _take(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if block.ref_count == 0:
+            del self._free[block_id]
+        block.ref_count += 1
+
+    def _take_fresh(self) -> int:
+        block_id, _ = self._free.popitem(last=False)  # least recently freed
+        self._unhash(block_id)
+        self._blocks[block_id].ref_count = 1
+        return block_id
+
+    def _unhash(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if block.block_hash is not None and self._cached.get(block.block_hash) == block_id:
+            del self._cached[block.block_hash]
+        block.block_hash = None
+
+    def _release(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        assert block.ref_count > 0, f"block {block_id} freed twice"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block_id] = None

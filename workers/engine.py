@@ -1,0 +1,329 @@
+"""``LLMEngine``: the in-process engine every Baton worker wraps.
+
+Lifecycle of a request::
+
+    add_request (validate; nothing changes on error)
+      -> waiting queue
+      -> step(): plan (BatchPlanner) -> run (ModelRunner) -> postprocess
+                 (sample, detokenize, check stop conditions)
+      -> RequestOutput per step with the new tokens; the last one has
+         ``finished=True`` and the blocks are freed
+    abort(request_id) at any time frees the request's blocks.
+
+An engine step is three calls, as in nano-vllm: schedule, run, postprocess.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.batch_planner import BatchConfig, BatchPlanner, Chunk
+from workers.block_manager import BlockManager
+from workers.kv_cache import KVCache, num_blocks_for_budget
+from workers.loader import LoadedModel, load_model, torch_dtype
+from workers.model_runner import ModelRunner, RunItem
+from workers.sampling import Sampler, SampleRequest, SamplingParams, TokenLogprob
+from workers.sequence import FinishReason, Sequence, SequenceStatus
+from workers.tokenizer import IncrementalDetokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "tiny"  # preset name or local Hugging Face directory
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int = 256 << 20  # memory budget of the paged KV cache
+    num_kv_blocks: int | None = None  # overrides kv_cache_bytes when set
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    prefill_chunk_size: int = 512
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None  # None = the model's own limit
+    seed: int = 0  # dummy weights and unseeded sampling
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size} must be a power of two")
+        if self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes} must be > 0")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be > 0")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len={self.max_model_len} must be > 0")
+        torch_dtype(self.dtype)  # validates the name
+        BatchConfig(self.max_num_seqs, self.max_num_batched_tokens, self.prefill_chunk_size)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]  # sampled this step (0 or 1 token)
+    new_text: str  # text delta (may lag a token behind a partial UTF-8 char)
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens reused from the prefix cache
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request, as ``generate`` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    num_cached_tokens: int
+    logprobs: list[TokenLogprob]
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    emitted: int = 0  # characters of detok.text already streamed
+
+    def emit_text(self, finished: bool) -> str:
+        """New text to stream; with stop strings, the last ``len(stop) - 1``
+        characters wait until they cannot be the start of a stop string."""
+        stops = self.seq.params.stop
+        hold = 0 if finished or not stops else max(len(s) for s in stops) - 1
+        end = max(self.emitted, len(self.detok.text) - hold)
+        delta = self.detok.text[self.emitted:end]
+        self.emitted = end
+        return delta
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
+        self.config = config or EngineConfig()
+        self.loaded = loaded or load_model(self.config.model, self.config.dtype, self.config.seed)
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = min(self.config.max_model_len or 1 << 62, self.model_config.max_model_len)
+        blocks = self.config.num_kv_blocks or num_blocks_for_budget(
+            self.model_config, self.config.kv_cache_bytes, self.config.block_size,
+            torch_dtype(self.config.dtype))
+        self.kv_cache = KVCache(self.model_config, blocks, self.config.block_size,
+                                torch_dtype(self.config.dtype))
+        self.blocks = BlockManager(blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.planner = BatchPlanner(BatchConfig(
+            self.config.max_num_seqs, self.config.max_num_batched_tokens,
+            self.config.prefill_chunk_size), self.blocks)
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache)
+        self.sampler = Sampler(self.config.seed)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._requests: dict[str, _Request] = {}
+        self._arrivals = 0
+        self.stats = EngineStats()
+
+    # ----- requests ------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt, checked against the vocabulary."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return self.tokenizer.encode(prompt)
+        if len(prompt) == 0:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | None = None) -> None:
+        """Queue a request; bad input raises ValueError and changes nothing."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        token_ids = self.encode(prompt)
+        params.validate(len(token_ids), self.max_model_len)
+        needed = self.blocks.blocks_needed(len(token_ids) + params.max_tokens)
+        if needed > self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens needs {needed} KV blocks; the cache has "
+                f"{self.blocks.num_blocks}")
+        seq = Sequence(request_id, token_ids, params, arrival=self._arrivals)
+        self._arrivals += 1
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer), gen)
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is; False if unknown or already done."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        seq = req.seq
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if self.blocks.has(request_id):
+            self.blocks.free(request_id)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.ABORT
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def sequence(self, request_id: str) -> Sequence:
+        return self._requests[request_id].seq
+
+    # ----- the step ------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.planner.plan(self.waiting, self.running)
+        if not plan.chunks:
+            return []
+        t0 = time.perf_counter()
+        logits = self.runner.run([self._run_item(c) for c in plan.chunks])
+        self.stats.record(plan.chunks, time.perf_counter() - t0)
+        return self._postprocess(plan.chunks, logits)
+
+    def _run_item(self, chunk: Chunk) -> RunItem:
+        seq = chunk.seq
+        start = seq.num_computed_tokens
+        done = start + chunk.num_tokens == seq.num_tokens
+        return RunItem(seq.token_ids[start:start + chunk.num_tokens], start,
+                       self.blocks.block_table(seq.request_id), "last" if done else "none")
+
+    def _postprocess(self, chunks: list[Chunk], logits) -> list[RequestOutput]:
+        sampled = [(c.seq, lg[-1]) for c, lg in zip(chunks, logits) if lg is not None]
+        for c in chunks:
+            c.seq.num_computed_tokens += c.num_tokens
+            self.blocks.commit_full_blocks(
+                c.seq.request_id, c.seq.token_ids[:c.seq.num_computed_tokens])
+        if not sampled:
+            return []
+        rows = torch.stack([lg for _, lg in sampled])  # (n, V)
+        reqs = [self._requests[s.request_id] for s, _ in sampled]
+        tokens = self.sampler.sample(rows, [SampleRequest(r.seq.params, r.generator) for r in reqs])
+        return [self._append_token(r, t, lg) for r, t, (_, lg) in zip(reqs, tokens, sampled)]
+
+    def _append_token(self, req: _Request, token: int,
+                      logits: torch.Tensor | None) -> RequestOutput:
+        seq, params = req.seq, req.seq.params
+        seq.output_token_ids.append(token)
+        lps = [] if params.logprobs is None or logits is None else [
+            Sampler.logprobs(logits, token, params.logprobs)]
+        req.detok.add(token)
+        reason = self._finish_reason(seq, token, req.detok)
+        if reason is not None:
+            req.detok.flush()
+            if reason is FinishReason.STOP and params.stop:
+                _cut_at_stop(req.detok, params.stop)
+            self._finish(seq, reason)
+        return RequestOutput(seq.request_id, [token], req.emit_text(reason is not None),
+                             reason is not None, reason, len(seq.prompt_token_ids),
+                             seq.num_cached_tokens, lps)
+
+    def _finish_reason(self, seq: Sequence, token: int,
+                       detok: IncrementalDetokenizer) -> FinishReason | None:
+        p = seq.params
+        if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+            return FinishReason.STOP
+        if p.stop and any(s in detok.text for s in p.stop):
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= p.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+        del self._requests[seq.request_id]
+
+    # ----- speculative verification -------------------------------------
+    @torch.inference_mode()
+    def verify(self, request_id: str, draft: list[int]) -> torch.Tensor:
+        """Logits (k+1, V) at every position of ``[last token] + draft`` in one
+        forward pass. The draft's KV is written but not committed: follow with
+        ``accept`` (or nothing: the next step overwrites it)."""
+        seq = self._requests[request_id].seq
+        if not seq.is_decoding:
+            raise ValueError(f"request {request_id!r} is not decoding; cannot verify")
+        start = seq.num_computed_tokens
+        tokens = seq.token_ids[start:] + list(draft)
+        if not self.blocks.append(request_id, start + len(tokens)):
+            raise RuntimeError("KV cache is full: no room to verify the draft")
+        item = RunItem(tokens, start, self.blocks.block_table(request_id), "all")
+        return self.runner.run([item])[0]
+
+    def accept(self, request_id: str, tokens: list[int]) -> list[RequestOutput]:
+        """Append verified tokens (accepted draft + the target's own token)."""
+        req = self._requests[request_id]
+        outputs = []
+        for t in tokens:
+            req.seq.num_computed_tokens = req.seq.num_tokens
+            outputs.append(self._append_token(req, t, None))
+            if outputs[-1].finished:
+                return outputs
+        seq = req.seq
+        self.blocks.truncate(request_id, seq.num_tokens)
+        self.blocks.commit_full_blocks(request_id, seq.token_ids[:seq.num_computed_tokens])
+        return outputs
+
+    # ----- helpers --------------------------------------------------------
+    def stream(self) -> Iterator[RequestOutput]:
+        while self.has_unfinished():
+            yield from self.step()
+
+    def generate(self, prompts: list[str | list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """Run prompts to completion; results in the prompts' order."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [f"gen-{self._arrivals + i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.add_request(rid, prompt, p)
+        seqs = [self._requests[rid].seq for rid in ids]
+        texts: dict[str, list[str]] = {rid: [] for rid in ids}
+        logprobs: dict[str, list[TokenLogprob]] = {rid: [] for rid in ids}
+        for out in self.stream():
+            if out.request_id in texts:
+                texts[out.request_id].append(out.new_text)
+                logprobs[out.request_id].extend(out.logprobs)
+        return [Completion(s.request_id, s.prompt_token_ids, list(s.output_token_ids),
+                           "".join(texts[s.request_id]), s.finish_reason, s.num_cached_tokens,
+                           logprobs[s.request_id]) for s in seqs]
+
+
+def _cut_at_stop(detok: IncrementalDetokenizer, stops: tuple[str, ...]) -> None:
+    """Trim the text so it ends right before the first stop string."""
+    found = [detok.text.find(s) for s in stops if s in detok.text]
+    if found:
+        detok.text = detok.text[:min(found)]
+
+
+@dataclass
+class EngineStats:
+    """Counters of the work done, for throughput reports."""
+
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    busy_s: float = 0.0
+
+    def record(self, chunks: list[Chunk], seconds: float) -> None:
+        self.steps += 1
+        self.busy_s += seconds
+        for c in chunks:
+            if c.seq.is_decoding and c.num_tokens == 1:
+                self.decode_tokens += 1
+            else:
+                self.prefill_tokens += c.num_tokens

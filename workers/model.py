@@ -1,0 +1,243 @@
+"""Llama-family decoder in torch: Llama 2/3, Mistral, Qwen2/2.5, Qwen3.
+
+Lifecycle: built empty from a ``ModelConfig``, filled by ``loader`` (real
+checkpoint) or ``init_dummy_weights`` (the tiny model), then run by the model
+runner. Two forward paths share every weight:
+
+- ``forward(input_ids, positions, meta, kv_caches)``: flattened tokens of many
+  sequences; K/V written into the paged cache at ``meta.slot_mapping``; decode
+  rows use the paged-decode-attention kernel, prefill chunks attend to the KV
+  already cached plus themselves (chunked prefill, prefix reuse, verification);
+- ``forward_dense(input_ids)``: one sequence, full causal attention, no cache:
+  the naive reference the paged path is tested against.
+
+Weights are stored fused (``qkv``, ``gate_up``) as vLLM does: fewer, larger
+matmuls. The loader splits Hugging Face tensors into them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import paged_decode_attention
+from workers.model_config import ModelConfig, RopeScaling
+
+
+@dataclass
+class PrefillSegment:
+    """A run of query tokens of one sequence computed in this step."""
+
+    start: int  # first row in the flattened batch
+    num_tokens: int  # query rows
+    context_len: int  # tokens of KV after this step (cached + these)
+    block_table: torch.Tensor  # (num_blocks,) int64 physical block ids
+
+
+@dataclass
+class AttentionMetadata:
+    """How the flattened batch maps onto sequences and cache slots.
+
+    Rows ``[0, num_decode)`` are single-token decodes; prefill segments follow.
+    """
+
+    slot_mapping: torch.Tensor  # (T,) int64: cache slot each new K/V goes to
+    num_decode: int  # leading rows that are decodes
+    decode_block_tables: torch.Tensor  # (num_decode, max_blocks) int32
+    decode_context_lens: torch.Tensor  # (num_decode,) int32
+    prefills: list[PrefillSegment]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama-3 or linear scaling."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    if scaling.rope_type == "linear":
+        return inv / scaling.factor
+    if scaling.rope_type != "llama3":
+        return inv
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables, applied in the rotate-half layout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(t, inv)  # (P, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (P, D)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: (T, heads, D); positions: (T,)
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # (T, 1, D)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding):
+        T = x.shape[0]
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.n_heads, self.head_dim)  # (T, H, D)
+        k = k.view(T, self.n_kv, self.head_dim)  # (T, KVH, D)
+        v = v.view(T, self.n_kv, self.head_dim)  # (T, KVH, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return rope(q, positions), rope(k, positions), v
+
+    def forward(self, x, positions, rope, meta: AttentionMetadata | None, kv_cache):
+        q, k, v = self.project(x, positions, rope)
+        if meta is None:
+            out = self._dense(q, k, v)
+        else:
+            out = self._paged(q, k, v, meta, kv_cache)
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+
+    def _dense(self, q, k, v) -> torch.Tensor:
+        # (1, H, T, D) x (1, KVH, T, D) -> (T, H, D)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            is_causal=True, scale=self.scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+    def _paged(self, q, k, v, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
+        k_cache, v_cache = kv_cache  # each (num_blocks, block_size, KVH, D)
+        k_cache.view(-1, self.n_kv, self.head_dim)[meta.slot_mapping] = k
+        v_cache.view(-1, self.n_kv, self.head_dim)[meta.slot_mapping] = v
+        out = torch.empty_like(q)  # (T, H, D)
+        nd = meta.num_decode
+        if nd:
+            out[:nd] = paged_decode_attention(
+                q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                meta.decode_context_lens, self.scale)[0]
+        for seg in meta.prefills:
+            rows = slice(seg.start, seg.start + seg.num_tokens)
+            out[rows] = self._prefill_segment(q[rows], k[rows], v[rows], seg, k_cache, v_cache)
+        return out
+
+    def _prefill_segment(self, q, k, v, seg: PrefillSegment, k_cache, v_cache):
+        n, ctx = seg.num_tokens, seg.context_len
+        if ctx == n:  # nothing cached before this chunk: attend to itself
+            return self._dense(q, k, v)
+        block_size = k_cache.shape[1]
+        blocks = seg.block_table[: -(-ctx // block_size)]
+        k_ctx = k_cache[blocks].reshape(-1, self.n_kv, self.head_dim)[:ctx]  # (ctx, KVH, D)
+        v_ctx = v_cache[blocks].reshape(-1, self.n_kv, self.head_dim)[:ctx]
+        # query i sits at position ctx - n + i and sees keys 0..ctx - n + i
+        qpos = torch.arange(ctx - n, ctx).unsqueeze(1)  # (n, 1)
+        mask = torch.arange(ctx).unsqueeze(0) <= qpos  # (n, ctx)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k_ctx.transpose(0, 1)[None], v_ctx.transpose(0, 1)[None],
+            attn_mask=mask, scale=self.scale, enable_gqa=True)  # (1, H, n, D)
+        return out[0].transpose(0, 1)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ffn = cfg.intermediate_size
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * self.ffn, bias=cfg.mlp_bias)
+        self.down = nn.Linear(self.ffn, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.ffn, dim=-1)  # (T, F) each
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, positions, rope, meta, kv_cache):
+        x = x + self.attn(self.input_norm(x), positions, rope, meta, kv_cache)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(cfg)
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        """Hidden states (T, d) of a flattened batch; K/V go into ``kv_caches``."""
+        x = self.embed(input_ids)  # (T, d)
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, positions, self.rope, meta, cache)
+        return self.norm(x)
+
+    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (T, V) float32 of one sequence, full recompute, no cache."""
+        positions = torch.arange(input_ids.shape[0])
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rope, None, None)
+        return self.compute_logits(self.norm(x))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # (n, V)
+
+
+def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
+    """Deterministic random weights whose logits are spread enough that greedy
+    decoding has no near-ties (so exact-token tests are meaningful)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.dim() == 1:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            else:
+                std = 1.0 if name.startswith("embed") else 1.0 / math.sqrt(p.shape[1])
+                p.copy_(std * torch.randn(p.shape, generator=gen))
