@@ -87,11 +87,23 @@ def _check_lengths(outputs: list[list[int]], n: int) -> None:
         raise RuntimeError(f"expected {n} generated tokens per prompt, got lengths {bad[:4]}")
 
 
-def main(engine: str, load: Callable[[dict], RunFn]) -> None:
+def versions(packages: tuple[str, ...]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def main(engine: str, load: Callable[[dict], RunFn], packages: tuple[str, ...] = ("torch",)) -> None:
     spec = load_spec()
     t0 = time.perf_counter()
     run = load(spec)
-    emit("loaded", engine=engine, load_s=time.perf_counter() - t0)
+    emit("loaded", engine=engine, load_s=time.perf_counter() - t0, versions=versions(packages))
     for case in spec["cases"]:
         result = measure(run, case["prompts"], spec["output_len"], spec["reps"],
                          spec.get("warmup", 1),

@@ -43,4 +43,4 @@ def load(spec: dict):
 
 
 if __name__ == "__main__":
-    main("hf", load)
+    main("hf", load, ("torch", "transformers"))

@@ -1,0 +1,71 @@
+"""Snapshots in, decisions out: the boundary between mechanism and policy.
+
+The controller (real workers, wall-clock time) and the simulator (simulated
+workers, simulated time) both fill these dataclasses and read the decisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """A request waiting at the controller, as a policy sees it."""
+
+    request_id: str
+    prompt_tokens: int  # length of the prompt in tokens
+    max_tokens: int  # generation cap
+    arrival_s: float  # when it reached the controller (controller's clock)
+    waited_rounds: int = 0  # scheduling rounds it has been passed over
+    score: float | None = None  # ranker score: higher = shorter expected output
+    true_output_tokens: int | None = None  # known only to oracles (sim, benchmarks)
+    prefix_hashes: tuple[int, ...] = ()  # chained hashes of the prompt's full KV blocks
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """A worker's load, as last reported."""
+
+    worker_id: str
+    role: str  # prefill | decode | mixed
+    gpu_type: str
+    queued_prefill_tokens: int  # prompt tokens dispatched but not yet prefilled
+    running: int  # requests in its decode batch
+    free_kv_blocks: int
+    total_kv_blocks: int
+    block_size: int  # tokens per KV block
+    max_num_batched_tokens: int  # its prefill token budget per step
+    max_num_seqs: int  # its decode batch cap
+    alive: bool = True
+
+    def prefill_room(self) -> int:
+        """Prompt tokens it can take before its queue exceeds two steps of work."""
+        return 2 * self.max_num_batched_tokens - self.queued_prefill_tokens
+
+    def kv_blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+
+@dataclass(frozen=True)
+class SchedulingRound:
+    """What the scheduler sees at one dispatch opportunity."""
+
+    now_s: float
+    round_index: int  # increases by one per round
+    waiting: tuple[RequestView, ...]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request runs: its prefill worker and its decode worker
+    (the same worker for a mixed pool)."""
+
+    prefill_worker: str
+    decode_worker: str
+
+
+@dataclass(frozen=True)
+class AdmissionDecision:
+    accepted: bool
+    reason: str = ""  # why it was refused, for the client's error
