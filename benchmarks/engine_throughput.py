@@ -45,12 +45,12 @@ import json
 import os
 import platform
 import random
-import resource
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -109,15 +109,79 @@ def peer_spec(engine: str, model_dir: Path, prompts: list[list[int]], args) -> d
     return spec
 
 
-def _cpu_busy_s() -> float:
-    """Seconds of CPU time spent by the whole machine since boot (/proc/stat)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return float("nan")
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+class ForeignLoad:
+    """Samples /proc every ``period`` s and adds up the CPU time of processes
+    that are not this benchmark or its descendants (other people's tests on a
+    shared machine): ``cores()`` = their average number of busy cores."""
+
+    def __init__(self, period: float = 0.5):
+        self.period = period
+        self.busy_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._t0 = self._t1 = time.monotonic()
+
+    @staticmethod
+    def _snapshot() -> dict[int, tuple[int, float]]:
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # fields[1] = ppid, fields[11:13] = utime, stime (after the name)
+            out[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        return out
+
+    def _loop(self) -> None:
+        me = os.getpid()
+        prev = self._snapshot()
+        while not self._stop.wait(self.period):
+            cur = self._snapshot()
+            ours = {me}
+            changed = True
+            while changed:  # descendants of this process
+                changed = False
+                for pid, (ppid, _) in cur.items():
+                    if ppid in ours and pid not in ours:
+                        ours.add(pid)
+                        changed = True
+            for pid, (_, cpu) in cur.items():
+                if pid not in ours and pid in prev:
+                    self.busy_s += max(0.0, cpu - prev[pid][1])
+            prev = cur
+            self._t1 = time.monotonic()
+
+    def __enter__(self) -> ForeignLoad:
+        if os.path.isdir("/proc"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def cores(self) -> float | None:
+        span = self._t1 - self._t0
+        return self.busy_s / span if span > 0 else None
+
+
+def wait_for_quiet(limit_s: float, threshold: float = 0.3, window_s: float = 3.0) -> float | None:
+    """Wait (at most ``limit_s``) until other processes use < ``threshold``
+    cores over a ``window_s`` window; the last window's reading."""
+    deadline = time.monotonic() + limit_s
+    reading = None
+    while True:
+        with ForeignLoad(period=0.5) as fl:
+            time.sleep(window_s)
+        reading = fl.cores()
+        if reading is None or reading < threshold or time.monotonic() > deadline:
+            return reading
 
 
 def run_peer(engine: str, cmd: list[str], spec: dict, log_path: Path, bar, timeout: float) -> dict:
@@ -129,8 +193,8 @@ def run_peer(engine: str, cmd: list[str], spec: dict, log_path: Path, bar, timeo
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     info: dict = {"engine": engine, "results": [], "error": None, "log": str(log_path)}
-    busy0, ru0, t0 = _cpu_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
-    load0 = os.getloadavg()[0]
+    t0, load0 = time.time(), os.getloadavg()[0]
+    foreign = ForeignLoad().__enter__()
     deadline = time.monotonic() + timeout
     try:
         with open(log_path, "w") as log:
@@ -156,14 +220,11 @@ def run_peer(engine: str, cmd: list[str], spec: dict, log_path: Path, bar, timeo
                     bar.set_postfix_str(f"{engine} b={ev['batch']} done")
             rc = proc.wait()
     finally:
+        foreign.__exit__(None, None, None)
         os.unlink(spec_path)
-    wall = time.time() - t0
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    own = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    info["wall_s"] = wall
+    info["wall_s"] = time.time() - t0
     info["loadavg_1m"] = [load0, os.getloadavg()[0]]
-    # cores kept busy by processes other than this benchmark, on average
-    info["foreign_cores"] = max(0.0, (_cpu_busy_s() - busy0 - own) / wall) if wall else None
+    info["foreign_cores"] = foreign.cores()  # other people's processes, average busy cores
     if rc != 0 and not info["error"]:
         tail = log_path.read_text().splitlines()[-15:]
         info["error"] = f"exit code {rc}; last log lines:\n" + "\n".join(tail)
@@ -176,18 +237,18 @@ def run_peer(engine: str, cmd: list[str], spec: dict, log_path: Path, bar, timeo
 def agreement(tokens: list[list[int]], ref: list[list[int]], first: int) -> dict:
     def prefix(a, b):
         n = 0
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=False):
             if x != y:
                 break
             n += 1
         return n
-    prefixes = [prefix(a, b) for a, b in zip(tokens, ref)]
+    prefixes = [prefix(a, b) for a, b in zip(tokens, ref, strict=True)]
     k = min(first, min((len(r) for r in ref), default=0))
     return {
         "seqs": len(ref),
         "first_k": k,
         "first_k_match": sum(p >= k for p in prefixes),
-        "all_match": sum(a == b for a, b in zip(tokens, ref)),
+        "all_match": sum(a == b for a, b in zip(tokens, ref, strict=True)),
         "mean_common_prefix": statistics.fmean(prefixes) if prefixes else 0.0,
     }
 
@@ -305,6 +366,9 @@ def parse_args(argv=None):
     p.add_argument("--vllm-kvcache-gib", type=int, default=2)
     p.add_argument("--baton-max-batched-tokens", type=int, default=4096)
     p.add_argument("--baton-prefill-chunk", type=int, default=512)
+    p.add_argument("--quiet-wait", type=float, default=0, metavar="S",
+                   help="before each peer, wait up to S seconds until other processes use "
+                        "< 0.3 cores (shared machines)")
     p.add_argument("--peer-timeout", type=float, default=3600, help="seconds per peer process")
     args = p.parse_args(argv)
     if args.output_len < 2:
@@ -353,6 +417,9 @@ def main(argv=None) -> dict:
             prompts = make_prompts(model, max(args.batches), args.seed, lens)
             peers = []
             for engine, cmd in runnable:
+                if args.quiet_wait > 0:
+                    bar.set_description(f"{model}/{engine} (waiting for a quiet machine)")
+                    wait_for_quiet(args.quiet_wait)
                 bar.set_description(f"{model}/{engine}")
                 spec = peer_spec(engine, model_dir, prompts, args)
                 log = args.log_dir / f"{model}-{engine.replace('@', '_')}.log"

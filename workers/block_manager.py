@@ -84,10 +84,10 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _prefix_hits(self, token_ids: list[int]) -> list[int]:
+    def _prefix_hits(self, token_ids: list[int], reuse: bool = True) -> list[int]:
         """Cached block ids for the longest cached prefix (never the whole prompt:
         the last token must be computed to get its logits)."""
-        if not self.enable_prefix_caching:
+        if not (self.enable_prefix_caching and reuse):
             return []
         hits = []
         for h in block_hashes(token_ids[:-1], self.block_size):
@@ -97,19 +97,21 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def can_allocate(self, token_ids: list[int]) -> bool:
-        hits = self._prefix_hits(token_ids)
+    def can_allocate(self, token_ids: list[int], reuse_prefix: bool = True) -> bool:
+        hits = self._prefix_hits(token_ids, reuse_prefix)
         revived = sum(1 for b in hits if self._blocks[b].ref_count == 0)
         fresh = self.blocks_needed(len(token_ids)) - len(hits)
         return fresh + revived <= self.num_free_blocks
 
     # ----- mutations -----------------------------------------------------
-    def allocate(self, seq_id: str, token_ids: list[int]) -> Allocation | None:
-        """Blocks for a whole prompt, reusing cached prefix blocks; None if full."""
+    def allocate(self, seq_id: str, token_ids: list[int],
+                 reuse_prefix: bool = True) -> Allocation | None:
+        """Blocks for a whole prompt, reusing cached prefix blocks unless told
+        not to (KV about to arrive from elsewhere); None if full."""
         assert seq_id not in self._tables, f"sequence {seq_id} already allocated"
-        if not token_ids or not self.can_allocate(token_ids):
+        if not token_ids or not self.can_allocate(token_ids, reuse_prefix):
             return None
-        hits = self._prefix_hits(token_ids)
+        hits = self._prefix_hits(token_ids, reuse_prefix)
         self.prefix_queries += len(block_hashes(token_ids[:-1], self.block_size))
         self.prefix_hits += len(hits)
         for b in hits:

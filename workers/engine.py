@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -90,7 +90,6 @@ class Completion:
 class _Request:
     seq: Sequence
     detok: IncrementalDetokenizer
-    generator: torch.Generator | None
     emitted: int = 0  # characters of detok.text already streamed
 
     def emit_text(self, finished: bool) -> str:
@@ -125,6 +124,9 @@ class LLMEngine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._requests: dict[str, _Request] = {}
+        self._reserved: set[str] = set()  # blocks held for KV in transit
+        self._exporting: set[str] = set()  # requests whose KV streams out per layer
+        self.on_prefill_layer: Callable[[int, list[tuple[str, list[int]]]], None] | None = None
         self._arrivals = 0
         self.stats = EngineStats()
 
@@ -144,26 +146,88 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int],
-                    params: SamplingParams | None = None) -> None:
-        """Queue a request; bad input raises ValueError and changes nothing."""
+                    params: SamplingParams | None = None, *,
+                    output_token_ids: list[int] | None = None, export_kv: bool = False) -> None:
+        """Queue a request; bad input raises ValueError and changes nothing.
+
+        ``output_token_ids``: tokens already streamed to the client (a request
+        resumed elsewhere): they are re-prefilled with the prompt and count
+        towards ``max_tokens``. ``export_kv``: call ``on_prefill_layer`` for it.
+        """
         params = params or SamplingParams()
-        if request_id in self._requests:
+        outputs = list(output_token_ids or [])
+        token_ids = self._check_new(request_id, prompt, params, outputs)
+        seq = Sequence(request_id, token_ids, params, arrival=self._arrivals,
+                       output_token_ids=outputs)
+        self._arrivals += 1
+        self._requests[request_id] = self._new_request(seq)
+        if export_kv:
+            self._exporting.add(request_id)
+        self.waiting.append(seq)
+
+    def _check_new(self, request_id: str, prompt, params: SamplingParams,
+                   outputs: list[int]) -> list[int]:
+        if request_id in self._requests or request_id in self._reserved:
             raise ValueError(f"request_id {request_id!r} is already in use")
         token_ids = self.encode(prompt)
         params.validate(len(token_ids), self.max_model_len)
+        if outputs:
+            self.encode(outputs)  # vocabulary check
+            if len(outputs) >= params.max_tokens:
+                raise ValueError(f"{len(outputs)} tokens already generated; max_tokens="
+                                 f"{params.max_tokens} leaves nothing to do")
         needed = self.blocks.blocks_needed(len(token_ids) + params.max_tokens)
         if needed > self.blocks.num_blocks:
             raise ValueError(
                 f"prompt + max_tokens needs {needed} KV blocks; the cache has "
                 f"{self.blocks.num_blocks}")
-        seq = Sequence(request_id, token_ids, params, arrival=self._arrivals)
+        return token_ids
+
+    def _new_request(self, seq: Sequence) -> _Request:
+        req = _Request(seq, IncrementalDetokenizer(self.tokenizer))
+        for t in seq.output_token_ids:  # text already streamed elsewhere
+            req.detok.add(t)
+        req.emit_text(False)
+        return req
+
+    # ----- disaggregation: KV arriving from a prefill worker ---------------
+    def reserve(self, request_id: str, token_ids: list[int]) -> list[int] | None:
+        """Blocks that will receive the KV of ``token_ids``; None if full."""
+        if request_id in self._requests or request_id in self._reserved:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        alloc = self.blocks.allocate(request_id, token_ids, reuse_prefix=False)
+        if alloc is None:
+            return None
+        self._reserved.add(request_id)
+        return list(alloc.block_ids)
+
+    def release(self, request_id: str) -> bool:
+        """Free a reservation whose KV never arrived (or was abandoned)."""
+        if request_id not in self._reserved:
+            return False
+        self._reserved.discard(request_id)
+        self.blocks.free(request_id)
+        return True
+
+    def admit_prefilled(self, request_id: str, prompt_token_ids: list[int],
+                        output_token_ids: list[int], params: SamplingParams) -> None:
+        """Start decoding a request whose KV (all tokens but the last output)
+        has landed in its reserved blocks."""
+        if request_id not in self._reserved:
+            raise ValueError(f"request {request_id!r} has no KV reservation")
+        seq = Sequence(request_id, list(prompt_token_ids), params, arrival=self._arrivals,
+                       output_token_ids=list(output_token_ids))
         self._arrivals += 1
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer), gen)
-        self.waiting.append(seq)
+        seq.num_computed_tokens = seq.num_tokens - 1
+        seq.status = SequenceStatus.RUNNING
+        self._reserved.discard(request_id)
+        self._requests[request_id] = self._new_request(seq)
+        self.running.append(seq)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is; False if unknown or already done."""
+        if self.release(request_id):
+            return True
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
@@ -174,6 +238,7 @@ class LLMEngine:
             self.waiting.remove(seq)
         if self.blocks.has(request_id):
             self.blocks.free(request_id)
+        self._exporting.discard(request_id)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.ABORT
         return True
 
@@ -188,17 +253,27 @@ class LLMEngine:
         plan = self.planner.plan(self.waiting, self.running)
         if not plan.chunks:
             return []
+        items = [self._run_item(c) for c in plan.chunks]
         t0 = time.perf_counter()
-        logits = self.runner.run([self._run_item(c) for c in plan.chunks])
+        logits = self.runner.run(items, self._layer_hook(plan.chunks, items))
         self.stats.record(plan.chunks, time.perf_counter() - t0)
         return self._postprocess(plan.chunks, logits)
+
+    def _layer_hook(self, chunks: list[Chunk], items: list[RunItem]):
+        """Per-layer callback for requests whose prefill completes this step."""
+        exports = [(c.seq.request_id, it.block_table) for c, it in zip(chunks, items)
+                   if it.logits == "last" and c.seq.request_id in self._exporting]
+        if not exports or self.on_prefill_layer is None:
+            return None
+        hook = self.on_prefill_layer
+        return lambda layer: hook(layer, exports)
 
     def _run_item(self, chunk: Chunk) -> RunItem:
         seq = chunk.seq
         start = seq.num_computed_tokens
         done = start + chunk.num_tokens == seq.num_tokens
         return RunItem(seq.token_ids[start:start + chunk.num_tokens], start,
-                       self.blocks.block_table(seq.request_id), "last" if done else "none")
+                       list(self.blocks.block_table(seq.request_id)), "last" if done else "none")
 
     def _postprocess(self, chunks: list[Chunk], logits) -> list[RequestOutput]:
         sampled = [(c.seq, lg[-1]) for c, lg in zip(chunks, logits) if lg is not None]
@@ -210,7 +285,8 @@ class LLMEngine:
             return []
         rows = torch.stack([lg for _, lg in sampled])  # (n, V)
         reqs = [self._requests[s.request_id] for s, _ in sampled]
-        tokens = self.sampler.sample(rows, [SampleRequest(r.seq.params, r.generator) for r in reqs])
+        tokens = self.sampler.sample(
+            rows, [SampleRequest(r.seq.params, len(r.seq.output_token_ids)) for r in reqs])
         return [self._append_token(r, t, lg) for r, t, (_, lg) in zip(reqs, tokens, sampled)]
 
     def _append_token(self, req: _Request, token: int,
@@ -248,6 +324,7 @@ class LLMEngine:
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
         del self._requests[seq.request_id]
+        self._exporting.discard(seq.request_id)
 
     # ----- speculative verification -------------------------------------
     @torch.inference_mode()

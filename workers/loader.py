@@ -126,6 +126,9 @@ def load_weights(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor]) -> N
     with torch.no_grad():
         for name, param in params.items():
             parts = [_tensor(tensors, src) for src in hf_sources(name)]
+            if len(parts) > 1:  # check before cat, which would raise a RuntimeError
+                for src, part in zip(hf_sources(name), parts, strict=True):
+                    _check_trailing_dims(src, part, param)
             value = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
             if value.shape != param.shape:
                 raise ValueError(
@@ -138,3 +141,11 @@ def _tensor(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     if name not in tensors:
         raise ValueError(f"checkpoint is missing tensor {name!r}")
     return tensors[name]
+
+
+def _check_trailing_dims(name: str, part: torch.Tensor, param: torch.Tensor) -> None:
+    """Fused parts are stacked on dim 0; every other dim must match the model's."""
+    if part.dim() != param.dim() or part.shape[1:] != param.shape[1:]:
+        want = "(rows" + "".join(f", {d}" for d in param.shape[1:]) + ")"
+        raise ValueError(
+            f"tensor {name} has shape {tuple(part.shape)}, expected {want} from config.json")

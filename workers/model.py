@@ -18,6 +18,7 @@ matmuls. The loader splits Hugging Face tensors into them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -209,11 +210,16 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg)
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
-        """Hidden states (T, d) of a flattened batch; K/V go into ``kv_caches``."""
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches,
+                on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Hidden states (T, d) of a flattened batch; K/V go into ``kv_caches``.
+        ``on_layer(i)`` runs as soon as layer i's K/V is in the cache (layer-wise
+        KV streaming starts there while later layers compute)."""
         x = self.embed(input_ids)  # (T, d)
-        for layer, cache in zip(self.layers, kv_caches):
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
             x = layer(x, positions, self.rope, meta, cache)
+            if on_layer is not None:
+                on_layer(i)
         return self.norm(x)
 
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,7 @@ class ModelConfig:
         heads = cfg["num_attention_heads"]
         attention_bias = bool(cfg.get("attention_bias", False))
         window = cfg.get("sliding_window")
-        if family == "qwen2" and not cfg.get("use_sliding_window", False):
+        if family in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             window = None
         eos = cfg.get("eos_token_id")
         rope = _rope_params(cfg)

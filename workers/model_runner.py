@@ -8,6 +8,7 @@ kernel; prefill chunks follow as segments.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,13 @@ class ModelRunner:
         self.kv = kv_cache
 
     @torch.inference_mode()
-    def run(self, items: list[RunItem]) -> list[torch.Tensor | None]:
+    def run(self, items: list[RunItem],
+            on_layer: Callable[[int], None] | None = None) -> list[torch.Tensor | None]:
         """Logits per item, in the items' order: (1, V), (n, V) or None."""
         order = sorted(range(len(items)), key=lambda i: not items[i].is_decode)
         ordered = [items[i] for i in order]
         input_ids, positions, meta, rows = self._prepare(ordered)
-        hidden = self.model(input_ids, positions, meta, self.kv.layers)  # (T, d)
+        hidden = self.model(input_ids, positions, meta, self.kv.layers, on_layer)  # (T, d)
         wanted = [r for r in rows if r is not None]
         logits = self.model.compute_logits(hidden[torch.cat(wanted)]) if wanted else None
         out: list[torch.Tensor | None] = [None] * len(items)

@@ -3,13 +3,16 @@
 Lifecycle: a ``SamplingParams`` is built by a frontend, validated against the
 model (``validate``) before the request touches any engine state, then read by
 the ``Sampler`` on every step that produces a token for that request.
-A request with a ``seed`` owns a ``torch.Generator`` so its samples do not
-depend on what else is in the batch.
+
+A request with a ``seed`` draws its i-th output token from a generator seeded
+by ``(seed, i)``: its samples depend neither on the rest of the batch nor on
+which worker draws them, so a request handed from prefill to decode, or
+re-dispatched after a worker failure, continues with exactly the same tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -60,12 +63,17 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleRequest:
     """One row of logits to sample from."""
 
     params: SamplingParams
-    generator: torch.Generator | None = field(default=None)
+    position: int = 0  # index of the output token being drawn
+
+
+def token_generator(seed: int, position: int) -> torch.Generator:
+    """The RNG for output token ``position`` of a request seeded with ``seed``."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + position) % (1 << 63))
 
 
 class Sampler:
@@ -91,7 +99,7 @@ class Sampler:
         probs = torch.softmax(scaled, dim=-1)
         if p.top_p < 1.0:
             probs = _top_p(probs, p.top_p)
-        gen = row.generator or self._default_gen
+        gen = self._default_gen if p.seed is None else token_generator(p.seed, row.position)
         return int(torch.multinomial(probs, 1, generator=gen))
 
     @staticmethod

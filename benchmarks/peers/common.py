@@ -105,8 +105,9 @@ def main(engine: str, load: Callable[[dict], RunFn], packages: tuple[str, ...] =
     run = load(spec)
     emit("loaded", engine=engine, load_s=time.perf_counter() - t0, versions=versions(packages))
     for case in spec["cases"]:
+        batch = len(case["prompts"])
         result = measure(run, case["prompts"], spec["output_len"], spec["reps"],
                          spec.get("warmup", 1),
-                         on_rep=lambda: emit("progress", engine=engine, batch=len(case["prompts"])))
+                         on_rep=lambda b=batch: emit("progress", engine=engine, batch=b))
         emit("result", engine=engine, **result)
     emit("done", engine=engine)

@@ -5,9 +5,12 @@ Lifecycle: a test picks an ``HFCase`` (architecture + config overrides),
 (norms near 1, non-zero biases, unit-scale matmuls, so RoPE, bias and norm
 mistakes move the logits), and ``save_hf_dir`` writes it with
 ``save_pretrained`` into a sharded directory plus a ``tokenizer.json`` built
-with the ``tokenizers`` library. Imported by test files in this folder as a
-plain module (pytest's rootdir-relative ``prepend`` import mode puts the
-folder on ``sys.path``, as ``tests/kernels/kernel_cases.py`` relies on).
+with the ``tokenizers`` library. ``save_small_checkpoint`` writes one of our
+own models with ``save_hf_checkpoint`` for the loader's error tests.
+
+Imported by test files in this folder as a plain module: pytest's default
+``prepend`` import mode puts the folder on ``sys.path``, as
+``tests/kernels/kernel_cases.py`` relies on.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from workers.checkpoint import byte_tokenizer_json
+from workers.checkpoint import byte_tokenizer_json, save_hf_checkpoint
+from workers.model import LlamaForCausalLM, init_dummy_weights
+from workers.model_config import ModelConfig
 from workers.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD
 
 # Shared by every case unless overridden: 2 layers, d64, 4 heads, GQA 2.
@@ -149,3 +154,20 @@ def trained_bpe_json(vocab_size: int = 300) -> str:
     tok.train_from_iterator(BPE_CORPUS, trainer)
     assert tok.get_vocab_size() <= BASE_CONFIG["vocab_size"]
     return tok.to_str()
+
+
+def small_llama_config(**overrides) -> ModelConfig:
+    """Our own ``ModelConfig`` of the same size as ``BASE_CONFIG`` (no transformers)."""
+    fields = dict(
+        architecture="LlamaForCausalLM", vocab_size=320, hidden_size=64, intermediate_size=128,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128,
+        rms_norm_eps=1e-5, bos_token_id=BYTE_BOS, eos_token_ids=(BYTE_EOS,))
+    return ModelConfig(**{**fields, **overrides})
+
+
+def save_small_checkpoint(out_dir: Path, max_shard_bytes: int = 100_000, seed: int = 0) -> Path:
+    """A random ``small_llama_config`` model written by ``save_hf_checkpoint``;
+    the default cap gives several shards and a ``model.safetensors.index.json``."""
+    model = LlamaForCausalLM(small_llama_config())
+    init_dummy_weights(model, seed)
+    return save_hf_checkpoint(model, out_dir, dtype="float32", max_shard_bytes=max_shard_bytes)

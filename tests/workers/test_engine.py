@@ -39,8 +39,8 @@ class LogitSpy:
         self._run = engine.runner.run
         engine.runner.run = self
 
-    def __call__(self, items):
-        out = self._run(items)
+    def __call__(self, items, on_layer=None):
+        out = self._run(items, on_layer)
         live = [s for s in self.engine.running]
         by_table = {tuple(self.engine.blocks.block_table(s.request_id)): s.request_id for s in live}
         for item, lg in zip(items, out):
