@@ -42,3 +42,12 @@ class EventQueue:
 
     def __len__(self) -> int:
         return len(self._heap)
+
+
+class Clock:
+    """Simulated time, shared by every component of one run (set by the core)."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0.0  # seconds since the run started

@@ -27,13 +27,14 @@ stepping one by one (``tests/sim/test_fast_forward.py`` checks it).
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 from cluster.policies import WorkerView
-from sim.events import EventKind, EventQueue
+from sim.events import Clock, EventKind, EventQueue
 from sim.latency import LatencyModel
 from sim.tracker import Tracker
 from workers.batch_planner import BatchConfig, BatchPlanner, StepPlan
@@ -85,8 +86,9 @@ class Hooks:
 
 class SimWorker:
     def __init__(self, spec: WorkerSpec, latency: LatencyModel, events: EventQueue,
-                 hooks: Hooks, fast_forward: bool = True):
+                 clock: Clock, hooks: Hooks, fast_forward: bool = True):
         self.spec = spec
+        self.clock = clock
         self.latency = latency
         self.events = events
         self.hooks = hooks
@@ -102,7 +104,6 @@ class SimWorker:
         self.backlog = 0  # prompt tokens still to prefill here
         self.state = State.IDLE
         self.stats = WorkerStats()
-        self.now = 0.0
         self._version = 0
         self._wake_pending = False
         self._plan: StepPlan | None = None
@@ -110,14 +111,20 @@ class SimWorker:
         self._window: list[float] = []  # end time of each step of the window
         self._window_start = 0.0
         self._window_ctx = 0  # total KV length of the window's first step
+        self._window_needs: list[int] = []  # blocks taken after k of its steps
+        self._view_step = 0  # window step the cached view was computed at
         self._view: WorkerView | None = None
 
     @property
     def worker_id(self) -> str:
         return self.spec.worker_id
 
+    @property
+    def now(self) -> float:
+        return self.clock.now
+
     # ----- work arriving ----------------------------------------------------------
-    def submit(self, tr: Tracker, now: float) -> None:
+    def submit(self, tr: Tracker) -> None:
         """A request to prefill here (prefill or mixed worker)."""
         r = tr.req
         seq = Sequence(r.request_id, _prompt_tokens(r, self.spec.block_size),
@@ -126,7 +133,7 @@ class SimWorker:
         self.trackers[r.request_id] = tr
         self.backlog += r.prompt_tokens
         self.held += 1
-        self._arrive(seq, now)
+        self._arrive(seq, before_step_done=False)
 
     def reserve(self, tr: Tracker) -> None:
         """Decode worker: hold blocks for the prompt's KV before it is sent."""
@@ -136,8 +143,10 @@ class SimWorker:
         self.reserved += 1
         self.held += 1
         self._touch()
+        if self.state is State.WINDOW:  # fewer free blocks than the window assumed
+            self._cut_window(self.now, before_step_done=False)
 
-    def land(self, tr: Tracker, now: float) -> None:
+    def land(self, tr: Tracker) -> None:
         """Decode worker: the KV arrived; the request decodes from its next token."""
         r = tr.req
         seq = Sequence(r.request_id, _prompt_tokens(r, self.spec.block_size),
@@ -147,7 +156,7 @@ class SimWorker:
         tr.seq, tr.prefill_left = seq, 0
         self.trackers[r.request_id] = tr
         self.reserved -= 1
-        self._arrive(seq, now)
+        self._arrive(seq, before_step_done=True)
 
     def release(self, tr: Tracker) -> None:
         """Prefill worker: the KV has left; free its blocks."""
@@ -156,13 +165,15 @@ class SimWorker:
         if self.state is State.IDLE and (self.waiting or self.inbox):
             self._schedule_wake(self.now)
 
-    def _arrive(self, seq: Sequence, now: float) -> None:
+    def _arrive(self, seq: Sequence, before_step_done: bool) -> None:
+        """``before_step_done``: the caller's event sorts before STEP_DONE at equal
+        times (a KV landing), so a step ending right now still picks it up."""
         self.inbox.append(seq)
         self._touch()
         if self.state is State.IDLE:
-            self._schedule_wake(now)
+            self._schedule_wake(self.now)
         elif self.state is State.WINDOW:
-            self._cut_window(now)
+            self._cut_window(self.now, before_step_done)
 
     def _schedule_wake(self, now: float) -> None:
         if not self._wake_pending:
@@ -174,12 +185,24 @@ class SimWorker:
 
     # ----- the load a policy sees ------------------------------------------------------
     def view(self) -> WorkerView:
-        if self._view is None:
+        """The worker's load now. Inside a decode window the planner would already
+        have grown the sequences' blocks for the step in progress: counted here."""
+        step = self._window_step(self.now) if self.state is State.WINDOW else 0
+        if self._view is None or step != self._view_step:
             s, b = self.spec, self.spec.batch
+            free = self.blocks.num_free_blocks - (self._window_needs[step] if step else 0)
             self._view = WorkerView(s.worker_id, s.role, s.gpu_type, self.backlog, self.held,
-                                    self.blocks.num_free_blocks, self.blocks.num_blocks,
-                                    s.block_size, b.max_num_batched_tokens, b.max_num_seqs)
+                                    free, self.blocks.num_blocks, s.block_size,
+                                    b.max_num_batched_tokens, b.max_num_seqs)
+            self._view_step = step
         return self._view
+
+    def _window_step(self, now: float, before_step_done: bool = False) -> int:
+        """The window's step in progress at ``now`` (1-based), as the planner
+        would see it: events sorting before STEP_DONE see a step ending now as
+        not yet ended."""
+        find = bisect.bisect_left if before_step_done else bisect.bisect_right
+        return min(find(self._window, now) + 1, len(self._window))
 
     # ----- stepping -----------------------------------------------------------------------
     def _on_wake(self, _=None) -> None:
@@ -263,9 +286,10 @@ class SimWorker:
             else:
                 self.stats.decode_tokens += c.num_tokens
             seq.num_computed_tokens += c.num_tokens
-            if self.spec.enable_prefix_caching and seq.num_computed_tokens <= len(seq.prompt_token_ids):
-                self.blocks.commit_full_blocks(seq.request_id,
-                                               seq.prompt_token_ids[:seq.num_computed_tokens])
+            if self.spec.enable_prefix_caching and seq.num_computed_tokens == len(seq.prompt_token_ids):
+                # hashed once the whole prompt is in (the engine hashes after every step;
+                # once per prompt keeps long Mooncake prompts affordable)
+                self.blocks.commit_full_blocks(seq.request_id, seq.prompt_token_ids)
             if seq.num_computed_tokens == seq.num_tokens:
                 self._sample(seq, tr, now)
         self._plan = None
@@ -304,11 +328,14 @@ class SimWorker:
         running, bs = self.running, self.spec.block_size
         if self.waiting or not running or len(running) > self.spec.batch.max_num_batched_tokens:
             return False
-        left = min(self.trackers[s.request_id].req.output_tokens - len(s.output_token_ids)
+        trackers = self.trackers
+        left = min(trackers[s.request_id].req.output_tokens - len(s.output_token_ids)
                    for s in running)
-        if left < 2 or any(s.num_uncomputed != 1 for s in running):
-            return False
-        steps = self._kv_room(left, bs)
+        if left < 2 or any(s.num_uncomputed != 1 or trackers[s.request_id].prefill_left
+                           for s in running):
+            return False  # someone is (re-)prefilling: the planner decides
+        needs = self._block_needs(left, bs)
+        steps = bisect.bisect_right(needs, self.blocks.num_free_blocks) - 1
         if steps < 2:
             return False
         n = len(running)
@@ -318,32 +345,28 @@ class SimWorker:
             t += self.latency.step_time(n, n, n, ctx + j * n, ())
             ends.append(t)
         self._window, self._window_start, self._window_ctx = ends, self.now, ctx
+        self._window_needs = needs
         self.state = State.WINDOW
         self._version += 1
         self.events.push(ends[-1], EventKind.STEP_DONE, self._on_step_done, self._version)
         return True
 
-    def _kv_room(self, limit: int, bs: int) -> int:
-        """Most decode steps (<= limit) every running sequence can take without
-        running out of KV blocks."""
-        free = self.blocks.num_free_blocks
-        state = [(s.num_computed_tokens, len(self.blocks.block_table(s.request_id)))
-                 for s in self.running]
+    def _block_needs(self, limit: int, bs: int) -> list[int]:
+        """``needs[k]``: new KV blocks the running sequences take over k more decode
+        steps (k <= limit); a sequence with c computed tokens in b blocks takes one
+        at step b*bs - c + 1, then every ``bs`` steps."""
+        diff = [0] * (limit + 1)
+        for s in self.running:
+            j = len(self.blocks.block_table(s.request_id)) * bs - s.num_computed_tokens + 1
+            while j <= limit:
+                diff[j] += 1
+                j += bs
+        return list(itertools.accumulate(diff))
 
-        def needed(k: int) -> int:
-            return sum(max(0, -(-(c + k) // bs) - b) for c, b in state)
-
-        if needed(limit) <= free:
-            return limit
-        lo, hi = 0, limit  # needed(lo) fits, needed(hi) does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if needed(mid) <= free else (lo, mid)
-        return lo
-
-    def _cut_window(self, now: float) -> None:
-        """New work: stop the window at the end of the step running at ``now``."""
-        k = bisect.bisect_right(self._window, now) + 1
+    def _cut_window(self, now: float, before_step_done: bool) -> None:
+        """New work: stop the window at the end of the step running at ``now``
+        (as the planner would see it at that step boundary)."""
+        k = self._window_step(now, before_step_done)
         if k >= len(self._window):
             return
         del self._window[k:]
@@ -373,6 +396,7 @@ class SimWorker:
         for seq, tr in finished:
             self._finish(seq, tr, ends[k - 1])
         self._window = []
+        self._window_needs = []
 
 
 def _prompt_tokens(r, block_size: int) -> list[int]:

@@ -255,6 +255,8 @@ class LLMEngine:
             return []
         items = [self._run_item(c) for c in plan.chunks]
         t0 = time.perf_counter()
+        for c in plan.chunks:
+            c.seq.first_scheduled_s = c.seq.first_scheduled_s or t0
         logits = self.runner.run(items, self._layer_hook(plan.chunks, items))
         self.stats.record(plan.chunks, time.perf_counter() - t0)
         return self._postprocess(plan.chunks, logits)

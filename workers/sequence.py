@@ -43,6 +43,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    first_scheduled_s: float | None = None  # perf_counter time its first chunk ran
 
     @property
     def token_ids(self) -> list[int]:

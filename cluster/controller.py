@@ -1,0 +1,460 @@
+"""The controller: a Ray async actor holding the request table.
+
+Lifecycle of a request (see DESIGN.md, "A request's life")::
+
+    submit      validate, admission policy, journal in Redis, queue
+    schedule    each round the scheduler policy orders the queue; the router
+                policy picks (prefill, decode) workers for the front requests
+                while workers have room
+    dispatch    decode reserves KV blocks -> prefill computes and streams KV
+                layer by layer -> first token delivered -> decode admits
+                (or recomputes if the transfer failed) -> tokens arrive through
+                the decode worker's long-poll loop
+    finish      journal closed, completed log appended, blocks freed by workers
+
+Failure handling: a worker call that raises ``RayActorError`` marks the worker
+dead; each of its unfinished requests is re-queued with the tokens already
+streamed and re-prefilled elsewhere (the client's stream continues, no
+duplicate, no gap: sampling is seeded per token position). A restarted
+controller re-reads the in-flight journal from Redis, aborts those requests on
+every worker, and re-queues them.
+
+Policies are pure objects from ``cluster.policies``; this module is the
+mechanism around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field, replace
+
+from ray.exceptions import RayActorError
+
+from cluster.config import ClusterConfig
+from cluster.policies import (
+    BoundedQueue,
+    RequestView,
+    Route,
+    SchedulingRound,
+    WorkerView,
+    make_router,
+    make_scheduler,
+)
+from cluster.state import StateStore
+from workers.block_manager import block_hashes
+from workers.messages import PrefillJob, PrefillResult, TokenEvent, WorkerLoad
+from workers.sampling import SamplingParams
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full; the client should retry later."""
+
+
+class UnknownRequest(KeyError):
+    """No such request (never submitted, or finished and forgotten)."""
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """What ``stream`` returns: tokens after the caller's cursor."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    cursor: int  # pass back to get what follows
+    finished: bool
+    finish_reason: str | None
+    timing: dict  # queue_s, prefill_s, kv_transfer_s, ttft_s, total_s (when known)
+
+
+@dataclass
+class _Worker:
+    worker_id: str
+    role: str
+    gpu_type: str
+    handle: object  # Ray actor handle
+    load: WorkerLoad
+    alive: bool = True
+    kv_endpoint: str = ""
+    cursor: int = 0  # decode event cursor
+    outstanding_prefill: int = 0  # prompt tokens dispatched, not yet prefilled
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    arrival_s: float  # time.time() at submit
+    tokens: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    route: Route | None = None
+    generation: int = 0  # increases with each dispatch; stale results are dropped
+    waited_rounds: int = 0
+    prefix_hashes: tuple[int, ...] = ()
+    timing: dict = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    finished_at: float | None = None
+
+    def view(self) -> RequestView:
+        return RequestView(self.request_id, len(self.prompt) + len(self.tokens),
+                           self.params.max_tokens - len(self.tokens), self.arrival_s,
+                           self.waited_rounds, prefix_hashes=self.prefix_hashes)
+
+
+class Controller:
+    def __init__(self, config: ClusterConfig, workers: dict[str, tuple[str, str, object]],
+                 redis_password: str | None = None):
+        """``workers``: worker id -> (role, gpu type, actor handle)."""
+        self.config = config
+        self._worker_args = workers
+        self.scheduler = make_scheduler(
+            config.scheduler.policy, starvation_rounds=config.scheduler.starvation_rounds,
+            quantum_rounds=config.scheduler.quantum_rounds, max_wait_s=config.scheduler.max_wait_s)
+        self.router = make_router(config.router.policy)
+        self.admission = BoundedQueue(config.admission.max_waiting)
+        self.store = StateStore(config.redis.url, config.redis.namespace, redis_password)
+        self.workers: dict[str, _Worker] = {}
+        self._requests: dict[str, _Request] = {}
+        self._waiting: dict[str, _Request] = {}  # insertion-ordered
+        self._wake = asyncio.Event()
+        self._round = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._ids = itertools.count()
+        self.block_size = min(p.block_size for p in config.pools)
+
+    # ----- lifecycle ----------------------------------------------------------
+    async def start(self) -> int:
+        """Connect workers and Redis, recover in-flight requests; returns how
+        many were recovered."""
+        await self.store.ping()
+        for wid, (role, gpu_type, handle) in self._worker_args.items():
+            load = await handle.load.remote()
+            w = _Worker(wid, role, gpu_type, handle, load)
+            if role != "prefill":
+                w.kv_endpoint = await handle.kv_endpoint.remote()
+            self.workers[wid] = w
+        info = await next(iter(self.workers.values())).handle.model_info.remote()
+        self.max_model_len, self.vocab_size = info["max_model_len"], info["vocab_size"]
+        recovered = await self._recover()
+        self._spawn(self._schedule_loop())
+        self._spawn(self._ticker())
+        for w in self.workers.values():
+            if w.role != "prefill":
+                self._spawn(self._poll(w))
+        return recovered
+
+    async def _recover(self) -> int:
+        entries = await self.store.inflight()
+        for e in entries:
+            await asyncio.gather(*(self._safe(w, "abort", e.request_id)
+                                   for w in self.workers.values()))
+            req = _Request(e.request_id, e.prompt_token_ids, e.params, e.arrival_s,
+                           list(e.token_ids), list(e.texts), [time.time()] * len(e.token_ids))
+            req.prefix_hashes = tuple(block_hashes(req.prompt, self.block_size))
+            self._requests[req.request_id] = req
+            self._waiting[req.request_id] = req
+        self._wake.set()
+        return len(entries)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ----- client API -----------------------------------------------------------
+    async def submit(self, request_id: str | None, prompt_token_ids: list[int],
+                     params: SamplingParams) -> str:
+        """Queue a request; ``ValueError`` for bad input, ``Overloaded`` when full."""
+        rid = request_id or f"req-{next(self._ids)}-{int(time.time() * 1e3)}"
+        if rid in self._requests:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        params.validate(len(prompt_token_ids), self.max_model_len)
+        req = _Request(rid, list(prompt_token_ids), params, time.time())
+        decision = self.admission.admit(len(self._waiting), req.view())
+        if not decision.accepted:
+            raise Overloaded(decision.reason)
+        req.prefix_hashes = tuple(block_hashes(req.prompt, self.block_size))
+        await self.store.journal_new(rid, req.prompt, params, req.arrival_s)
+        self._requests[rid] = req
+        self._waiting[rid] = req
+        self._wake.set()
+        return rid
+
+    async def stream(self, request_id: str, cursor: int = 0, timeout_s: float = 5.0) -> StreamChunk:
+        """Tokens after ``cursor``; waits up to ``timeout_s`` for at least one."""
+        req = self._requests.get(request_id)
+        if req is None:
+            raise UnknownRequest(request_id)
+        if len(req.tokens) <= cursor and req.finish_reason is None:
+            req.changed.clear()
+            try:
+                await asyncio.wait_for(req.changed.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        end = len(req.tokens)
+        return StreamChunk(request_id, req.tokens[cursor:end], "".join(req.texts[cursor:end]),
+                           end, req.finish_reason is not None, req.finish_reason,
+                           dict(req.timing))
+
+    async def cancel(self, request_id: str) -> bool:
+        """Idempotent: True if the request was running and is now aborted."""
+        req = self._requests.get(request_id)
+        if req is None or req.finish_reason is not None:
+            return False
+        self._waiting.pop(request_id, None)
+        route = req.route
+        req.generation += 1
+        await self._finish(req, "abort")
+        if route is not None:
+            ids = {route.prefill_worker, route.decode_worker}
+            await asyncio.gather(*(self._safe(self.workers[w], "abort", request_id) for w in ids))
+        return True
+
+    async def status(self) -> dict:
+        return {
+            "name": self.config.name,
+            "waiting": len(self._waiting),
+            "running": sum(1 for r in self._requests.values()
+                           if r.route is not None and r.finish_reason is None),
+            "workers": [{"worker_id": w.worker_id, "role": w.role, "gpu_type": w.gpu_type,
+                         "alive": w.alive, "running": w.load.running,
+                         "free_kv_blocks": w.load.free_kv_blocks,
+                         "total_kv_blocks": w.load.total_kv_blocks,
+                         "device": w.load.device_name} for w in self.workers.values()],
+        }
+
+    # ----- scheduling -------------------------------------------------------------
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            if self._waiting:
+                self._wake.set()
+            self._forget_finished()
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._schedule_round()
+
+    async def _schedule_round(self) -> None:
+        if not self._waiting:
+            return
+        rnd = SchedulingRound(time.time(), self._round, tuple(
+            r.view() for r in self._waiting.values()))
+        self._round += 1
+        prefill, decode = self._views()
+        dispatched = 0
+        for view in self.scheduler.order(rnd):
+            hits = await self._prefix_hits(view)
+            route = self.router.route(view, prefill, decode, hits)
+            if route is None:
+                break
+            self._dispatch(self._waiting.pop(view.request_id), route)
+            prefill, decode = self._charge(prefill, decode, view, route)
+            dispatched += 1
+        if dispatched:
+            for req in self._waiting.values():
+                req.waited_rounds += 1
+
+    async def _prefix_hits(self, view: RequestView) -> dict[str, int]:
+        if self.config.router.policy != "prefix-aware":
+            return {}
+        return await self.store.prefix_hits(list(view.prefix_hashes))
+
+    def _views(self) -> tuple[list[WorkerView], list[WorkerView]]:
+        views = {w.worker_id: self._view(w) for w in self.workers.values() if w.alive}
+        if self.config.disaggregated:
+            return ([v for v in views.values() if v.role == "prefill"],
+                    [v for v in views.values() if v.role == "decode"])
+        mixed = [v for v in views.values() if v.role == "mixed"]
+        return mixed, mixed
+
+    def _view(self, w: _Worker) -> WorkerView:
+        load = w.load
+        return WorkerView(w.worker_id, w.role, w.gpu_type,
+                          load.queued_prefill_tokens + w.outstanding_prefill, load.running,
+                          load.free_kv_blocks, load.total_kv_blocks, load.block_size,
+                          load.max_num_batched_tokens, load.max_num_seqs, w.alive)
+
+    def _charge(self, prefill, decode, view: RequestView, route: Route):
+        """Account a dispatch in this round's views so the next pick sees it."""
+        def upd(v: WorkerView) -> WorkerView:
+            if v.worker_id == route.decode_worker:
+                v = replace(v, running=v.running + 1, free_kv_blocks=v.free_kv_blocks
+                            - v.kv_blocks_for(view.prompt_tokens + view.max_tokens))
+            if v.worker_id == route.prefill_worker:
+                v = replace(v, queued_prefill_tokens=v.queued_prefill_tokens + view.prompt_tokens)
+            return v
+        new_decode = [upd(v) for v in decode]
+        return (new_decode if prefill is decode else [upd(v) for v in prefill]), new_decode
+
+    # ----- dispatch -----------------------------------------------------------------
+    def _dispatch(self, req: _Request, route: Route) -> None:
+        req.route = route
+        req.generation += 1
+        req.timing.setdefault("queue_s", time.time() - req.arrival_s)
+        self._spawn(self._run(req, route, req.generation))
+
+    async def _run(self, req: _Request, route: Route, gen: int) -> None:
+        try:
+            await self.store.journal_route(req.request_id, route.prefill_worker,
+                                           route.decode_worker)
+            if route.prefill_worker == route.decode_worker:
+                await self._call(self.workers[route.decode_worker], "submit", req.request_id,
+                                 req.prompt, list(req.tokens), req.params)
+            else:
+                await self._run_disaggregated(req, route, gen)
+        except WorkerDied:
+            pass  # _mark_dead re-queued it
+        except ValueError as exc:  # the worker refused it (e.g. does not fit its cache)
+            if req.generation == gen and req.finish_reason is None:
+                req.timing["error"] = str(exc)
+                await self._finish(req, "abort")
+
+    async def _run_disaggregated(self, req: _Request, route: Route, gen: int) -> None:
+        p, d = self.workers[route.prefill_worker], self.workers[route.decode_worker]
+        outputs = list(req.tokens)
+        blocks = await self._call(d, "reserve", req.request_id, req.prompt + outputs)
+        if blocks is None:  # raced with other reservations: wait for room
+            self._requeue(req, gen)
+            return
+        n = len(req.prompt) + len(outputs)
+        p.outstanding_prefill += n
+        try:
+            res: PrefillResult = await self._call(p, "prefill", PrefillJob(
+                req.request_id, req.prompt, outputs, req.params, d.kv_endpoint))
+        finally:
+            p.outstanding_prefill -= n
+            self._wake.set()
+        if req.generation != gen or req.finish_reason is not None or res.aborted:
+            await self._safe(d, "release", req.request_id)
+            return
+        self._record_prefill(req, res)
+        await self._store_prefix(p.worker_id, req)
+        await self._deliver(req, [TokenEvent(req.request_id, [res.token_id], res.text,
+                                             res.finish_reason)])
+        if res.finish_reason is not None:
+            await self._safe(d, "release", req.request_id)
+            return
+        outcome = await self._call(d, "admit", req.request_id, req.prompt,
+                                   outputs + [res.token_id], req.params)
+        req.timing["kv_admission"] = outcome
+
+    def _record_prefill(self, req: _Request, res: PrefillResult) -> None:
+        t = req.timing
+        t["prefill_queue_s"] = res.queue_s
+        t["prefill_s"] = res.prefill_s
+        t["kv_transfer_s"] = res.transfer_s
+        t["kv_bytes"] = t.get("kv_bytes", 0) + res.kv_bytes
+        t["kv_transfer_attempts"] = res.transfer_attempts
+
+    async def _store_prefix(self, worker_id: str, req: _Request) -> None:
+        if self.config.router.policy == "prefix-aware":
+            await self.store.index_prefix(worker_id, list(req.prefix_hashes))
+
+    def _requeue(self, req: _Request, gen: int) -> None:
+        if req.generation != gen or req.finish_reason is not None:
+            return
+        req.route = None
+        req.generation += 1
+        self._waiting[req.request_id] = req
+        self._wake.set()
+
+    # ----- token delivery --------------------------------------------------------------
+    async def _poll(self, w: _Worker) -> None:
+        while w.alive:
+            try:
+                events, w.cursor, w.load = await w.handle.next_outputs.remote(w.cursor, 1.0)
+            except RayActorError:
+                await self._mark_dead(w)
+                return
+            mine = [e for e in events if self._owned_by(e.request_id, w.worker_id)]
+            if mine:
+                await self._deliver(None, mine)
+            self._wake.set()
+
+    def _owned_by(self, request_id: str, worker_id: str) -> bool:
+        req = self._requests.get(request_id)
+        return (req is not None and req.finish_reason is None and req.route is not None
+                and req.route.decode_worker == worker_id)
+
+    async def _deliver(self, req: _Request | None, events: list[TokenEvent]) -> None:
+        now = time.time()
+        batch = []
+        for ev in events:
+            r = req or self._requests[ev.request_id]
+            if not r.tokens:
+                r.timing["ttft_s"] = now - r.arrival_s
+            r.tokens.extend(ev.token_ids)
+            r.texts.extend([ev.text] + [""] * (len(ev.token_ids) - 1))
+            r.token_times.extend([now] * len(ev.token_ids))
+            batch.append((r.request_id, ev.token_ids, [ev.text] + [""] * (len(ev.token_ids) - 1)))
+        await self.store.journal_tokens(batch)
+        for ev in events:
+            r = req or self._requests[ev.request_id]
+            if ev.finish_reason is not None:
+                await self._finish(r, ev.finish_reason)
+            r.changed.set()
+
+    async def _finish(self, req: _Request, reason: str) -> None:
+        if req.finish_reason is not None:
+            return
+        req.finish_reason = reason
+        req.finished_at = time.time()
+        req.timing["total_s"] = req.finished_at - req.arrival_s
+        await self.store.journal_finish(req.request_id, reason, {
+            "prompt_tokens": len(req.prompt), "output_tokens": len(req.tokens)})
+        req.changed.set()
+        self._wake.set()
+
+    def _forget_finished(self, keep_s: float = 120.0) -> None:
+        cutoff = time.time() - keep_s
+        for rid in [r.request_id for r in self._requests.values()
+                    if r.finished_at is not None and r.finished_at < cutoff]:
+            del self._requests[rid]
+
+    # ----- worker calls and failures -----------------------------------------------------
+    async def _call(self, w: _Worker, method: str, *args):
+        try:
+            return await getattr(w.handle, method).remote(*args)
+        except RayActorError as exc:
+            await self._mark_dead(w)
+            raise WorkerDied(w.worker_id) from exc
+
+    async def _safe(self, w: _Worker, method: str, *args):
+        """Best-effort call: a dead worker is noted, not raised."""
+        if not w.alive:
+            return None
+        try:
+            return await getattr(w.handle, method).remote(*args)
+        except RayActorError:
+            await self._mark_dead(w)
+            return None
+
+    async def _mark_dead(self, w: _Worker) -> None:
+        if not w.alive:
+            return
+        w.alive = False
+        hit = [r for r in self._requests.values() if r.finish_reason is None and r.route
+               and w.worker_id in (r.route.prefill_worker, r.route.decode_worker)]
+        for req in hit:
+            other = ({req.route.prefill_worker, req.route.decode_worker} - {w.worker_id})
+            self._requeue(req, req.generation)
+            for o in other:
+                await self._safe(self.workers[o], "abort", req.request_id)

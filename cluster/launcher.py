@@ -1,0 +1,112 @@
+"""Start a Baton cluster on a Ray cluster: worker pools, then the controller.
+
+Lifecycle: ``Deployment(config).start()`` checks that every pool's GPU type is
+offered by some node (failing fast with the pool's name otherwise), creates
+named worker actors placed by GPU type, waits until each answers, then starts
+the controller actor, which connects to them and to Redis. ``restart_controller``
+replaces the controller (it recovers in-flight requests from Redis);
+``shutdown`` removes every actor.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from cluster.config import ClusterConfig, PoolSpec
+from cluster.controller import Controller
+from workers.decode_worker import DecodeWorker
+from workers.gpu import missing_gpu_types, placement_options
+from workers.prefill_worker import PrefillWorker
+from workers.worker_config import WorkerSpec
+
+NAMESPACE = "baton"
+
+
+class PlacementError(RuntimeError):
+    """A pool cannot be placed on the Ray cluster."""
+
+
+def controller_name(cluster: str) -> str:
+    return f"{cluster}/controller"
+
+
+class Deployment:
+    def __init__(self, config: ClusterConfig, torch_threads: int = 1,
+                 placement_timeout_s: float = 120.0):
+        self.config = config
+        self.torch_threads = torch_threads
+        self.placement_timeout_s = placement_timeout_s
+        self.workers: dict[str, tuple[str, str, object]] = {}
+        self.controller = None
+
+    def start(self) -> Deployment:
+        if not ray.is_initialized():
+            raise RuntimeError("ray.init() first (or `baton serve`, which does it)")
+        self._check_gpu_types()
+        for pool in self.config.pools:
+            for i in range(pool.replicas):
+                self._start_worker(pool, i)
+        self._wait_for_workers()
+        self.start_controller()
+        return self
+
+    def _check_gpu_types(self) -> None:
+        resources = ray.cluster_resources()
+        for pool in self.config.pools:
+            if missing_gpu_types([pool.gpu_type], resources):
+                offered = sorted(k.split(":", 1)[1] for k in resources if k.startswith("gpu_type:"))
+                raise PlacementError(
+                    f"pool {pool.name!r} needs GPU type {pool.gpu_type!r}, which no node of the "
+                    f"Ray cluster offers (offered: {', '.join(offered) or 'none'})")
+
+    def _spec(self, pool: PoolSpec, i: int) -> WorkerSpec:
+        cfg = self.config
+        return WorkerSpec(
+            worker_id=f"{cfg.name}/{pool.name}/{i}", role=pool.role, pool=pool.name,
+            gpu_type=pool.gpu_type, model=cfg.model.source, dtype=cfg.model.dtype,
+            max_model_len=cfg.model.max_model_len, block_size=pool.block_size,
+            kv_cache_bytes=pool.kv_cache_bytes, max_num_seqs=pool.max_num_seqs,
+            max_num_batched_tokens=pool.max_num_batched_tokens,
+            prefill_chunk_size=pool.prefill_chunk_size, transport=cfg.transport,
+            device="cuda" if pool.gpus_per_replica > 0 else "cpu",
+            torch_threads=self.torch_threads, redis_url=cfg.redis.url,
+            namespace=cfg.redis.namespace)
+
+    def _start_worker(self, pool: PoolSpec, i: int) -> None:
+        spec = self._spec(pool, i)
+        cls = PrefillWorker if pool.role == "prefill" else DecodeWorker
+        handle = ray.remote(cls).options(
+            name=spec.worker_id, namespace=NAMESPACE, max_concurrency=1000,
+            **placement_options(pool.gpu_type, pool.gpus_per_replica)).remote(spec)
+        self.workers[spec.worker_id] = (pool.role, pool.gpu_type, handle)
+
+    def _wait_for_workers(self) -> None:
+        refs = {h.ping.remote(): wid for wid, (_, _, h) in self.workers.items()}
+        ready, pending = ray.wait(list(refs), num_returns=len(refs),
+                                  timeout=self.placement_timeout_s)
+        if pending:
+            names = sorted(refs[r] for r in pending)
+            raise PlacementError(f"workers not placed within {self.placement_timeout_s} s "
+                                 f"(not enough gpu_type resources?): {', '.join(names)}")
+        ray.get(ready)
+
+    def start_controller(self) -> None:
+        self.controller = ray.remote(Controller).options(
+            name=controller_name(self.config.name), namespace=NAMESPACE, num_cpus=0,
+            max_concurrency=1000).remote(self.config, self.workers)
+        ray.get(self.controller.start.remote())
+
+    def restart_controller(self) -> None:
+        ray.kill(self.controller, no_restart=True)
+        self.start_controller()
+
+    def kill_worker(self, worker_id: str) -> None:
+        ray.kill(self.workers[worker_id][2], no_restart=True)
+
+    def shutdown(self) -> None:
+        for _, _, handle in self.workers.values():
+            ray.kill(handle, no_restart=True)
+        if self.controller is not None:
+            ray.kill(self.controller, no_restart=True)
+        self.workers.clear()
+        self.controller = None

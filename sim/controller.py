@@ -1,0 +1,149 @@
+"""The simulated controller: the cluster's own policies on simulated state.
+
+Lifecycle of a request at the controller::
+
+    arrive   -> too long for every worker? rejected ("too long")
+             -> admission policy (``BoundedQueue.admit``) -> rejected ("overloaded")
+             -> waiting (a ``RequestView`` per request)
+    round    (on arrivals and whenever a worker's load changes)
+             -> ``scheduler.order(SchedulingRound)`` -> for each request in
+                that order: ``router.route(request, prefill views, decode
+                views, prefix hits)``; dispatch while it finds room, stop at
+                the first ``None``; the rest get ``waited_rounds + 1``
+    dispatch -> colocated: the mixed worker queues the prompt;
+                disaggregated: the decode worker reserves KV blocks, the
+                prefill worker queues the prompt
+
+The policy objects come from ``cluster.policies`` by name: this module only
+builds their snapshots and carries out their decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from cluster.policies import (
+    AdmissionPolicy,
+    RequestView,
+    RouterPolicy,
+    SchedulerPolicy,
+    SchedulingRound,
+)
+from sim.events import Clock, EventKind, EventQueue
+from sim.tracker import Tracker
+from sim.workers import SimWorker
+from workers.block_manager import block_hashes
+
+
+class SimController:
+    def __init__(self, scheduler: SchedulerPolicy, router: RouterPolicy,
+                 admission: AdmissionPolicy, prefill: list[SimWorker], decode: list[SimWorker],
+                 events: EventQueue, clock: Clock, on_reject: Callable[[Tracker], None],
+                 use_prefix_index: bool = False):
+        self.scheduler, self.router, self.admission = scheduler, router, admission
+        self.prefill, self.decode = prefill, decode
+        self.colocated = prefill is decode
+        self.events, self.clock, self.on_reject = events, clock, on_reject
+        self.waiting: list[RequestView] = []
+        self.trackers: dict[str, Tracker] = {}
+        self.rounds = 0
+        self.dispatch_order: list[str] = []  # request ids in dispatch order
+        self._round_pending = False
+        self.use_prefix_index = use_prefix_index
+        self.prefix_index: dict[str, set[int]] = {w.worker_id: set() for w in prefill}
+        self._max_prompt_blocks = max(w.blocks.num_blocks for w in prefill)
+        self._max_total_blocks = max(w.blocks.num_blocks for w in decode)
+        self._block_size = prefill[0].spec.block_size
+
+    # ----- arrivals ------------------------------------------------------------------
+    def arrive(self, tr: Tracker) -> None:
+        r = tr.req
+        view = RequestView(r.request_id, r.prompt_tokens, r.output_tokens, r.arrival_s,
+                           score=tr.score, true_output_tokens=r.output_tokens,
+                           prefix_hashes=self._prefix_hashes(r))
+        reason = self._too_long(r) or self._refused(view)
+        if reason:
+            tr.rejected = reason
+            self.on_reject(tr)
+            return
+        self.trackers[r.request_id] = tr
+        self.waiting.append(view)
+        self.request_round()
+
+    def _too_long(self, r) -> str:
+        bs = self._block_size
+        if -(-(r.prompt_tokens + r.output_tokens) // bs) > self._max_total_blocks or \
+                -(-r.prompt_tokens // bs) > self._max_prompt_blocks:
+            return (f"too long: {r.prompt_tokens} + {r.output_tokens} tokens exceed every "
+                    "worker's KV cache")
+        return ""
+
+    def _refused(self, view: RequestView) -> str:
+        decision = self.admission.admit(len(self.waiting), view)
+        return "" if decision.accepted else decision.reason
+
+    def _prefix_hashes(self, r) -> tuple[int, ...]:
+        if not (self.use_prefix_index and r.hash_ids):
+            return ()
+        from sim.workers import _prompt_tokens
+        return tuple(block_hashes(_prompt_tokens(r, self._block_size), self._block_size))
+
+    # ----- rounds ----------------------------------------------------------------------
+    def request_round(self) -> None:
+        if self.waiting and not self._round_pending:
+            self._round_pending = True
+            self.events.push(self.clock.now, EventKind.DISPATCH, self._round)
+
+    def _round(self, _=None) -> None:
+        self._round_pending = False
+        if not self.waiting:
+            return
+        self.rounds += 1
+        order = self.scheduler.order(SchedulingRound(self.clock.now, self.rounds,
+                                                     tuple(self.waiting)))
+        pviews = [w.view() for w in self.prefill]
+        dviews = pviews if self.colocated else [w.view() for w in self.decode]
+        sent: set[str] = set()
+        for view in order:
+            route = self.router.route(view, pviews, dviews, self._hits(view))
+            if route is None:
+                break
+            self._dispatch(view, route.prefill_worker, route.decode_worker)
+            sent.add(view.request_id)
+            pviews = [w.view() for w in self.prefill]
+            dviews = pviews if self.colocated else [w.view() for w in self.decode]
+        self.waiting = [replace(v, waited_rounds=v.waited_rounds + 1)
+                        for v in self.waiting if v.request_id not in sent]
+
+    def _hits(self, view: RequestView) -> dict[str, int] | None:
+        if not view.prefix_hashes:
+            return None
+        hits = {}
+        for wid, index in self.prefix_index.items():
+            n = 0
+            for h in view.prefix_hashes:
+                if h not in index:
+                    break
+                n += 1
+            hits[wid] = n
+        return hits
+
+    def _dispatch(self, view: RequestView, prefill_id: str, decode_id: str) -> None:
+        tr = self.trackers.pop(view.request_id)
+        tr.dispatch_s = self.clock.now
+        tr.prefill_worker, tr.decode_worker = prefill_id, decode_id
+        self.dispatch_order.append(view.request_id)
+        p = self._worker(self.prefill, prefill_id)
+        if not self.colocated:
+            self._worker(self.decode, decode_id).reserve(tr)
+        if view.prefix_hashes:
+            self.prefix_index[prefill_id].update(view.prefix_hashes)
+        p.submit(tr)
+
+    @staticmethod
+    def _worker(pool: list[SimWorker], worker_id: str) -> SimWorker:
+        for w in pool:
+            if w.worker_id == worker_id:
+                return w
+        raise ValueError(f"router returned unknown worker {worker_id!r}")

@@ -1,0 +1,172 @@
+"""``DecodeWorker``: a Ray actor that receives KV, decodes, and streams tokens.
+
+Lifecycle of a disaggregated request::
+
+    reserve(rid, tokens)  -> blocks held under a lease; the KV receiver expects them
+    (the prefill worker streams the KV straight into those blocks)
+    admit(rid, ...)       -> waits until every block is verified, then the
+                             request joins the continuous-batching loop; if the
+                             transfer failed, the blocks are released and the
+                             prompt is recomputed here instead
+    next_outputs(cursor)  -> the controller long-polls token events
+    finish / abort        -> blocks freed
+
+With role ``mixed`` (colocated baseline) the controller calls ``submit`` and
+the same engine prefills and decodes. A reservation never admitted is
+released when its lease expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import torch
+
+from kvtransfer import make_receiver
+from kvtransfer.base import ReceiverCore, TransferState
+from workers.engine import LLMEngine, RequestOutput
+from workers.engine_loop import EngineLoop
+from workers.messages import TokenEvent, WorkerLoad
+from workers.sampling import SamplingParams
+from workers.worker_config import WorkerSpec, build_engine, model_info, start_heartbeat
+
+
+class DecodeWorker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        torch.set_num_threads(spec.torch_threads)
+        self.engine: LLMEngine = build_engine(spec)
+        self.receiver = make_receiver(spec.transport, ReceiverCore(self.engine.kv_cache.layers),
+                                      device=spec.device)
+        self._leases: dict[str, float] = {}  # request -> deadline (monotonic)
+        self._events: list[TokenEvent] = []
+        self._base = 0  # index of _events[0] in the whole event history
+        self._lock = threading.Lock()
+        self._wakeup: asyncio.Event | None = None
+        self._aio: asyncio.AbstractEventLoop | None = None
+        self._arrivals: dict[str, tuple[float, ...]] = {}
+        self.recomputed = 0  # requests whose KV transfer failed and were re-prefilled here
+        self.heartbeat = start_heartbeat(spec, kv_endpoint=self.receiver.endpoint)
+        self.loop = EngineLoop(self.engine, self._on_outputs, self._expire_leases)
+
+    # ----- actor methods --------------------------------------------------
+    async def kv_endpoint(self) -> str:
+        return self.receiver.endpoint
+
+    async def reserve(self, request_id: str, token_ids: list[int]) -> list[int] | None:
+        def run(e: LLMEngine):
+            blocks = e.reserve(request_id, token_ids)
+            if blocks is not None:
+                self.receiver.expect(request_id, blocks)
+                self._leases[request_id] = time.monotonic() + self.spec.lease_s
+            return blocks
+        return await self.loop.call(run)
+
+    async def admit(self, request_id: str, prompt_token_ids: list[int],
+                    output_token_ids: list[int], params: SamplingParams,
+                    timeout_s: float = 60.0) -> str:
+        """"admitted" once the KV is verified; "recomputed" if it never was."""
+        state = await asyncio.to_thread(self.receiver.wait, request_id, timeout_s)
+        ok = state is TransferState.SUCCESS
+
+        def run(e: LLMEngine) -> str:
+            self._leases.pop(request_id, None)
+            received = self.receiver.take(request_id)
+            if received is not None:
+                self._remember_arrivals(request_id, received.layer_arrival_s)
+            if ok:
+                e.admit_prefilled(request_id, prompt_token_ids, output_token_ids, params)
+                return "admitted"
+            e.release(request_id)
+            e.add_request(request_id, prompt_token_ids, params, output_token_ids=output_token_ids)
+            self.recomputed += 1
+            return "recomputed"
+        return await self.loop.call(run)
+
+    async def submit(self, request_id: str, prompt_token_ids: list[int],
+                     output_token_ids: list[int], params: SamplingParams) -> None:
+        """Prefill and decode here (mixed pool, or recovery)."""
+        await self.loop.call(lambda e: e.add_request(
+            request_id, prompt_token_ids, params, output_token_ids=output_token_ids))
+
+    async def release(self, request_id: str) -> bool:
+        return await self.loop.call(lambda e: self._drop(e, request_id))
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.loop.call(lambda e: self._drop(e, request_id))
+
+    async def next_outputs(self, cursor: int, timeout_s: float = 1.0
+                           ) -> tuple[list[TokenEvent], int, WorkerLoad]:
+        """Events after ``cursor`` (waits up to ``timeout_s`` for one), the new
+        cursor, and this worker's load. Events before ``cursor`` are dropped."""
+        self._bind_loop()
+        events = self._since(cursor)
+        if not events:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
+            except TimeoutError:
+                pass
+            events = self._since(cursor)
+        with self._lock:
+            end = self._base + len(self._events)
+        return events, end, await self.load()
+
+    async def load(self) -> WorkerLoad:
+        return await self.loop.call(self._load)
+
+    async def free_blocks(self) -> int:
+        return await self.loop.call(lambda e: e.blocks.num_free_blocks)
+
+    async def receive_timeline(self, request_id: str) -> list[float]:
+        """Wall-clock times each KV layer of a request landed verified."""
+        return list(self._arrivals.get(request_id, ()))
+
+    async def ping(self) -> str:
+        return self.spec.worker_id
+
+    async def model_info(self) -> dict:
+        return model_info(self.engine)
+
+    # ----- helpers ----------------------------------------------------------
+    def _remember_arrivals(self, request_id: str, times: tuple[float, ...]) -> None:
+        self._arrivals[request_id] = times
+        while len(self._arrivals) > 1024:
+            self._arrivals.pop(next(iter(self._arrivals)))
+
+    def _drop(self, e: LLMEngine, request_id: str) -> bool:
+        self._leases.pop(request_id, None)
+        self.receiver.cancel(request_id)
+        return e.abort(request_id)
+
+    def _bind_loop(self) -> None:
+        if self._aio is None:
+            self._aio = asyncio.get_running_loop()
+            self._wakeup = asyncio.Event()
+
+    def _since(self, cursor: int) -> list[TokenEvent]:
+        with self._lock:
+            drop = max(0, min(cursor - self._base, len(self._events)))
+            del self._events[:drop]
+            self._base += drop
+            return list(self._events)
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        events = [TokenEvent(o.request_id, o.new_token_ids, o.new_text,
+                             o.finish_reason.value if o.finish_reason else None) for o in outputs]
+        with self._lock:
+            self._events.extend(events)
+        if self._aio is not None:
+            self._aio.call_soon_threadsafe(self._wakeup.set)
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        for rid in [r for r, deadline in self._leases.items() if deadline < now]:
+            self._drop(self.engine, rid)
+
+    def _load(self, e: LLMEngine) -> WorkerLoad:
+        queued = sum(s.num_uncomputed for s in e.waiting)
+        return self.spec.load(queued, len(e.running) + len(e.waiting),
+                              e.blocks.num_free_blocks, e.blocks.num_blocks)

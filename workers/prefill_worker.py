@@ -1,0 +1,155 @@
+"""``PrefillWorker``: a Ray actor that prefills prompts and streams their KV
+to decode workers, layer by layer.
+
+Lifecycle of a job::
+
+    prefill(job) -> the engine thread queues the request (export_kv) ->
+    its last prefill chunk runs: after each layer, that layer's blocks are
+    gathered into a buffer and handed to the KV sender (bytes move while the
+    next layers compute) -> the token after the prompt is sampled and the
+    engine frees the blocks -> the sender waits for the decode side's verdict
+    (one retry) -> PrefillResult.
+
+The actor is a plain class; the launcher wraps it with ``ray.remote`` and
+places it on a node of its pool's GPU type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from kernels import gather_kv_blocks
+from kvtransfer import make_sender
+from kvtransfer.base import SendHandle, TransferMetrics
+from workers.engine import LLMEngine, RequestOutput
+from workers.engine_loop import EngineLoop
+from workers.messages import PrefillJob, PrefillResult, WorkerLoad
+from workers.worker_config import WorkerSpec, build_engine, model_info, start_heartbeat
+
+
+@dataclass
+class _Job:
+    job: PrefillJob
+    submitted_s: float
+    result: Future = field(default_factory=Future)
+    handle: SendHandle | None = None
+    started_s: float | None = None  # its first prefill chunk ran (perf_counter)
+
+
+class PrefillWorker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        torch.set_num_threads(spec.torch_threads)
+        self.engine: LLMEngine = build_engine(spec)
+        self.sender = make_sender(spec.transport, spec.device)
+        self.metrics = TransferMetrics(spec.transport)
+        self.engine.on_prefill_layer = self._export_layer
+        self._jobs: dict[str, _Job] = {}
+        self._finisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-finish")
+        self.layer_done_s: dict[str, list[float]] = {}  # request -> when each layer computed
+        self.heartbeat = start_heartbeat(spec)
+        self.loop = EngineLoop(self.engine, self._on_outputs)
+
+    # ----- actor methods --------------------------------------------------
+    async def prefill(self, job: PrefillJob) -> PrefillResult:
+        params = replace(job.params, max_tokens=len(job.output_token_ids) + 1)
+        state = _Job(job, time.perf_counter())
+        self._jobs[job.request_id] = state
+        try:
+            await self.loop.call(lambda e: e.add_request(
+                job.request_id, job.prompt_token_ids, params,
+                output_token_ids=job.output_token_ids, export_kv=True))
+        except ValueError:
+            self._jobs.pop(job.request_id, None)
+            raise
+        return await asyncio.wrap_future(state.result)
+
+    async def abort(self, request_id: str) -> bool:
+        state = self._jobs.pop(request_id, None)
+        if state is None:
+            return False
+        await self.loop.call(lambda e: e.abort(request_id))
+        if not state.result.done():
+            state.result.set_result(_aborted(request_id))
+        return True
+
+    async def load(self) -> WorkerLoad:
+        return await self.loop.call(self._load)
+
+    async def transfer_metrics(self) -> TransferMetrics:
+        return self.metrics
+
+    async def inject_transfer_fault(self, corrupt_sends: int) -> None:
+        """Test hook: corrupt one block in each of the next N layer sends."""
+        self.sender.faults.corrupt_sends = corrupt_sends
+
+    async def layer_timeline(self, request_id: str) -> list[float]:
+        return self.layer_done_s.get(request_id, [])
+
+    async def ping(self) -> str:
+        return self.spec.worker_id
+
+    async def model_info(self) -> dict:
+        return model_info(self.engine)
+
+    # ----- engine thread --------------------------------------------------
+    def _export_layer(self, layer: int, exports: list[tuple[str, list[int]]]) -> None:
+        k_cache, v_cache = self.engine.kv_cache.layers[layer]
+        for request_id, block_table in exports:
+            state = self._jobs.get(request_id)
+            if state is None:
+                continue
+            if state.handle is None:
+                state.started_s = self.engine.sequence(request_id).first_scheduled_s
+                state.handle = self.sender.open(request_id, state.job.kv_endpoint,
+                                                self.engine.model_config.num_layers)
+            blocks = torch.tensor(block_table, dtype=torch.int64)
+            state.handle.send_layer(layer, gather_kv_blocks(k_cache, v_cache, blocks))
+            self.layer_done_s.setdefault(request_id, []).append(time.time())
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            state = self._jobs.pop(out.request_id, None)
+            if state is not None:
+                self._finisher.submit(self._finish, state, out, time.perf_counter())
+
+    def _finish(self, state: _Job, out: RequestOutput, done_s: float) -> None:
+        started_s = state.started_s or state.submitted_s
+        result = state.handle.finish() if state.handle else None
+        if result is not None:
+            self.metrics.record(result)
+        job = state.job
+        reason = _finish_reason(out, job)
+        state.result.set_result(PrefillResult(
+            request_id=job.request_id, token_id=out.new_token_ids[0], text=out.new_text,
+            finish_reason=reason, transfer_ok=bool(result and result.ok),
+            transfer_attempts=result.attempts if result else 0,
+            kv_bytes=result.bytes_sent if result else 0,
+            transfer_s=result.seconds if result else 0.0,
+            queue_s=max(0.0, started_s - state.submitted_s), prefill_s=done_s - started_s,
+            error=result.error if result else "no KV was exported"))
+
+    def _load(self, engine: LLMEngine) -> WorkerLoad:
+        queued = sum(s.num_uncomputed for s in list(engine.waiting) + engine.running)
+        return self.spec.load(queued, len(engine.running), engine.blocks.num_free_blocks,
+                              engine.blocks.num_blocks)
+
+
+def _finish_reason(out: RequestOutput, job: PrefillJob) -> str | None:
+    """The engine stopped after one token by construction; the request really
+    ends only on a stop condition or when its own max_tokens is reached."""
+    if out.finish_reason is not None and out.finish_reason.value == "stop":
+        return "stop"
+    if len(job.output_token_ids) + 1 >= job.params.max_tokens:
+        return "length"
+    return None
+
+
+def _aborted(request_id: str) -> PrefillResult:
+    return PrefillResult(request_id, None, "", "abort", False, 0, 0, 0.0, 0.0, 0.0,
+                         aborted=True)
