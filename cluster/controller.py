@@ -126,6 +126,7 @@ class Controller:
         self._requests: dict[str, _Request] = {}
         self._waiting: dict[str, _Request] = {}  # insertion-ordered
         self._wake = asyncio.Event()
+        self._ready = asyncio.Event()  # set once workers are connected and the journal replayed
         self._round = 0
         self._tasks: set[asyncio.Task] = set()
         self._ids = itertools.count()
@@ -150,6 +151,7 @@ class Controller:
         for w in self.workers.values():
             if w.role != "prefill":
                 self._spawn(self._poll(w))
+        self._ready.set()
         return recovered
 
     async def _recover(self) -> int:
@@ -174,6 +176,7 @@ class Controller:
     async def submit(self, request_id: str | None, prompt_token_ids: list[int],
                      params: SamplingParams) -> str:
         """Queue a request; ``ValueError`` for bad input, ``Overloaded`` when full."""
+        await self._ready.wait()
         rid = request_id or f"req-{next(self._ids)}-{int(time.time() * 1e3)}"
         if rid in self._requests:
             raise ValueError(f"request_id {rid!r} is already in use")
@@ -197,7 +200,8 @@ class Controller:
 
     async def stream(self, request_id: str, cursor: int = 0, timeout_s: float = 5.0) -> StreamChunk:
         """Tokens after ``cursor``; waits up to ``timeout_s`` for at least one."""
-        req = self._requests.get(request_id)
+        await self._ready.wait()
+        req = self._requests.get(request_id) or await self._from_journal(request_id)
         if req is None:
             raise UnknownRequest(request_id)
         if len(req.tokens) <= cursor and req.finish_reason is None:
@@ -211,8 +215,20 @@ class Controller:
                            end, req.finish_reason is not None, req.finish_reason,
                            dict(req.timing))
 
+    async def _from_journal(self, request_id: str) -> _Request | None:
+        """A request finished under a previous controller, still in the journal."""
+        e = await self.store.lookup(request_id)
+        if e is None or e.state != "finished":
+            return None
+        req = _Request(e.request_id, e.prompt_token_ids, e.params, e.arrival_s,
+                       list(e.token_ids), list(e.texts), finish_reason=e.finish_reason,
+                       finished_at=time.time())
+        self._requests[request_id] = req
+        return req
+
     async def cancel(self, request_id: str) -> bool:
         """Idempotent: True if the request was running and is now aborted."""
+        await self._ready.wait()
         req = self._requests.get(request_id)
         if req is None or req.finish_reason is not None:
             return False

@@ -10,7 +10,8 @@ Keys (``ns`` = the cluster's namespace)::
 
     ns:workers               hash  worker id -> JSON description
     ns:hb:<worker>           str   heartbeat, expires after ``ttl_s``
-    ns:req:<id>              hash  prompt, params, arrival, state, workers
+    ns:req:<id>              hash  prompt, params, arrival, state, workers (kept a
+                                   while after finishing, for reconnecting clients)
     ns:req:<id>:tokens       list  token ids streamed so far
     ns:req:<id>:text         list  their text deltas
     ns:inflight              set   ids of unfinished requests
@@ -39,7 +40,8 @@ class JournalEntry:
     arrival_s: float
     token_ids: list[int]  # streamed so far
     texts: list[str]  # text delta of each streamed token
-    state: str
+    state: str  # waiting | running | finished
+    finish_reason: str | None = None
 
 
 def params_to_json(p: SamplingParams) -> str:
@@ -55,11 +57,13 @@ def params_from_json(text: str) -> SamplingParams:
 
 class StateStore:
     def __init__(self, url: str, namespace: str, password: str | None = None,
-                 completed_cap: int = 100_000, prefix_ttl_s: int = 600):
+                 completed_cap: int = 100_000, prefix_ttl_s: int = 600,
+                 finished_ttl_s: int = 600):
         self.ns = namespace
         self.r = aioredis.from_url(url, password=password, decode_responses=True)
         self.completed_cap = completed_cap
         self.prefix_ttl_s = prefix_ttl_s
+        self.finished_ttl_s = finished_ttl_s
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.ns, *parts))
@@ -93,26 +97,32 @@ class StateStore:
             await p.execute()
 
     async def journal_finish(self, request_id: str, reason: str, record: dict) -> None:
+        """Close the entry; it stays readable for ``finished_ttl_s`` so a client
+        reconnecting after a controller restart still gets its final chunk."""
+        keys = [self._k("req", request_id), self._k("req", request_id, "tokens"),
+                self._k("req", request_id, "text")]
         async with self.r.pipeline(transaction=True) as p:
-            p.delete(self._k("req", request_id), self._k("req", request_id, "tokens"),
-                     self._k("req", request_id, "text"))
+            p.hset(keys[0], mapping={"state": "finished", "finish_reason": reason})
+            for k in keys:
+                p.expire(k, self.finished_ttl_s)
             p.srem(self._k("inflight"), request_id)
             p.lpush(self._k("completed"), json.dumps({**record, "finish_reason": reason}))
             p.ltrim(self._k("completed"), 0, self.completed_cap - 1)
             await p.execute()
 
     async def inflight(self) -> list[JournalEntry]:
-        entries = []
-        for rid in sorted(await self.r.smembers(self._k("inflight"))):
-            h = await self.r.hgetall(self._k("req", rid))
-            if not h:
-                continue
-            tokens = [int(t) for t in await self.r.lrange(self._k("req", rid, "tokens"), 0, -1)]
-            texts = await self.r.lrange(self._k("req", rid, "text"), 0, -1)
-            entries.append(JournalEntry(rid, json.loads(h["prompt"]),
-                                        params_from_json(h["params"]), float(h["arrival_s"]),
-                                        tokens, texts, h.get("state", "waiting")))
-        return entries
+        entries = [await self.lookup(rid) for rid in sorted(await self.r.smembers(self._k("inflight")))]
+        return [e for e in entries if e is not None]
+
+    async def lookup(self, request_id: str) -> JournalEntry | None:
+        h = await self.r.hgetall(self._k("req", request_id))
+        if not h:
+            return None
+        tokens = [int(t) for t in await self.r.lrange(self._k("req", request_id, "tokens"), 0, -1)]
+        texts = await self.r.lrange(self._k("req", request_id, "text"), 0, -1)
+        return JournalEntry(request_id, json.loads(h["prompt"]), params_from_json(h["params"]),
+                            float(h["arrival_s"]), tokens, texts, h.get("state", "waiting"),
+                            h.get("finish_reason"))
 
     async def completed(self, limit: int = 1000) -> list[dict]:
         return [json.loads(x) for x in await self.r.lrange(self._k("completed"), 0, limit - 1)]

@@ -13,8 +13,8 @@ Operators of one step, per layer, on one tensor-parallel shard::
              (new x cached + new^2 / 2) score matrix
                                           max(FLOPs / (peak * e_attn), KV bytes / (bw * e_kv))
     elem     norms, rope, residual, activation (memory bound)
-    comm     2 all-reduces of the hidden states when TP > 1
-             latency + 2 (tp-1)/tp * bytes / (intra-node bw * e_ar)
+    comm     2 all-reduces of the hidden states when TP > 1 (ring)
+             2 (tp-1) * step latency + 2 (tp-1)/tp * bytes / (intra-node bw * e_ar)
     + per-layer, per-sequence and per-step overheads, and the LM head on the
       sampled rows.
 
@@ -56,10 +56,11 @@ class EfficiencyProfile:
     attn_compute: float  # fraction of peak FLOP/s prefill attention reaches
     attn_memory: float  # fraction of memory bandwidth decode attention (KV reads) reaches
     allreduce: float  # fraction of intra-node bandwidth an all-reduce reaches
-    allreduce_latency_s: float  # fixed cost of one all-reduce call
+    allreduce_latency_s: float  # latency of one ring step of an all-reduce (2 (tp-1) steps a call)
     step_overhead_s: float  # fixed cost of one engine step (schedule, sample, launch)
     layer_overhead_s: float  # fixed cost per layer per step (kernel launches)
     seq_overhead_s: float  # cost per sequence in the batch per step
+    prefill_seq_overhead_s: float = 0.0  # extra cost per prefill chunk (input prep, new block tables)
     fitted_on: str = ""  # where the numbers come from
 
 
@@ -151,6 +152,7 @@ class LatencyModel:
         self._kv_rate = gpu.memory_bw * e.attn_memory
         self._ar_calls = 0 if tp == 1 else 2
         self._ar_rate = gpu.intra_node_bw * e.allreduce * tp / (2 * (tp - 1)) if tp > 1 else 1.0
+        self._ar_latency = 2 * (tp - 1) * e.allreduce_latency_s  # ring all-reduce
 
     def step_time(self, num_tokens: int, num_seqs: int, logit_rows: int, decode_ctx_sum: int,
                   prefill_chunks: tuple[tuple[int, int], ...] | list = ()) -> float:
@@ -164,12 +166,13 @@ class LatencyModel:
         attn = self._decode_attention(decode_ctx_sum)
         for new, cached in prefill_chunks:
             attn += self._prefill_attention(new, cached)
-        comm = self._ar_calls * (e.allreduce_latency_s
+        comm = self._ar_calls * (self._ar_latency
                                  + num_tokens * o.allreduce_bytes_per_token / self._ar_rate)
         layer = linear + elem + attn + comm + e.layer_overhead_s
         head = max(logit_rows * o.head_flops_per_row / self._flop_rate,
                    (o.head_weight_bytes + logit_rows * o.head_act_bytes_per_row) / self._mem_rate)
-        return e.step_overhead_s + num_seqs * e.seq_overhead_s + self.layers * layer + head
+        return (e.step_overhead_s + num_seqs * e.seq_overhead_s
+                + len(prefill_chunks) * e.prefill_seq_overhead_s + self.layers * layer + head)
 
     def _decode_attention(self, ctx_sum: int) -> float:
         o = self.ops

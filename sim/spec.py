@@ -88,12 +88,12 @@ def spec_from_cluster_config(cfg: ClusterConfig, *, dtype: str | None = None,
     pool's GPU type; ``kv_from`` defaults to ``config`` on cpu, else ``memory``."""
     pools = tuple(_pool(p, hardware) for p in cfg.pools if p.replicas > 0)
     on_cpu = all(p.gpu_type == "cpu" for p in pools)
-    return SimSpec(
-        model=cfg.model.source, dtype=sim_dtype(dtype or cfg.model.dtype), pools=pools,
-        scheduler=cfg.scheduler, router=cfg.router.policy,
-        max_waiting=cfg.admission.max_waiting,
-        slo=SLO(cfg.slo.ttft_ms, cfg.slo.tpot_ms, cfg.slo.attainment),
-        kv_from=kv_from or ("config" if on_cpu else "memory"), **options)
+    fields = dict(model=cfg.model.source, dtype=sim_dtype(dtype or cfg.model.dtype), pools=pools,
+                  scheduler=cfg.scheduler, router=cfg.router.policy,
+                  max_waiting=cfg.admission.max_waiting,
+                  slo=SLO(cfg.slo.ttft_ms, cfg.slo.tpot_ms, cfg.slo.attainment),
+                  kv_from=kv_from or ("config" if on_cpu else "memory"))
+    return SimSpec(**{**fields, **options})
 
 
 def _pool(p: PoolSpec, hardware: str | None) -> SimPool:

@@ -64,6 +64,7 @@ class WorkloadSpec:
     trace: str | None = None  # trace to replay (arrival == "trace")
     time_scale: float = 1.0  # trace speed-up: timestamps are divided by it
     max_prompt_tokens: int | None = None  # prompts longer than this are clipped
+    max_output_tokens: int | None = None  # outputs longer than this are clipped
     seed: int = 0  # RNG seed
     data_dir: Path = field(default=SHARED_DATA)  # where full traces live
 
@@ -187,14 +188,15 @@ def build_workload(spec: WorkloadSpec) -> Workload:
     else:
         rows = _lengths(spec, rng)
         times = _arrival_times(spec, rng)
-    requests = [Request(i, t, _clip(r.prompt_tokens, spec), r.output_tokens,
+    requests = [Request(i, t, _clip(r.prompt_tokens, spec.max_prompt_tokens),
+                        _clip(r.output_tokens, spec.max_output_tokens),
                         r.hash_ids if spec.arrival == "trace" else ())
                 for i, (t, r) in enumerate(zip(times, rows))]
     return Workload(spec, requests, closed=spec.arrival == "closed")
 
 
-def _clip(prompt: int, spec: WorkloadSpec) -> int:
-    return min(prompt, spec.max_prompt_tokens) if spec.max_prompt_tokens else prompt
+def _clip(tokens: int, limit: int | None) -> int:
+    return min(tokens, limit) if limit else tokens
 
 
 def _lengths(spec: WorkloadSpec, rng: random.Random) -> list[TraceRow]:

@@ -36,3 +36,13 @@ def make_engine(tiny_model):
         return LLMEngine(EngineConfig(model="tiny", **overrides), loaded=tiny_model)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server on a free loopback port, for the whole session."""
+    from cluster.redis_server import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.stop()

@@ -127,6 +127,12 @@ class DecodeWorker:
     async def ping(self) -> str:
         return self.spec.worker_id
 
+    async def node_id(self) -> str:
+        """The Ray node this worker was placed on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     async def model_info(self) -> dict:
         return model_info(self.engine)
 

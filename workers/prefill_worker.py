@@ -81,6 +81,9 @@ class PrefillWorker:
     async def load(self) -> WorkerLoad:
         return await self.loop.call(self._load)
 
+    async def free_blocks(self) -> int:
+        return await self.loop.call(lambda e: e.blocks.num_free_blocks)
+
     async def transfer_metrics(self) -> TransferMetrics:
         return self.metrics
 
@@ -93,6 +96,12 @@ class PrefillWorker:
 
     async def ping(self) -> str:
         return self.spec.worker_id
+
+    async def node_id(self) -> str:
+        """The Ray node this worker was placed on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     async def model_info(self) -> dict:
         return model_info(self.engine)
