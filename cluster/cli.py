@@ -12,12 +12,17 @@ import sys
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from cluster.engine_demo import print_report, run_engine_demo
+    if args.engine_only:
+        from cluster.engine_demo import print_report, run_engine_demo
 
-    report = run_engine_demo(args.model, args.num_requests, args.max_tokens,
-                             stream=not args.json)
-    print_report(report, args.json)
-    return 0
+        report = run_engine_demo(args.model, args.num_requests, args.max_tokens,
+                                 stream=not args.json)
+        print_report(report, args.json)
+        return 0
+    from cluster.demo import run_demo
+
+    reports = run_demo(args.num_requests, as_json=args.json)
+    return 0 if all(r.matches_reference == len(r.requests) for r in reports) else 1
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -56,10 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baton", description="Baton LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the demo workload on the embedded tiny model")
-    demo.add_argument("--model", default="tiny")
-    demo.add_argument("--num-requests", type=_positive, default=16)
-    demo.add_argument("--max-tokens", type=_positive, default=48)
+    demo = sub.add_parser("demo", help="disaggregated tiny cluster on local Ray + Redis")
+    demo.add_argument("--engine-only", action="store_true",
+                      help="only the in-process engine (no Ray, no Redis)")
+    demo.add_argument("--model", default="tiny", help="--engine-only: model preset or path")
+    demo.add_argument("--num-requests", type=_positive, default=64)
+    demo.add_argument("--max-tokens", type=_positive, default=48,
+                      help="--engine-only: tokens per request")
     demo.add_argument("--json", action="store_true", help="print a JSON report")
     demo.set_defaults(func=_cmd_demo)
 

@@ -71,6 +71,7 @@ class StreamChunk:
     finished: bool
     finish_reason: str | None
     timing: dict  # queue_s, prefill_s, kv_transfer_s, ttft_s, total_s (when known)
+    token_times: list[float]  # wall-clock time each token reached the controller
 
 
 @dataclass
@@ -213,7 +214,8 @@ class Controller:
         end = len(req.tokens)
         return StreamChunk(request_id, req.tokens[cursor:end], "".join(req.texts[cursor:end]),
                            end, req.finish_reason is not None, req.finish_reason,
-                           dict(req.timing))
+                           dict(req.timing, arrival_s=req.arrival_s),
+                           req.token_times[cursor:end])
 
     async def _from_journal(self, request_id: str) -> _Request | None:
         """A request finished under a previous controller, still in the journal."""

@@ -7,7 +7,7 @@ from sim.workload import WorkloadSpec
 
 
 def timings(spec):
-    res = simulate(spec, WorkloadSpec(arrival="poisson", rate=20, num_requests=400,
+    res = simulate(spec, WorkloadSpec(arrival="poisson", rate=20, num_requests=200,
                                       lengths="azure-conv", seed=3))
     return res, [(t.first_token_s, t.finish_s, t.max_gap_s, t.preemptions) for t in res.trackers]
 

@@ -1,6 +1,8 @@
 """Swapping the scheduler by name changes the simulated schedule: the
 simulator only builds snapshots; the order comes from cluster.policies."""
 
+from pathlib import Path
+
 from cluster.config import ClusterConfig
 from sim.runner import simulate
 from sim.spec import spec_from_cluster_config
@@ -12,7 +14,10 @@ CONFIG = {
                "max_num_seqs": 2, "max_num_batched_tokens": 2048, "prefill_chunk_size": 2048}],
     "scheduler": {"policy": "fcfs"},
 }
-BURST = WorkloadSpec(arrival="poisson", rate=1e6, num_requests=10, lengths="azure-conv", seed=7)
+# ten requests at t=0 (closed loop): the first dispatch round sees all of them
+# (lengths drawn from the committed Azure sample, whether or not ../shared exists)
+BURST = WorkloadSpec(arrival="closed", concurrency=10, num_requests=10, lengths="azure-conv", seed=7,
+                     data_dir=Path(__file__).parent / "no-shared-data")
 
 
 def run(policy: str):
@@ -23,10 +28,10 @@ def run(policy: str):
 def test_scheduler_policy_by_name_changes_the_schedule():
     fcfs, sjf = run("fcfs"), run("sjf-oracle")
     reqs = [t.req for t in fcfs.trackers]
-    # all ten arrive within microseconds; two fit the batch, the rest queue
     assert fcfs.dispatch_order == [f"r{i}" for i in range(10)]
-    queued = sorted(reqs[2:], key=lambda r: (r.output_tokens, r.arrival_s, r.request_id))
-    assert sjf.dispatch_order == ["r0", "r1"] + [r.request_id for r in queued]
+    by_length = sorted(reqs, key=lambda r: (r.output_tokens, r.arrival_s, r.request_id))
+    assert sjf.dispatch_order == [r.request_id for r in by_length]
+    assert [r.output_tokens for r in by_length][:3] == [16, 59, 74]  # seed 7 draws
     assert sjf.dispatch_order != fcfs.dispatch_order
     mean_e2e = {name: res.summary.e2e_ms.mean for name, res in (("fcfs", fcfs), ("sjf", sjf))}
     assert mean_e2e["sjf"] < mean_e2e["fcfs"]  # shortest-first lowers mean latency
