@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup redis lint bench clean
+.PHONY: demo test setup redis lint proto clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: $(STAMP) redis
 
 test: $(STAMP) redis
 	$(PY) -m pytest -q
+
+proto: $(STAMP)
+	$(PY) proto/generate.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -228,8 +228,12 @@ class ReceiverCore:
             inc = self._incoming.get(request_id)
         if inc is None:
             raise KeyError(f"no transfer expected for request {request_id!r}")
+        if inc.state is TransferState.FAILED:
+            return  # already failed: drop the rest of this attempt
         if header is not None:
             self._start_layer(inc, header)
+        if inc.state is TransferState.FAILED:
+            return
         if layer not in inc.buffers:
             self._fail(inc, f"layer {layer}: bytes before the layer's header")
             return

@@ -124,8 +124,10 @@ class NcclKVReceiver(KVReceiver):
 
     def close(self) -> None:
         self._closed = True
-        k = self._store.add("pairs", 0) + 1
-        self._store.set(f"pair/{k}/ready", "closed")  # wakes the acceptor
+        # A second connection: the acceptor thread holds the first one in wait().
+        client = dist.TCPStore(self._host, self._store.port, is_master=False, timeout=_TIMEOUT)
+        k = client.add("pairs", 0) + 1
+        client.set(f"pair/{k}/ready", "closed")  # wakes the acceptor
 
 
 class _PairSender:

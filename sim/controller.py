@@ -40,7 +40,7 @@ class SimController:
     def __init__(self, scheduler: SchedulerPolicy, router: RouterPolicy,
                  admission: AdmissionPolicy, prefill: list[SimWorker], decode: list[SimWorker],
                  events: EventQueue, clock: Clock, on_reject: Callable[[Tracker], None],
-                 use_prefix_index: bool = False):
+                 use_prefix_index: bool = False, max_model_len: int = 1 << 62):
         self.scheduler, self.router, self.admission = scheduler, router, admission
         self.prefill, self.decode = prefill, decode
         self.colocated = prefill is decode
@@ -51,10 +51,12 @@ class SimController:
         self.dispatch_order: list[str] = []  # request ids in dispatch order
         self._round_pending = False
         self.use_prefix_index = use_prefix_index
+        self.max_model_len = max_model_len  # longer requests are refused, as the engine does
         self.prefix_index: dict[str, set[int]] = {w.worker_id: set() for w in prefill}
         self._max_prompt_blocks = max(w.blocks.num_blocks for w in prefill)
         self._max_total_blocks = max(w.blocks.num_blocks for w in decode)
         self._block_size = prefill[0].spec.block_size
+        self._by_id = {w.worker_id: w for w in [*prefill, *decode]}
 
     # ----- arrivals ------------------------------------------------------------------
     def arrive(self, tr: Tracker) -> None:
@@ -72,6 +74,9 @@ class SimController:
         self.request_round()
 
     def _too_long(self, r) -> str:
+        if r.prompt_tokens + r.output_tokens > self.max_model_len:
+            return (f"too long: {r.prompt_tokens} + {r.output_tokens} tokens exceed the model's "
+                    f"context of {self.max_model_len}")
         bs = self._block_size
         if -(-(r.prompt_tokens + r.output_tokens) // bs) > self._max_total_blocks or \
                 -(-r.prompt_tokens // bs) > self._max_prompt_blocks:
@@ -134,16 +139,14 @@ class SimController:
         tr.dispatch_s = self.clock.now
         tr.prefill_worker, tr.decode_worker = prefill_id, decode_id
         self.dispatch_order.append(view.request_id)
-        p = self._worker(self.prefill, prefill_id)
+        p = self._worker(prefill_id)
         if not self.colocated:
-            self._worker(self.decode, decode_id).reserve(tr)
+            self._worker(decode_id).reserve(tr)
         if view.prefix_hashes:
             self.prefix_index[prefill_id].update(view.prefix_hashes)
         p.submit(tr)
 
-    @staticmethod
-    def _worker(pool: list[SimWorker], worker_id: str) -> SimWorker:
-        for w in pool:
-            if w.worker_id == worker_id:
-                return w
-        raise ValueError(f"router returned unknown worker {worker_id!r}")
+    def _worker(self, worker_id: str) -> SimWorker:
+        if worker_id not in self._by_id:
+            raise ValueError(f"router returned unknown worker {worker_id!r}")
+        return self._by_id[worker_id]

@@ -111,7 +111,8 @@ class Simulation:
         return SimController(scheduler, make_router(self.spec.router),
                              BoundedQueue(self.spec.max_waiting), self.prefill, self.decode,
                              self.events, self.clock, self._on_reject,
-                             use_prefix_index=self.spec.router == "prefix-aware")
+                             use_prefix_index=self.spec.router == "prefix-aware",
+                             max_model_len=self.model.max_model_len)
 
     def _hooks(self) -> Hooks:
         h = Hooks()

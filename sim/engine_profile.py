@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -86,24 +86,33 @@ class StepTimer:
 def scenarios(quick: bool) -> list[tuple[int, int, int]]:
     """(batch, prompt tokens, output tokens) per scenario."""
     batches = (1, 4, 16) if quick else (1, 2, 4, 8, 16, 32)
-    prompts = (16, 128, 512) if quick else (16, 64, 128, 256, 512, 1024)
-    return [(b, p, 24) for b in batches for p in prompts if b * p <= 8192]
+    prompts = (16, 128, 512) if quick else (16, 64, 256, 512, 1024)
+    return [(b, p, 16) for b in batches for p in prompts if b * p <= 8192]
 
 
 def profile_engine(model: str = "tiny", quick: bool = False, seed: int = 0,
-                   limits: dict | None = None) -> list[StepSample]:
+                   limits: dict | None = None, reps: int = 3) -> list[StepSample]:
+    """Each scenario runs ``reps`` times after one warm-up run; a step's time is
+    the median over the repetitions (the machine is shared: medians, not means)."""
     from workers.sampling import SamplingParams
     rng = random.Random(seed)
     engine = _engine(model, limits or ENGINE_LIMITS)
     timer = StepTimer(engine)
+    samples = []
     for i, (b, p, out) in enumerate(scenarios(quick)):
-        key = f"b{b}/p{p}"
         params = SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True)
-        for j in range(b):
-            engine.add_request(f"cal-{i}-{j}", [rng.randrange(256) for _ in range(p)], params)
-        while engine.has_unfinished():
-            timer.step(key)
-    return timer.samples
+        prompts = [[rng.randrange(256) for _ in range(p)] for _ in range(b)]
+        runs = []
+        for rep in range(reps + 1):
+            timer.samples = []
+            for j, prompt in enumerate(prompts):
+                engine.add_request(f"cal-{i}-{rep}-{j}", prompt, params)
+            while engine.has_unfinished():
+                timer.step(f"b{b}/p{p}")
+            runs.append(timer.samples)
+        samples += [replace(steps[0], seconds=statistics.median(s.seconds for s in steps))
+                    for steps in zip(*runs[1:])]
+    return samples
 
 
 def calibrate_cpu(model: str = "tiny", quick: bool = False, seed: int = 0, holdout: float = 0.3

@@ -381,16 +381,19 @@ class SimWorker:
         self.stats.decode_tokens += k * n
         self.stats.flops += self.latency.model_flops(k * n, k * self._window_ctx + n * k * (k - 1) // 2)
         worst = max((ends[j] - ends[j - 1] for j in range(1, k)), default=0.0)
-        finished = []
+        first, last, bs, blocks = ends[0], ends[k - 1], self.spec.block_size, self.blocks
+        finished, pad = [], [0] * k
         for seq in self.running:
-            tr = self.trackers[seq.request_id]
-            assert self.blocks.append(seq.request_id, seq.num_computed_tokens + k)
-            seq.num_computed_tokens += k
-            seq.output_token_ids.extend([0] * k)
-            tr.record_token(ends[0])
-            if worst > tr.max_gap_s:
-                tr.max_gap_s = worst
-            tr.last_token_s = ends[k - 1]
+            rid = seq.request_id
+            tr = self.trackers[rid]
+            tokens = seq.num_computed_tokens + k
+            if len(blocks.block_table(rid)) * bs < tokens:  # the planner would have appended
+                assert blocks.append(rid, tokens)
+            seq.num_computed_tokens = tokens
+            seq.output_token_ids += pad
+            gap = first - tr.last_token_s
+            tr.max_gap_s = max(tr.max_gap_s, gap, worst)
+            tr.last_token_s = last
             if len(seq.output_token_ids) >= tr.req.output_tokens:
                 finished.append((seq, tr))
         for seq, tr in finished:

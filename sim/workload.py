@@ -65,6 +65,7 @@ class WorkloadSpec:
     time_scale: float = 1.0  # trace speed-up: timestamps are divided by it
     max_prompt_tokens: int | None = None  # prompts longer than this are clipped
     max_output_tokens: int | None = None  # outputs longer than this are clipped
+    max_total_tokens: int | None = None  # sampled lengths: skip rows whose prompt + output exceed it
     seed: int = 0  # RNG seed
     data_dir: Path = field(default=SHARED_DATA)  # where full traces live
 
@@ -203,6 +204,8 @@ def _lengths(spec: WorkloadSpec, rng: random.Random) -> list[TraceRow]:
     if spec.lengths == "fixed":
         return [TraceRow(0.0, spec.isl, spec.osl)] * spec.num_requests
     pool = load_trace(spec.lengths, spec.data_dir)
+    if spec.max_total_tokens:
+        pool = [r for r in pool if r.prompt_tokens + r.output_tokens <= spec.max_total_tokens]
     return [pool[int(rng.random() * len(pool))] for _ in range(spec.num_requests)]
 
 

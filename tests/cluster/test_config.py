@@ -1,0 +1,59 @@
+"""Cluster config: shipped examples load; every bad value is named."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import EXAMPLES, ClusterConfig, ConfigError, load_config
+
+POOL = {"name": "m", "role": "mixed", "gpu_type": "H100"}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_examples_load_and_round_trip(name):
+    cfg = load_config(name)
+    assert ClusterConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_disaggregated_example_values():
+    cfg = load_config("tiny-disagg")
+    assert [(p.name, p.role, p.gpu_type, p.replicas) for p in cfg.pools] == [
+        ("prefill", "prefill", "H100", 1), ("decode", "decode", "L40S", 1)]
+    assert cfg.pools[0].kv_cache_bytes == 64 << 20 and cfg.disaggregated
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"pools": [{**POOL, "role": "both"}]},
+     r"pools\[0\].role: 'both' is not allowed; allowed: prefill, decode, mixed"),
+    ({"pools": [{**POOL, "replicas": -1}]}, r"pools\[0\].replicas: -1 must be >= 0"),
+    ({"pools": [{**POOL, "replicas": "two"}]}, r"pools\[0\].replicas: expected int, got 'two'"),
+    ({"pools": [{**POOL, "kv_cache_bytes": "lots"}]}, "pools\\[0\\].kv_cache_bytes: 'lots' is not a size"),
+    ({"pools": [{**POOL, "block_size": 24}]}, "block_size: 24 must be a power of two"),
+    ({"pools": [{"role": "mixed", "gpu_type": "H100"}]}, r"pools\[0\].name: required key is missing"),
+    ({"transport": "tcp", "pools": [POOL]}, "transport: 'tcp' is not allowed; allowed: grpc, nccl"),
+    ({"router": {"policy": "random"}, "pools": [POOL]}, "router.policy: 'random' is not allowed"),
+    ({"scheduler": {"policy": "sjf"}, "pools": [POOL]}, "scheduler.policy: 'sjf' is not allowed"),
+    ({"pools": [POOL], "colour": 1}, "colour: unknown key"),
+    ({"pools": []}, "pools: must be a non-empty list"),
+    ({"pools": [{**POOL, "role": "prefill"}]}, "needs both a prefill and a decode pool"),
+    ({"pools": [POOL, {**POOL, "name": "p", "role": "prefill"}]}, "cannot be combined"),
+    ({"pools": [POOL], "server": {"grpc_port": 70000}}, r"server.grpc_port: 70000 must be in \[0, 65535\]"),
+    ({"pools": [POOL], "redis": {"url": "http://x"}}, "redis.url: 'http://x' must start with redis://"),
+])
+def test_bad_values_are_named(data, message):
+    with pytest.raises(ConfigError, match=message):
+        ClusterConfig.from_dict(data)
+
+
+def test_sizes_accept_units():
+    cfg = ClusterConfig.from_dict({"pools": [{**POOL, "kv_cache_bytes": "1.5GiB"}]})
+    assert cfg.pools[0].kv_cache_bytes == 3 << 29
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pools: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

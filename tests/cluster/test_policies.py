@@ -1,0 +1,115 @@
+"""Pure policies: exact orders and routes on hand-built snapshots."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.policies import (
+    BoundedQueue,
+    RequestView,
+    SchedulingRound,
+    WorkerView,
+    make_router,
+    make_scheduler,
+)
+
+
+def req(rid, arrival, out=None, score=None, waited=0, prompt=10, max_tokens=10):
+    return RequestView(rid, prompt, max_tokens, arrival, waited, score, out)
+
+
+def worker(wid, role="decode", queued=0, running=0, free=100):
+    return WorkerView(wid, role, "H100", queued, running, free, 100, 16, 64, 8)
+
+
+def order(name, reqs, **kw):
+    return [r.request_id for r in make_scheduler(name, **kw).order(
+        SchedulingRound(100.0, 0, tuple(reqs)))]
+
+
+def test_fcfs_orders_by_arrival():
+    assert order("fcfs", [req("b", 2), req("a", 1), req("c", 3)]) == ["a", "b", "c"]
+
+
+def test_sjf_oracle_orders_by_true_length_then_arrival():
+    reqs = [req("a", 1, out=50), req("b", 2, out=5), req("c", 3, out=5), req("d", 4, out=20)]
+    assert order("sjf-oracle", reqs) == ["b", "c", "d", "a"]
+
+
+def test_sjf_oracle_without_lengths_is_an_error():
+    with pytest.raises(ValueError, match="sjf-oracle needs the true output length of 'a'"):
+        order("sjf-oracle", [req("a", 1)])
+
+
+def test_ltr_orders_by_score_descending():
+    reqs = [req("a", 1, score=0.1), req("b", 2, score=2.0), req("c", 3, score=1.0)]
+    assert order("ltr", reqs) == ["b", "c", "a"]
+
+
+def test_starvation_guard_promotes_after_n_rounds_in_arrival_order():
+    reqs = [req("long1", 1, out=900, waited=200), req("short", 2, out=1),
+            req("long2", 0.5, out=800, waited=250)]
+    assert order("sjf-oracle", reqs, starvation_rounds=200) == ["long2", "long1", "short"]
+
+
+def test_wall_clock_bound_promotes_too():
+    reqs = [req("old", 10.0, out=900), req("new", 99.0, out=1)]
+    assert order("sjf-oracle", reqs, max_wait_s=60.0) == ["old", "new"]
+    assert order("sjf-oracle", reqs, max_wait_s=None) == ["new", "old"]
+
+
+def test_round_robin_rotates_per_role():
+    router = make_router("round-robin")
+    prefill = [worker("p1", "prefill"), worker("p0", "prefill")]
+    decode = [worker("d0"), worker("d1")]
+    routes = [router.route(req(f"r{i}", i), prefill, decode) for i in range(3)]
+    assert [(r.prefill_worker, r.decode_worker) for r in routes] == [
+        ("p0", "d0"), ("p1", "d1"), ("p0", "d0")]
+
+
+def test_least_loaded_picks_shortest_prefill_queue_and_most_free_blocks():
+    router = make_router("least-loaded")
+    prefill = [worker("p0", "prefill", queued=50), worker("p1", "prefill", queued=5)]
+    decode = [worker("d0", free=10), worker("d1", free=90)]
+    route = router.route(req("r", 0), prefill, decode)
+    assert (route.prefill_worker, route.decode_worker) == ("p1", "d1")
+
+
+def test_no_room_means_no_route():
+    router = make_router("least-loaded")
+    full_decode = [worker("d0", free=1)]  # needs 2 blocks for 20 tokens at 16 per block
+    assert router.route(req("r", 0), [worker("p0", "prefill")], full_decode) is None
+    busy_prefill = [worker("p0", "prefill", queued=120)]  # room 2*64-120 = 8 < 10
+    assert router.route(req("r", 0), busy_prefill, [worker("d0")]) is None
+
+
+def test_prefix_aware_prefers_longest_cached_prefix():
+    router = make_router("prefix-aware")
+    prefill = [worker("p0", "prefill"), worker("p1", "prefill", queued=30)]
+    route = router.route(req("r", 0), prefill, [worker("d0")], {"p1": 3, "p0": 1})
+    assert route.prefill_worker == "p1"
+    route = router.route(req("r", 0), prefill, [worker("d0")], {})
+    assert route.prefill_worker == "p0"
+
+
+def test_colocated_routes_to_one_mixed_worker():
+    router = make_router("least-loaded")
+    mixed = [worker("m0", "mixed", queued=40), worker("m1", "mixed")]
+    route = router.route(req("r", 0), mixed, mixed)
+    assert route.prefill_worker == route.decode_worker == "m1"
+
+
+def test_bounded_queue():
+    q = BoundedQueue(2)
+    assert q.admit(1, req("a", 0)).accepted
+    refused = q.admit(2, req("b", 0))
+    assert not refused.accepted and refused.reason == "overloaded: 2 requests waiting (limit 2)"
+    with pytest.raises(ValueError, match="max_waiting=0"):
+        BoundedQueue(0)
+
+
+def test_unknown_policy_names_are_rejected():
+    with pytest.raises(ValueError, match="scheduler 'x' is unknown; known: fcfs, sjf-oracle, ltr"):
+        make_scheduler("x")
+    with pytest.raises(ValueError, match="router 'y' is unknown"):
+        make_router("y")

@@ -1,0 +1,37 @@
+import yaml
+
+from cluster.config import ClusterConfig
+from sim.metrics import SLO
+from sim.planner import Candidate, Instance, PlanOptions, helm_values, mark_pareto, plan, winner, winner_config
+from sim.workload import WorkloadSpec
+
+
+def options(**kw):
+    return PlanOptions(model="llama-3.1-8b", dtype="bf16", slo=SLO(2000, 100, 0.9),
+                       workload=WorkloadSpec(lengths="fixed", isl=512, osl=64), target_rate=6.0,
+                       gpus=["L40S", "H100-SXM"], tps=[1], modes=["colocated", "disaggregated"],
+                       probe_requests=60, verify_requests=120, **kw)
+
+
+def test_plan_finds_a_verified_winner_and_writes_loadable_configs():
+    opts = options()
+    cands, extra = plan(opts, verify_top=3)
+    best = winner(cands)
+    assert best is not None and best.verified["meets_slo"]
+    assert best.cost_per_hour == min(c.cost_per_hour for c in cands if c.verified and c.verified["meets_slo"])
+    cfg = winner_config(opts, best)
+    again = ClusterConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    assert [(p.gpu_type, p.replicas) for p in again.pools] == [(i.gpu, n) for i, n in best.pools]
+    values = helm_values(again)
+    assert [p["gpuType"] for p in values["pools"]] == [p.gpu_type for p in again.pools]
+    assert all(p["resources"]["limits"]["nvidia.com/gpu"] == p["tensorParallel"] for p in values["pools"])
+    assert set(extra["instance_goodput"]) == {f"{r}:{g}/tp1" for r in ("mixed", "prefill", "decode")
+                                               for g in ("L40S", "H100-SXM")}
+
+
+def test_pareto_front_keeps_only_undominated_clusters():
+    i = Instance("mixed", "L4", 1)
+    cands = [Candidate("colocated", [(i, n)], c, g) for n, c, g in
+             ((1, 1.0, 2.0), (2, 2.0, 1.5), (3, 3.0, 5.0), (4, 3.0, 4.0))]
+    mark_pareto(cands)
+    assert [c.pareto for c in cands] == [True, False, True, False]
