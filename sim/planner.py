@@ -80,6 +80,7 @@ class PlanOptions:
     probe_requests: int = 300  # requests per bisection run
     verify_requests: int = 600  # requests per whole-cluster run
     max_replicas: int = 64
+    bisect_steps: int = 7  # bisection steps per instance goodput
     batch: dict = field(default_factory=lambda: {"max_num_seqs": 256, "max_num_batched_tokens": 8192,
                                                  "prefill_chunk_size": 8192})
     log: object = None  # file for progress lines (None = quiet)
@@ -132,7 +133,7 @@ def instance_goodput(opts: PlanOptions, inst: Instance, curve: list | None = Non
         lo, hi = hi, hi * 2
         if hi > 1e4:
             break
-    for _ in range(7):
+    for _ in range(opts.bisect_steps):
         mid = (lo + hi) / 2
         if _record(curve, mid, _attainment(opts, inst, mid)) >= opts.slo.attainment:
             lo = mid

@@ -237,6 +237,7 @@ class SimWorker:
         prefill = []
         for c in plan.chunks:
             seq, n = c.seq, c.num_tokens
+            self._skip_cached(seq)
             tokens += n
             end = seq.num_computed_tokens + n
             if end == seq.num_tokens:
@@ -254,6 +255,13 @@ class SimWorker:
         if self.spec.role == "prefill":
             self._announce_exports(plan, t_end)
         self.events.push(t_end, EventKind.STEP_DONE, self._on_step_done, self._version)
+
+    def _skip_cached(self, seq: Sequence) -> None:
+        """Prompt tokens the planner served from the prefix cache leave the backlog."""
+        tr = self.trackers[seq.request_id]
+        if tr.prefill_left > seq.num_uncomputed:
+            self.backlog -= tr.prefill_left - seq.num_uncomputed
+            tr.prefill_left = seq.num_uncomputed
 
     def _announce_exports(self, plan: StepPlan, t_end: float) -> None:
         for c in plan.chunks:

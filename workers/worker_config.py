@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from workers.engine import EngineConfig, LLMEngine
+from workers.gpu import gpu_stats
 from workers.messages import WorkerLoad
 
 
@@ -38,8 +39,15 @@ class WorkerSpec:
              total_blocks: int) -> WorkerLoad:
         return WorkerLoad(self.worker_id, self.role, self.gpu_type, queued_prefill_tokens,
                           running, free_blocks, total_blocks, self.block_size,
-                          self.max_num_batched_tokens, self.max_num_seqs,
-                          f"emulated:{self.gpu_type}" if self.device == "cpu" else self.device)
+                          self.max_num_batched_tokens, self.max_num_seqs, self.device_name())
+
+    def device_name(self) -> str:
+        """The real device name from NVML on a GPU, else the emulated type."""
+        if self.device != "cpu":
+            stats = gpu_stats()
+            if stats is not None:
+                return stats.name
+        return f"emulated:{self.gpu_type}"
 
 
 def start_heartbeat(spec: WorkerSpec, **info):

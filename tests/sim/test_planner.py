@@ -10,7 +10,7 @@ def options(**kw):
     return PlanOptions(model="llama-3.1-8b", dtype="bf16", slo=SLO(2000, 100, 0.9),
                        workload=WorkloadSpec(lengths="fixed", isl=512, osl=64), target_rate=6.0,
                        gpus=["L40S", "H100-SXM"], tps=[1], modes=["colocated", "disaggregated"],
-                       probe_requests=60, verify_requests=120, **kw)
+                       probe_requests=40, verify_requests=100, bisect_steps=3, **kw)
 
 
 def test_plan_finds_a_verified_winner_and_writes_loadable_configs():
