@@ -63,6 +63,8 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
+import shutil
 import socket
 import statistics
 import struct
@@ -177,28 +179,50 @@ def kv_receiver_main(conn, transport: str, variant: str, cache_blocks: int, n_la
             return
 
 
-def tcp_receiver_main(conn, total_bytes: int, recv_chunk: int) -> None:
-    """Raw TCP peer: accept one connection; per message (8-byte length, then
-    the bytes) recv_into a preallocated buffer and answer one byte."""
+def tcp_receiver_main(conn, layer_shape: tuple, n_layers: int, verified: bool,
+                      recv_chunk: int, torch_threads: int) -> None:
+    """Raw TCP peer: accept one connection; per transfer recv_into a
+    preallocated buffer and answer one byte. ``verified``: per layer, also
+    read the sender's block CRCs, recompute ``block_checksums`` on the layer
+    and scatter it into a KV cache, like ``ReceiverCore`` (no gRPC, no copy
+    into an intermediate buffer)."""
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    from kernels import scatter_kv_blocks
+    from kvtransfer.integrity import block_checksums
+
+    layer_bytes = 4
+    for d in layer_shape:
+        layer_bytes *= d
+    n_blocks = layer_shape[1]
+    bufs = [torch.empty(layer_shape) for _ in range(n_layers)]
+    views = [memoryview(b.view(-1).view(torch.uint8).numpy()) for b in bufs]
+    if verified:
+        cache = torch.zeros(n_layers, 2, 2 * n_blocks, *layer_shape[2:])
+        ids = torch.randperm(2 * n_blocks)[:n_blocks]
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     conn.send(("endpoint", srv.getsockname()[1]))
     s, _ = srv.accept()
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = bytearray(total_bytes)
-    view = memoryview(buf)
     while True:
-        head = _recv_exact(s, 8)
-        if head is None:
+        if _recv_exact(s, 8) is None:  # start of a transfer
             return
-        (n,) = struct.unpack("!Q", head)
-        got = 0
-        while got < n:
-            k = s.recv_into(view[got:min(n, got + recv_chunk)])
-            if k == 0:
-                return
-            got += k
+        for layer in range(n_layers):
+            if verified:
+                crcs = struct.unpack(f"!{n_blocks}I", _recv_exact(s, 4 * n_blocks))
+            view, got = views[layer], 0
+            while got < layer_bytes:
+                k = s.recv_into(view[got:min(layer_bytes, got + recv_chunk)])
+                if k == 0:
+                    return
+                got += k
+            if verified:
+                if tuple(block_checksums(bufs[layer])) != crcs:
+                    raise RuntimeError("raw-tcp+crc: checksum mismatch")
+                scatter_kv_blocks(bufs[layer], cache[layer, 0], cache[layer, 1], ids)
         s.sendall(b"\x01")
 
 
@@ -278,26 +302,66 @@ class KVPath:
         self.proc.join(5)
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process used so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class TcpPath:
-    def __init__(self, payload: memoryview, recv_chunk: int):
+    """Raw TCP between two processes; ``verified`` adds Baton's integrity work
+    (block CRC-32 on both sides, scatter into the cache) on top of plain TCP."""
+
+    def __init__(self, layers, verified: bool, recv_chunk: int, torch_threads: int):
+        import torch
+
         ctx = mp.get_context("spawn")
-        self.label, self.payload = "raw-tcp", payload
+        self.label = "raw-tcp+crc+scatter" if verified else "raw-tcp"
+        self.layers, self.verified = layers, verified
+        self.views = [memoryview(b.view(-1).view(torch.uint8).numpy()) for b in layers]
+        self.total = sum(len(v) for v in self.views)
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=tcp_receiver_main, daemon=True,
-                                args=(child, len(payload), recv_chunk))
+        self.proc = ctx.Process(target=tcp_receiver_main, daemon=True, args=(
+            child, tuple(layers[0].shape), len(layers), verified, recv_chunk, torch_threads))
         self.proc.start()
         _, port = self.conn.recv()
         self.s = socket.create_connection(("127.0.0.1", port))
         self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def once(self) -> dict:
+        import queue
+
+        from kvtransfer.integrity import block_checksums
+
+        cpu0 = cpu_s(os.getpid()), cpu_s(self.proc.pid)
         t0 = time.perf_counter()
-        self.s.sendall(struct.pack("!Q", len(self.payload)))
-        self.s.sendall(self.payload)
+        if not self.verified:
+            self.s.sendall(struct.pack("!Q", self.total))
+            for v in self.views:
+                self.s.sendall(v)
+        else:  # checksums computed here while a thread sends the previous layer
+            q: queue.Queue = queue.Queue()
+
+            def pump():
+                while (item := q.get()) is not None:
+                    self.s.sendall(item)
+            th = threading.Thread(target=pump)
+            th.start()
+            q.put(struct.pack("!Q", self.total))
+            for b, v in zip(self.layers, self.views, strict=True):
+                crcs = block_checksums(b)
+                q.put(struct.pack(f"!{len(crcs)}I", *crcs))
+                q.put(v)
+            q.put(None)
+            th.join()
+        t_sent = time.perf_counter()
         if self.s.recv(1) != b"\x01":
-            raise RuntimeError("raw-tcp: no ack")
+            raise RuntimeError(f"{self.label}: no ack")
         t1 = time.perf_counter()
-        return {"seconds": t1 - t0, "send_layer_s": 0.0, "bytes": len(self.payload)}
+        cpu1 = cpu_s(os.getpid()), cpu_s(self.proc.pid)
+        return {"seconds": t1 - t0, "send_layer_s": t_sent - t0, "bytes": self.total,
+                "cpu_send_s": cpu1[0] - cpu0[0], "cpu_recv_s": cpu1[1] - cpu0[1]}
 
     def close(self) -> None:
         self.s.close()
@@ -388,6 +452,73 @@ def breakdown(layers, chunk: int) -> list[dict]:
     return out
 
 
+# ----- profile: py-spy on both processes ----------------------------------------------------
+_IDLE_LEAVES = ("epoll_wait",)
+
+
+def _category(frames: list[str]) -> str:
+    stack, leaf = ";".join(frames), frames[-1]
+    if "epoll_wait" in leaf or "Connection._recv" in stack:
+        return "idle"
+    if "PyThread_acquire_lock_timed" in stack and "libc.so" in leaf:
+        return "idle"
+    if "pthread_cond_timedwait" in stack or "_queue_SimpleQueue_get" in stack:
+        return "idle"
+    if "crc32" in stack:
+        return "CRC-32 (zlib, block_checksums)"
+    if "scatter_kv_blocks" in stack:
+        return "scatter_kv_blocks (copy into cache)"
+    if "ReceiverCore.on_bytes" in stack or "raw_array_assign" in stack:
+        return "ReceiverCore.on_bytes (copy into layer buffer)"
+    if "_chunks" in stack:
+        return "sender _chunks (bytes(slice) copy, KVChunk build)"
+    if re.search(r"\b(sendmsg|write|read|recvmsg)\b", leaf):
+        return "socket syscalls"
+    if "cygrpc" in stack or "grpc/" in stack:
+        if re.search(r"0x[0-9a-f]+8b[0-9a-f]{3} \(libc", leaf):
+            return "gRPC memcpy (serialize, byte buffers, parse)"
+        return "gRPC other (thread hand-offs, GIL, C-core)"
+    return "other"
+
+
+def profile(transport: str, layers, seconds: float, py_spy: str, torch_threads: int) -> dict:
+    """Loop transfers over ``transport`` while py-spy samples both processes
+    (native frames); active samples by category."""
+    import subprocess
+    import tempfile
+
+    path = KVPath(transport, transport, "baton", layers, 2 * layers[0].shape[1], torch_threads)
+    out: dict = {"transport": transport, "seconds": seconds}
+    try:
+        path.once()
+        tmp = Path(tempfile.mkdtemp(prefix="kvprof-"))
+        procs = {side: subprocess.Popen(
+            [py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--native",
+             "--threads", "--format", "raw", "-o", str(tmp / f"{side}.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for side, pid in (("sender", os.getpid()), ("receiver", path.proc.pid))}
+        n, t_end = 0, time.monotonic() + seconds + 1
+        while time.monotonic() < t_end:
+            path.once()
+            n += 1
+        for p in procs.values():
+            p.wait(timeout=120)
+        out["transfers"] = n
+        for side in procs:
+            cats: dict[str, int] = {}
+            for line in (tmp / f"{side}.txt").read_text().splitlines():
+                stack, _, cnt = line.rpartition(" ")
+                c = _category(stack.split(";"))
+                cats[c] = cats.get(c, 0) + int(cnt)
+            cats.pop("idle", None)
+            total = sum(cats.values()) or 1
+            out[side] = {k: v / total for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
+            out[side + "_active_samples"] = total
+    finally:
+        path.close()
+    return out
+
+
 # ----- main ------------------------------------------------------------------------
 def make_layers(total_mib: int, n_layers: int):
     import torch
@@ -408,6 +539,8 @@ def summarize(label: str, runs: list[dict], total: int, tcp_median_gbs: float | 
             "gb_s_max": max(rates),
             "ms_median": statistics.median(r["seconds"] for r in runs) * 1e3,
             "send_layer_ms_median": statistics.median(r["send_layer_s"] for r in runs) * 1e3,
+            "cpu_send_ms_mean": statistics.fmean(r["cpu_send_s"] for r in runs) * 1e3,
+            "cpu_recv_ms_mean": statistics.fmean(r["cpu_recv_s"] for r in runs) * 1e3,
             "ratio_to_raw_tcp": (med / tcp_median_gbs) if tcp_median_gbs else None,
             "raw_gb_s": rates}
 
@@ -423,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="intra-op threads per process (workers use 1)")
+    ap.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                    help="also sample gRPC sender and receiver with py-spy for SECONDS")
+    ap.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy",
+                    help="py-spy binary for --profile")
     ap.add_argument("--json", nargs="?", const="-", default=None,
                     help="write JSON to this file ('-' or no value: stdout)")
     args = ap.parse_args(argv)
@@ -440,13 +577,18 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = []
     try:
-        paths.append(TcpPath(memoryview(torch.cat([b.view(-1) for b in layers])
-                                        .view(torch.uint8).numpy()), 4 * MIB))
+        paths.append(TcpPath(layers, False, 4 * MIB, args.torch_threads))
+        paths.append(TcpPath(layers, True, 4 * MIB, args.torch_threads))
         for t in args.transports.split(","):
             paths.append(KVPath(t, t, "baton", layers, 2 * n_blocks, args.torch_threads))
         if args.what_if:
             paths.append(KVPath("grpc[what-if chunk 4MiB]", "grpc", "chunk4m", layers,
                                 2 * n_blocks, args.torch_threads))
+            if have_isal():
+                paths.append(KVPath("grpc[what-if ISA-L crc32]", "grpc", "isal", layers,
+                                    2 * n_blocks, args.torch_threads))
+            else:
+                say("  (isal not importable: skipping the ISA-L CRC what-if)")
         # warm-up + correctness: the blocks that landed hold the sent bytes
         for p in paths:
             r = p.once()
@@ -474,13 +616,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = [tcp] + [summarize(lbl, rs, total, tcp["gb_s_median"])
                     for lbl, rs in runs.items() if lbl != "raw-tcp"]
     bd = [] if args.no_breakdown else breakdown(layers, 1 * MIB)
+    prof = {}
+    if args.profile > 0:
+        say(f"profiling grpc for {args.profile:.0f} s with {args.py_spy} ...")
+        prof = profile("grpc", layers, args.profile, args.py_spy, args.torch_threads)
     grpc_row = next((r for r in rows if r["path"] == "grpc"), None)
     report = {
         "benchmark": "kv_transfer", "date": time.strftime("%Y-%m-%d"),
         "machine": f"CPU, {os.cpu_count()} cores, no GPU ({platform.processor() or platform.machine()})",
         "payload_bytes": total, "layers": args.layers, "layer_shape": list(layers[0].shape),
         "dtype": "float32", "reps": args.reps, "unit": "GB/s = 1e9 bytes/s",
-        "paths": rows, "breakdown": bd,
+        "paths": rows, "breakdown": bd, "profile": prof,
         "target": {"grpc_ratio_min": 0.70,
                    "grpc_ratio": grpc_row["ratio_to_raw_tcp"] if grpc_row else None,
                    "met": bool(grpc_row and grpc_row["ratio_to_raw_tcp"] >= 0.70)},
@@ -496,21 +642,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def print_profile(prof: dict) -> None:
+    print(f"\npy-spy profile of {prof['transport']} ({prof['transfers']} transfers in "
+          f"{prof['seconds']:.0f} s): share of ACTIVE samples (idle waits removed)")
+    for side in ("sender", "receiver"):
+        print(f"  {side} ({prof[side + '_active_samples']} samples)")
+        for k, v in prof[side].items():
+            print(f"    {v * 100:5.1f}%  {k}")
+
+
 def print_tables(report: dict) -> None:
     total = report["payload_bytes"]
     print(f"\nKV transfer, {total / MIB:.0f} MiB ({report['layers']} layers x "
           f"{tuple(report['layer_shape'])} fp32), median of {report['reps']} rounds")
     head = (f"{'path':<30} {'GB/s p50':>9} {'min':>6} {'max':>6} {'ms p50':>8} "
-            f"{'send_layer ms':>13} {'vs raw TCP':>10}")
+            f"{'send_layer ms':>13} {'CPU ms snd':>10} {'CPU ms rcv':>10} {'vs raw TCP':>10}")
     print(head + "\n" + "-" * len(head))
     for r in report["paths"]:
         print(f"{r['path']:<30} {r['gb_s_median']:>9.2f} {r['gb_s_min']:>6.2f} "
               f"{r['gb_s_max']:>6.2f} {r['ms_median']:>8.1f} {r['send_layer_ms_median']:>13.1f} "
+              f"{r['cpu_send_ms_mean']:>10.0f} {r['cpu_recv_ms_mean']:>10.0f} "
               f"{r['ratio_to_raw_tcp'] * 100:>9.0f}%")
+    print("(CPU ms: user+sys of the sender process / the receiver process per transfer, "
+          "mean; /proc tick resolution)")
     t = report["target"]
     if t["grpc_ratio"] is not None:
         print(f"target grpc >= 70% of raw TCP: {t['grpc_ratio'] * 100:.0f}% -> "
               f"{'MET' if t['met'] else 'MISSED'}")
+    if report.get("profile"):
+        print_profile(report["profile"])
     if report["breakdown"]:
         print(f"\nWhere the time goes (one thread, this process, best of 3, over the "
               f"{total / MIB:.0f} MiB payload)")

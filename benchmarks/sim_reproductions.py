@@ -38,7 +38,6 @@ from sim.runner import simulate  # noqa: E402
 from sim.spec import PoolFlags, cluster_config_from_flags, spec_from_cluster_config  # noqa: E402
 from sim.workload import WorkloadSpec, trace_path  # noqa: E402
 
-
 PRICES: dict[str, float] = {}  # GPU -> $/h overrides (--price)
 
 
@@ -48,10 +47,12 @@ def make_spec(model, mode, slo, mixed=None, prefill=None, decode=None, **batch):
     return spec_from_cluster_config(cfg, dtype="bf16", slo=slo, prices=PRICES)
 
 
-def attainment(spec, lengths, rate, n, seed=0):
+def attainment(spec, lengths, rate, n, seed=0, duration_s=60.0):
+    """At least ``duration_s`` of arrivals, so that queues reach steady state
+    whatever the rate (a fixed count would favour bigger clusters)."""
     # as DistServe, keep requests that fit the model's context (4,096 for Llama-2)
-    wl = WorkloadSpec(arrival="poisson", rate=rate, num_requests=n, lengths=lengths, seed=seed,
-                      max_total_tokens=4096)
+    wl = WorkloadSpec(arrival="poisson", rate=rate, num_requests=max(n, int(rate * duration_s)),
+                      lengths=lengths, seed=seed, max_total_tokens=4096)
     return simulate(spec, wl).summary.slo_attainment
 
 

@@ -32,19 +32,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sim.engine_profile import ENGINE_LIMITS, EngineRunner, calibrate_cpu, compare, sim_timings  # noqa: E402
+from sim.engine_profile import (  # noqa: E402
+    ENGINE_LIMITS,
+    EngineRunner,
+    calibrate_cpu,
+    compare,
+    engine_spec,
+    sim_timings,
+)
 from sim.latency import PROFILES_PATH, load_profiles, save_profile  # noqa: E402
 from sim.runner import simulate  # noqa: E402
-from sim.spec import SimPool, SimSpec  # noqa: E402
 from sim.workload import WorkloadSpec, build_workload  # noqa: E402
-
-
-def engine_spec(limits: dict, fast_forward: bool = True) -> SimSpec:
-    pool = SimPool("mixed", "mixed", "cpu", 1, 1, limits["max_num_seqs"],
-                   limits["max_num_batched_tokens"], limits["prefill_chunk_size"],
-                   limits["block_size"], limits["kv_cache_bytes"])
-    return SimSpec(model="tiny", dtype="fp32", pools=(pool,), kv_from="config",
-                   max_waiting=100_000, fast_forward=fast_forward)
 
 
 def main() -> int:

@@ -12,7 +12,11 @@ from kernels.kv_blocks import (
     scatter_kv_blocks_ref,
 )
 from kernels.merge_states import merge_attention_states, merge_attention_states_ref
-from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+from kernels.paged_attention import (
+    paged_decode_attention,
+    paged_decode_attention_out,
+    paged_decode_attention_ref,
+)
 
 __all__ = [
     "gather_kv_blocks",
@@ -20,6 +24,7 @@ __all__ = [
     "merge_attention_states",
     "merge_attention_states_ref",
     "paged_decode_attention",
+    "paged_decode_attention_out",
     "paged_decode_attention_ref",
     "scatter_kv_blocks",
     "scatter_kv_blocks_ref",

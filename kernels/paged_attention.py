@@ -31,6 +31,7 @@ softmax in float32. The torch reference gathers every block at once.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels._dispatch import next_power_of_2, tl, triton, use_triton
 
@@ -50,6 +51,29 @@ def paged_decode_attention(
     if use_triton(impl, q, _paged_decode_kernel):
         return _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_decode_attention_out(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """The output only, for the engine's decode hot path: on CPU one fused
+    ``scaled_dot_product_attention`` over the gathered context (no log-sum-exp
+    is materialised); on CUDA the Triton kernel."""
+    _check_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    if use_triton(impl, q, _paged_decode_kernel):
+        return _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)[0]
+    k, v, valid = _gather_context(k_cache, v_cache, block_tables, context_lens)  # (B, L, KVH, D)
+    out = F.scaled_dot_product_attention(
+        q.float()[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True)  # (B, H, 1, D)
+    return out[:, :, 0, :].to(q.dtype)  # (B, H, D)
 
 
 def paged_decode_attention_ref(

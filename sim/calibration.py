@@ -127,7 +127,7 @@ def fit_profile(samples: list[StepSample], model_name: str, gpu_name: str, dtype
     measured = np.array([s.seconds for s in samples])
 
     def profile_of(z):
-        return EfficiencyProfile(gpu_name, **dict(zip(names, z * scale)), fitted_on=fitted_on)
+        return EfficiencyProfile(gpu_name, **dict(zip(names, z * scale, strict=False)), fitted_on=fitted_on)
 
     def residuals(z):
         return np.log(predict(samples, model_name, gpu_name, dtype, profile_of(z)) / measured)

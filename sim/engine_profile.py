@@ -111,7 +111,7 @@ def profile_engine(model: str = "tiny", quick: bool = False, seed: int = 0,
                 timer.step(f"b{b}/p{p}")
             runs.append(timer.samples)
         samples += [replace(steps[0], seconds=statistics.median(s.seconds for s in steps))
-                    for steps in zip(*runs[1:])]
+                    for steps in zip(*runs[1:], strict=False)]
     return samples
 
 
@@ -200,6 +200,17 @@ def compare(real: list[RequestTiming], simulated: list[RequestTiming]) -> dict:
             out[f"{name}_p{q}_ms"] = {"real": round(ra * 1e3, 2), "sim": round(sb * 1e3, 2),
                                       "error_pct": round((sb - ra) / ra * 100, 1)}
     return out
+
+
+def engine_spec(limits: dict | None = None, fast_forward: bool = True):
+    """The simulation of one in-process engine: a colocated ``cpu`` worker with
+    the engine's limits and its KV budget."""
+    from sim.spec import SimPool, SimSpec
+    lim = limits or ENGINE_LIMITS
+    pool = SimPool("mixed", "mixed", "cpu", 1, 1, lim["max_num_seqs"], lim["max_num_batched_tokens"],
+                   lim["prefill_chunk_size"], lim["block_size"], lim["kv_cache_bytes"])
+    return SimSpec(model="tiny", dtype="fp32", pools=(pool,), kv_from="config",
+                   max_waiting=100_000, fast_forward=fast_forward)
 
 
 def median_step_ms(samples: list[StepSample], kind: str) -> float:

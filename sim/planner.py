@@ -77,8 +77,9 @@ class PlanOptions:
     tps: list[int]
     modes: list[str]
     prices: dict[str, float] = field(default_factory=dict)
-    probe_requests: int = 300  # requests per bisection run
-    verify_requests: int = 600  # requests per whole-cluster run
+    probe_requests: int = 300  # requests per bisection run (at least)
+    verify_requests: int = 600  # requests per whole-cluster run (at least)
+    min_duration_s: float = 60.0  # runs last at least this long in arrivals (steady state)
     max_replicas: int = 64
     bisect_steps: int = 7  # bisection steps per instance goodput
     batch: dict = field(default_factory=lambda: {"max_num_seqs": 256, "max_num_batched_tokens": 8192,
@@ -108,6 +109,7 @@ def _spec(opts: PlanOptions, pools: list[tuple[Instance, int]], slo: SLO):
 
 def _probe_workload(opts: PlanOptions, rate: float, n: int) -> WorkloadSpec:
     w = opts.workload
+    n = max(n, int(rate * opts.min_duration_s))
     lengths = w.trace if w.arrival == "trace" else w.lengths
     return replace(w, arrival="poisson", rate=rate, num_requests=n, lengths=lengths, trace=None)
 
@@ -242,7 +244,7 @@ def winner_config(opts: PlanOptions, cand: Candidate) -> ClusterConfig:
     _, cfg = _spec(opts, cand.pools, opts.slo)
     model = get_model(opts.model)
     pools = []
-    for p, (inst, _) in zip(cfg.pools, cand.pools):
+    for p, (inst, _) in zip(cfg.pools, cand.pools, strict=False):
         blocks = kv_blocks_from_memory(model, get_gpu(inst.gpu), inst.tp, opts.dtype, p.block_size)
         from sim.latency import kv_bytes_per_token
         kv = blocks * p.block_size * kv_bytes_per_token(model, inst.tp, opts.dtype)

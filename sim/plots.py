@@ -26,7 +26,7 @@ def plot_latency_cdfs(result, out_dir: Path) -> list[Path]:
               "TPOT (ms)": [x * 1e3 for x in (tpot_s(t) for t in done) if x is not None],
               "E2E (ms)": [(t.finish_s - t.req.arrival_s) * 1e3 for t in done]}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (name, values) in zip(axes, series.items()):
+    for ax, (name, values) in zip(axes, series.items(), strict=False):
         v = sorted(values)
         ax.plot(v, [(i + 1) / len(v) for i in range(len(v))])
         ax.set_xlabel(name)

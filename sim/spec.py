@@ -17,7 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cluster.config import AdmissionSpec, ClusterConfig, ModelSpec, PoolSpec, RouterSpec, SchedulerSpec
+from cluster.config import (
+    AdmissionSpec,
+    ClusterConfig,
+    ModelSpec,
+    PoolSpec,
+    RouterSpec,
+    SchedulerSpec,
+)
 from sim.hardware import canonical_gpu_name
 from sim.latency import sim_dtype
 from sim.metrics import SLO

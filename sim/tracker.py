@@ -8,8 +8,8 @@ reads the finished trackers. Slotted: a million of them stay small.
 
 from __future__ import annotations
 
-from workers.sequence import Sequence
 from sim.workload import Request
+from workers.sequence import Sequence
 
 
 class Tracker:

@@ -124,7 +124,7 @@ def _load_azure(path: Path) -> list[TraceRow]:
     stamps = [datetime.fromisoformat(r["TIMESTAMP"][:26]) for r in rows]
     t0 = stamps[0]
     return [TraceRow((t - t0).total_seconds(), int(r["ContextTokens"]), int(r["GeneratedTokens"]))
-            for t, r in zip(stamps, rows)]
+            for t, r in zip(stamps, rows, strict=False)]
 
 
 def _load_mooncake(path: Path) -> list[TraceRow]:
@@ -192,7 +192,7 @@ def build_workload(spec: WorkloadSpec) -> Workload:
     requests = [Request(i, t, _clip(r.prompt_tokens, spec.max_prompt_tokens),
                         _clip(r.output_tokens, spec.max_output_tokens),
                         r.hash_ids if spec.arrival == "trace" else ())
-                for i, (t, r) in enumerate(zip(times, rows))]
+                for i, (t, r) in enumerate(zip(times, rows, strict=False))]
     return Workload(spec, requests, closed=spec.arrival == "closed")
 
 

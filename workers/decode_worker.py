@@ -22,8 +22,6 @@ import asyncio
 import threading
 import time
 
-import torch
-
 from kvtransfer import make_receiver
 from kvtransfer.base import ReceiverCore, TransferState
 from workers.engine import LLMEngine, RequestOutput
@@ -36,7 +34,6 @@ from workers.worker_config import WorkerSpec, build_engine, model_info, start_he
 class DecodeWorker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
-        torch.set_num_threads(spec.torch_threads)
         self.engine: LLMEngine = build_engine(spec)
         self.receiver = make_receiver(spec.transport, ReceiverCore(self.engine.kv_cache.layers),
                                       device=spec.device)

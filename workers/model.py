@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import paged_decode_attention
+from kernels import paged_decode_attention_out
 from workers.model_config import ModelConfig, RopeScaling
 
 
@@ -148,9 +148,9 @@ class Attention(nn.Module):
         out = torch.empty_like(q)  # (T, H, D)
         nd = meta.num_decode
         if nd:
-            out[:nd] = paged_decode_attention(
+            out[:nd] = paged_decode_attention_out(
                 q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                meta.decode_context_lens, self.scale)[0]
+                meta.decode_context_lens, self.scale)
         for seg in meta.prefills:
             rows = slice(seg.start, seg.start + seg.num_tokens)
             out[rows] = self._prefill_segment(q[rows], k[rows], v[rows], seg, k_cache, v_cache)

@@ -44,7 +44,6 @@ class _Job:
 class PrefillWorker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
-        torch.set_num_threads(spec.torch_threads)
         self.engine: LLMEngine = build_engine(spec)
         self.sender = make_sender(spec.transport, spec.device)
         self.metrics = TransferMetrics(spec.transport)

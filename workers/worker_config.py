@@ -65,7 +65,8 @@ def build_engine(spec: WorkerSpec) -> LLMEngine:
         model=spec.model, dtype=spec.dtype, block_size=spec.block_size,
         kv_cache_bytes=spec.kv_cache_bytes, max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens,
-        prefill_chunk_size=spec.prefill_chunk_size, max_model_len=spec.max_model_len))
+        prefill_chunk_size=spec.prefill_chunk_size, max_model_len=spec.max_model_len,
+        num_threads=spec.torch_threads))
 
 
 def model_info(engine: LLMEngine) -> dict:

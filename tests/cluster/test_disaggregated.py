@@ -9,11 +9,11 @@ import time
 
 import pytest
 import ray
+from helpers import mixed_prompts, reference, run_all
 
 from cluster.config import load_config
 from cluster.launcher import Deployment, PlacementError
 from cluster.ray_client import ClusterClient
-from helpers import mixed_prompts, reference, run_all
 from workers.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -146,7 +146,7 @@ def test_cancel_mid_stream_frees_blocks_on_both_workers(deploy):
 def test_every_actor_lands_on_its_pools_gpu_type(deploy, ray_cluster):
     _, nodes = ray_cluster
     dep = deploy("tiny-2p2d")
-    for wid, (role, gpu_type, handle) in dep.workers.items():
+    for wid, (_role, gpu_type, handle) in dep.workers.items():
         assert ray.get(handle.node_id.remote()) == nodes[gpu_type], wid
     assert {g for _, g, _ in dep.workers.values()} == {"H100", "L40S"}
 

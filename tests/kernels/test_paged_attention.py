@@ -134,3 +134,16 @@ def test_bad_arguments_raise_value_error(mutate, match, impl):
         paged_decode_attention(*case.args(), impl=impl)
     with pytest.raises(ValueError, match=match):
         paged_decode_attention_ref(*case.args())
+
+
+def test_output_only_fast_path_equals_reference():
+    from kernels import paged_decode_attention_out, paged_decode_attention_ref
+
+    gen = torch.Generator().manual_seed(7)
+    kc, vc = torch.randn(40, 16, 2, 32, generator=gen), torch.randn(40, 16, 2, 32, generator=gen)
+    q = torch.randn(5, 8, 32, generator=gen)
+    lens = torch.tensor([1, 17, 45, 100, 33], dtype=torch.int32)
+    tables = torch.stack([torch.randperm(40, generator=gen)[:7] for _ in range(5)]).int()
+    ref, _ = paged_decode_attention_ref(q, kc, vc, tables, lens, 0.2)
+    out = paged_decode_attention_out(q, kc, vc, tables, lens, 0.2, impl="torch")
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0)

@@ -42,8 +42,8 @@ def send(sender, receiver, src, rid):
 
 
 def landed(src, dst) -> bool:
-    return all(torch.equal(dst[l][i][DST_IDS], src[l][i][SRC_IDS])
-               for l in range(LAYERS) for i in (0, 1))
+    return all(torch.equal(dst[layer][i][DST_IDS], src[layer][i][SRC_IDS])
+               for layer in range(LAYERS) for i in (0, 1))
 
 
 def test_blocks_land_bit_exact_in_the_receivers_ids(pair):
@@ -56,7 +56,7 @@ def test_blocks_land_bit_exact_in_the_receivers_ids(pair):
     assert got.state is TransferState.SUCCESS and len(got.layer_arrival_s) == LAYERS
     assert landed(src, dst)
     untouched = [b for b in range(BLOCKS) if b not in DST_IDS]
-    assert all(dst[l][0][untouched].abs().sum() == 0 for l in range(LAYERS))
+    assert all(dst[layer][0][untouched].abs().sum() == 0 for layer in range(LAYERS))
 
 
 def test_one_corrupt_send_is_retried(pair):

@@ -19,7 +19,7 @@ def shapes():
 def test_fit_recovers_a_known_profile_from_its_own_timings():
     samples = shapes()
     times = predict(samples, "llama-2-70b", "A100-80GB", "fp16", TRUE)
-    measured = [StepSample(**{**s.__dict__, "seconds": float(t)}) for s, t in zip(samples, times)]
+    measured = [StepSample(**{**s.__dict__, "seconds": float(t)}) for s, t in zip(samples, times, strict=False)]
     fitted = fit_profile(measured, "llama-2-70b", "A100-80GB", "fp16", PARAMS)
     again = predict(samples, "llama-2-70b", "A100-80GB", "fp16", fitted)
     assert again == pytest.approx(times, rel=0.02)

@@ -2,7 +2,7 @@
 the simulator run the same small workload; timings are produced for every
 request on both sides (the accuracy targets are checked by the benchmark)."""
 
-from sim.engine_profile import EngineRunner, StepTimer, compare, sim_timings
+from sim.engine_profile import EngineRunner, StepTimer, compare, engine_spec, sim_timings
 from sim.runner import simulate
 from sim.workload import WorkloadSpec, build_workload
 
@@ -11,10 +11,6 @@ LIMITS = {"max_num_seqs": 8, "max_num_batched_tokens": 256, "prefill_chunk_size"
 
 
 def test_engine_and_simulator_time_the_same_workload(tiny_model):
-    import sys
-    sys.path.insert(0, "benchmarks")
-    from sim_vs_engine import engine_spec
-
     wl = WorkloadSpec(arrival="poisson", rate=20.0, num_requests=6, lengths="fixed", isl=40, osl=5)
     runner = EngineRunner("tiny", LIMITS)
     real = runner.run(build_workload(wl).initial())

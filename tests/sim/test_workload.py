@@ -14,7 +14,7 @@ def test_poisson_is_seeded_and_has_the_rate():
 
 def test_gamma_burstiness_changes_gaps_not_mean_rate():
     r = build_workload(WorkloadSpec(arrival="gamma", rate=5.0, cv=3.0, num_requests=4000, seed=1)).initial()
-    gaps = [b.arrival_s - a.arrival_s for a, b in zip(r, r[1:])]
+    gaps = [b.arrival_s - a.arrival_s for a, b in zip(r, r[1:], strict=False)]
     mean = sum(gaps) / len(gaps)
     cv = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean
     assert 0.17 < mean < 0.23 and 2.5 < cv < 3.5
