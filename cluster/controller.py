@@ -243,6 +243,28 @@ class Controller:
             await asyncio.gather(*(self._safe(self.workers[w], "abort", request_id) for w in ids))
         return True
 
+    async def start_frontends(self, grpc_port: int | None = None) -> dict:
+        """Serve gRPC from this process's event loop; the bearer token is read
+        from the environment variable the config names (never from arguments)."""
+        import os
+
+        from cluster.grpc_server import GrpcFrontend
+        from cluster.validation import ModelLimits
+        from workers.loader import load_tokenizer
+
+        server = self.config.server
+        token = os.environ.get(server.auth_token_env) if server.auth_token_env else None
+        limits = ModelLimits(self.config.model.source, self.max_model_len, self.vocab_size)
+        self.grpc = GrpcFrontend(self, limits, load_tokenizer(self.config.model.source), token,
+                                 server.max_message_bytes)
+        port = await self.grpc.start(server.host, server.grpc_port if grpc_port is None
+                                     else grpc_port)
+        return {"grpc_port": port}
+
+    async def stop_frontends(self, grace_s: float = 30.0) -> None:
+        if getattr(self, "grpc", None) is not None:
+            await self.grpc.stop(grace_s)
+
     async def status(self) -> dict:
         return {
             "name": self.config.name,

@@ -55,6 +55,14 @@ def load_model(source: str, dtype: str = "float32", seed: int = 0) -> LoadedMode
     return LoadedModel(model.to(tdtype).eval(), cfg, read_tokenizer(path, cfg), str(path))
 
 
+def load_tokenizer(source: str) -> Tokenizer:
+    """Only the tokenizer of a preset or directory (frontends; no weights)."""
+    if source in PRESETS:
+        return ByteTokenizer()
+    path = Path(source)
+    return read_tokenizer(path, read_config(path))
+
+
 def read_config(path: Path) -> ModelConfig:
     cfg = json.loads(_require(path / "config.json").read_text())
     config = ModelConfig.from_hf_dict(cfg)
