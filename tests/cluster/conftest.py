@@ -7,6 +7,7 @@ exercised for real.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import replace
 
@@ -15,6 +16,10 @@ import pytest
 ray = pytest.importorskip("ray")
 
 GPU_NODES = {"H100": 8, "L40S": 8}
+# Exported before Ray starts so every Ray process inherits it, as a pod's
+# Secret-backed environment reaches the head node in production.
+AUTH_TOKEN_ENV, AUTH_TOKEN = "BATON_TEST_API_TOKEN", "s3cret-test-token"
+os.environ[AUTH_TOKEN_ENV] = AUTH_TOKEN
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ import grpc
 import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from helpers import mixed_prompts, reference
+
 from proto.baton.v1 import serving_pb2 as pb
 from proto.baton.v1 import serving_pb2_grpc as pb_grpc
 from workers.sampling import SamplingParams
