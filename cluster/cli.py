@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -26,34 +27,95 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from workers.engine import EngineConfig, LLMEngine
-    from workers.sampling import SamplingParams
-
-    if not args.engine_only:
-        print("baton generate: only --engine-only is available in this build", file=sys.stderr)
-        return 2
-    engine = LLMEngine(EngineConfig(model=args.model))
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
-                            seed=args.seed, ignore_eos=args.ignore_eos)
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature,
+                "seed": args.seed, "ignore_eos": args.ignore_eos or None}
     try:
-        engine.add_request("cli-0", args.prompt, params)
+        result = (_generate_in_process(args.prompt, args.model, sampling, args.stream
+                                       and not args.json) if args.engine_only
+                  else _generate_remote(args, sampling))
     except ValueError as exc:
         print(f"baton generate: {exc}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(result))
+    elif not args.stream:
+        print(result["text"])
+    else:
+        print()
+    return 0
+
+
+def _generate_in_process(prompt: str, model: str, sampling: dict, stream: bool) -> dict:
+    from workers.engine import EngineConfig, LLMEngine
+    from workers.sampling import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=model))
+    engine.add_request("cli-0", prompt, SamplingParams(
+        **{k: v for k, v in sampling.items() if v is not None}))
     token_ids, text, reason = [], [], None
     for out in engine.stream():
         token_ids += out.new_token_ids
         text.append(out.new_text)
-        if args.stream and not args.json:
+        if stream:
             print(out.new_text, end="", flush=True)
         reason = out.finish_reason
+    return {"text": "".join(text), "token_ids": token_ids,
+            "finish_reason": reason.value if reason else None}
+
+
+def _generate_remote(args: argparse.Namespace, sampling: dict) -> dict:
+    import grpc
+
+    from cluster.client import BatonClient, Completion
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    with BatonClient(args.address, token=token) as client:
+        try:
+            for item in client.stream(args.prompt, stream=True, **sampling):
+                if isinstance(item, Completion):
+                    return {"text": item.text, "token_ids": item.token_ids,
+                            "finish_reason": item.finish_reason, "usage": {
+                                "prompt_tokens": item.prompt_tokens,
+                                "completion_tokens": item.completion_tokens},
+                            "timing": item.timing}
+                if args.stream and not args.json:
+                    print(item.text, end="", flush=True)
+        except grpc.RpcError as exc:
+            raise ValueError(f"{exc.code().name}: {exc.details()}") from None
+    raise ValueError("the stream ended without a final message")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.serve import serve
+
+    return serve(args.config, args.grpc_port, args.ray_address)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from cluster.client import BatonClient
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    with BatonClient(args.address, token=token) as client:
+        try:
+            s = client.status()
+        except grpc.RpcError as exc:
+            print(f"baton status: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    workers = [{"worker_id": w.worker_id, "role": w.role, "gpu_type": w.gpu_type,
+                "device": w.device, "alive": w.alive, "running": w.running,
+                "kv_used": 1 - w.free_kv_blocks / max(w.total_kv_blocks, 1)} for w in s.workers]
     if args.json:
-        print(json.dumps({"text": "".join(text), "token_ids": token_ids,
-                          "finish_reason": reason.value if reason else None}))
-    elif not args.stream:
-        print("".join(text))
-    else:
-        print()
+        print(json.dumps({"cluster": s.cluster, "draining": s.draining, "waiting": s.waiting,
+                          "running": s.running, "workers": workers}, indent=1))
+        return 0
+    print(f"cluster {s.cluster}: {s.waiting} waiting, {s.running} running"
+          + (" (draining)" if s.draining else ""))
+    print(f"{'worker':<32} {'role':<8} {'gpu':<8} {'alive':<6} {'running':>7} {'KV used':>8}")
+    for w in workers:
+        print(f"{w['worker_id']:<32} {w['role']:<8} {w['gpu_type']:<8} {str(w['alive']):<6} "
+              f"{w['running']:>7} {w['kv_used']:>7.1%}")
     return 0
 
 
@@ -75,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--engine-only", action="store_true",
                      help="run in the in-process engine (the reference)")
-    gen.add_argument("--model", default="tiny")
+    gen.add_argument("--address", default="127.0.0.1:50051", help="gRPC HOST:PORT")
+    gen.add_argument("--token-env", default="BATON_API_TOKEN",
+                     help="environment variable holding the bearer token")
+    gen.add_argument("--model", default="tiny", help="--engine-only: preset or HF directory")
     gen.add_argument("--max-tokens", type=_positive, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
@@ -83,7 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=_cmd_generate)
+
+    srv = sub.add_parser("serve", help="run a cluster and its gRPC API until SIGTERM")
+    srv.add_argument("--config", default=None,
+                     help="cluster YAML or example name (default: tiny-disagg)")
+    srv.add_argument("--grpc-port", type=int, default=None)
+    srv.add_argument("--ray-address", default=None, help="join this Ray cluster")
+    srv.set_defaults(func=_cmd_serve)
+
+    st = sub.add_parser("status", help="pools, workers, GPU types, KV usage, queues")
+    st.add_argument("--address", default="127.0.0.1:50051")
+    st.add_argument("--token-env", default="BATON_API_TOKEN")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_status)
+
+    _add_sim(sub)
     return parser
+
+
+def _add_sim(sub) -> None:
+    from sim.cli import add_sim_commands
+
+    add_sim_commands(sub)
 
 
 def _positive(text: str) -> int:

@@ -94,6 +94,7 @@ class _Request:
     seq: Sequence
     detok: IncrementalDetokenizer
     emitted: int = 0  # characters of detok.text already streamed
+    handoff: bool = False  # a LENGTH finish continues in another engine
 
     def emit_text(self, finished: bool) -> str:
         """New text to stream; with stop strings, the last ``len(stop) - 1``
@@ -154,12 +155,15 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | None = None, *,
-                    output_token_ids: list[int] | None = None, export_kv: bool = False) -> None:
+                    output_token_ids: list[int] | None = None, export_kv: bool = False,
+                    handoff: bool = False) -> None:
         """Queue a request; bad input raises ValueError and changes nothing.
 
         ``output_token_ids``: tokens already streamed to the client (a request
         resumed elsewhere): they are re-prefilled with the prompt and count
         towards ``max_tokens``. ``export_kv``: call ``on_prefill_layer`` for it.
+        ``handoff``: reaching ``max_tokens`` here hands the request to another
+        engine (prefill -> decode), so held-back text is not flushed.
         """
         params = params or SamplingParams()
         outputs = list(output_token_ids or [])
@@ -168,6 +172,7 @@ class LLMEngine:
                        output_token_ids=outputs)
         self._arrivals += 1
         self._requests[request_id] = self._new_request(seq)
+        self._requests[request_id].handoff = handoff
         if export_kv:
             self._exporting.add(request_id)
         self.waiting.append(seq)
@@ -306,12 +311,14 @@ class LLMEngine:
             Sampler.logprobs(logits, token, params.logprobs)]
         req.detok.add(token)
         reason = self._finish_reason(seq, token, req.detok)
-        if reason is not None:
+        final = reason is not None and not (req.handoff and reason is FinishReason.LENGTH)
+        if final:
             req.detok.flush()
             if reason is FinishReason.STOP and params.stop:
                 _cut_at_stop(req.detok, params.stop)
+        if reason is not None:
             self._finish(seq, reason)
-        return RequestOutput(seq.request_id, [token], req.emit_text(reason is not None),
+        return RequestOutput(seq.request_id, [token], req.emit_text(final),
                              reason is not None, reason, len(seq.prompt_token_ids),
                              seq.num_cached_tokens, lps)
 

@@ -62,7 +62,8 @@ class PrefillWorker:
         try:
             await self.loop.call(lambda e: e.add_request(
                 job.request_id, job.prompt_token_ids, params,
-                output_token_ids=job.output_token_ids, export_kv=True))
+                output_token_ids=job.output_token_ids, export_kv=True,
+                handoff=len(job.output_token_ids) + 1 < job.params.max_tokens))
         except ValueError:
             self._jobs.pop(job.request_id, None)
             raise

@@ -55,12 +55,17 @@ def test_stream_equals_in_process_engine(served):
         assert final.timing.ttft_s > 0 and final.timing.total_s >= final.timing.ttft_s
 
 
-def test_non_streaming_sends_one_chunk_then_final(served):
+def test_non_streaming_sends_one_chunk_then_final_with_the_engines_text(served):
+    from workers.engine import EngineConfig, LLMEngine
+
     _, channel = served
-    msgs = generate(channel, text="hello", stream=False,
-                    sampling=pb.SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    ref = LLMEngine(EngineConfig()).generate(["hello there"], SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True))[0]
+    msgs = generate(channel, text="hello there", stream=False,
+                    sampling=pb.SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     assert [m.WhichOneof("kind") for m in msgs] == ["chunk", "final"]
-    assert len(msgs[0].chunk.token_ids) == 5
+    assert list(msgs[0].chunk.token_ids) == ref.token_ids
+    assert msgs[0].chunk.text == ref.text  # text deltas survive the prefill -> decode hand-off
 
 
 @pytest.mark.parametrize("kwargs,field", [
