@@ -45,15 +45,20 @@ this process —
   (``ReceiverCore.on_bytes``), and ``scatter_kv_blocks`` into the cache.
 
 ``--what-if`` additionally runs variants of the gRPC path that are NOT
-Baton's code (module-level monkeypatches in both processes, labelled as
-such): a 4 MiB chunk with a raised message limit, and skipping the
-sender-side ``bytes()`` copy. They show what a fix would buy; the headline
+Baton's code (labelled as such): 4 MiB chunks (with the message limit raised
+past 4 MiB on both sides, which Baton's 4 MiB limit would refuse), and
+``block_checksums`` computed with ISA-L's ``crc32`` (``isal`` package, same
+CRC-32 values) on both sides. They show what a fix would buy; the headline
 numbers are always Baton's unmodified path.
+
+``--profile SECONDS`` loops gRPC transfers while ``py-spy record --native``
+samples the sender and the receiver process, and prints the share of active
+samples per category (CRC, copies, gRPC hand-offs, syscalls).
 
 Usage::
 
     python benchmarks/kv_transfer_bench.py                 # 64 MiB, 7 rounds
-    python benchmarks/kv_transfer_bench.py --reps 9 --what-if --json out.json
+    python benchmarks/kv_transfer_bench.py --reps 9 --what-if --profile 10 --json out.json
 """
 
 from __future__ import annotations

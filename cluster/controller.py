@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
 from ray.exceptions import RayActorError
+from redis.exceptions import RedisError
 
 from cluster.config import ClusterConfig
 from cluster.policies import (
@@ -56,8 +58,15 @@ class UnknownRequest(KeyError):
     """No such request (never submitted, or finished and forgotten)."""
 
 
+class Unavailable(RuntimeError):
+    """The state store cannot be reached; the client should retry."""
+
+
 class WorkerDied(RuntimeError):
     pass
+
+
+log = logging.getLogger("baton.controller")
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,7 @@ class _Request:
     timing: dict = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     finished_at: float | None = None
+    decoding: bool = False  # admitted on its decode worker (prefill no longer needed)
 
     def view(self) -> RequestView:
         return RequestView(self.request_id, len(self.prompt) + len(self.tokens),
@@ -147,6 +157,9 @@ class Controller:
         info = await next(iter(self.workers.values())).handle.model_info.remote()
         self.max_model_len, self.vocab_size = info["max_model_len"], info["vocab_size"]
         recovered = await self._recover()
+        for w in self.workers.values():  # skip events of dispatches made before us
+            if w.role != "prefill":
+                _, w.cursor, w.load = await w.handle.next_outputs.remote(1 << 62, 0.0)
         self._spawn(self._schedule_loop())
         self._spawn(self._ticker())
         for w in self.workers.values():
@@ -193,7 +206,10 @@ class Controller:
         if not decision.accepted:
             raise Overloaded(decision.reason)
         req.prefix_hashes = tuple(block_hashes(req.prompt, self.block_size))
-        await self.store.journal_new(rid, req.prompt, params, req.arrival_s)
+        try:
+            await self.store.journal_new(rid, req.prompt, params, req.arrival_s)
+        except RedisError as exc:
+            raise Unavailable(f"state store unavailable: {type(exc).__name__}") from None
         self._requests[rid] = req
         self._waiting[rid] = req
         self._wake.set()
@@ -362,8 +378,14 @@ class Controller:
                 await self._run_disaggregated(req, route, gen)
         except WorkerDied:
             pass  # _mark_dead re-queued it
-        except ValueError as exc:  # the worker refused it (e.g. does not fit its cache)
+        except RedisError as exc:  # the journal write failed: try the dispatch again
+            log.warning("request %s: state store error %s; re-queued", req.request_id,
+                        type(exc).__name__)
+            await asyncio.sleep(0.1)
+            self._requeue(req, gen)
+        except Exception as exc:  # noqa: BLE001 - a failed request ends, never hangs
             if req.generation == gen and req.finish_reason is None:
+                log.warning("request %s aborted: %s", req.request_id, exc)
                 req.timing["error"] = str(exc)
                 await self._finish(req, "abort")
 
@@ -395,6 +417,7 @@ class Controller:
         outcome = await self._call(d, "admit", req.request_id, req.prompt,
                                    outputs + [res.token_id], req.params)
         req.timing["kv_admission"] = outcome
+        req.decoding = req.generation == gen and outcome != "aborted"
 
     def _record_prefill(self, req: _Request, res: PrefillResult) -> None:
         t = req.timing
@@ -412,12 +435,15 @@ class Controller:
         if req.generation != gen or req.finish_reason is not None:
             return
         req.route = None
+        req.decoding = False
         req.generation += 1
         self._waiting[req.request_id] = req
         self._wake.set()
 
     # ----- token delivery --------------------------------------------------------------
     async def _poll(self, w: _Worker) -> None:
+        """Deliver a decode worker's token events until it dies; a failure in
+        delivery is logged and the loop goes on (its requests must not stall)."""
         while w.alive:
             try:
                 events, w.cursor, w.load = await w.handle.next_outputs.remote(w.cursor, 1.0)
@@ -425,8 +451,11 @@ class Controller:
                 await self._mark_dead(w)
                 return
             mine = [e for e in events if self._owned_by(e.request_id, w.worker_id)]
-            if mine:
-                await self._deliver(None, mine)
+            try:
+                if mine:
+                    await self._deliver(None, mine)
+            except Exception:  # noqa: BLE001
+                log.exception("delivering %d events from %s failed", len(mine), w.worker_id)
             self._wake.set()
 
     def _owned_by(self, request_id: str, worker_id: str) -> bool:
@@ -445,7 +474,11 @@ class Controller:
             r.texts.extend([ev.text] + [""] * (len(ev.token_ids) - 1))
             r.token_times.extend([now] * len(ev.token_ids))
             batch.append((r.request_id, ev.token_ids, [ev.text] + [""] * (len(ev.token_ids) - 1)))
-        await self.store.journal_tokens(batch)
+        try:
+            await self.store.journal_tokens(batch)
+        except RedisError as exc:  # serving goes on; only restart recovery loses detail
+            log.warning("journal write failed (%s) for %d requests", type(exc).__name__,
+                        len(batch))
         for ev in events:
             r = req or self._requests[ev.request_id]
             if ev.finish_reason is not None:
@@ -458,8 +491,11 @@ class Controller:
         req.finish_reason = reason
         req.finished_at = time.time()
         req.timing["total_s"] = req.finished_at - req.arrival_s
-        await self.store.journal_finish(req.request_id, reason, {
-            "prompt_tokens": len(req.prompt), "output_tokens": len(req.tokens)})
+        try:
+            await self.store.journal_finish(req.request_id, reason, {
+                "prompt_tokens": len(req.prompt), "output_tokens": len(req.tokens)})
+        except RedisError as exc:
+            log.warning("journal close failed for %s: %s", req.request_id, type(exc).__name__)
         req.changed.set()
         self._wake.set()
 
@@ -492,7 +528,8 @@ class Controller:
             return
         w.alive = False
         hit = [r for r in self._requests.values() if r.finish_reason is None and r.route
-               and w.worker_id in (r.route.prefill_worker, r.route.decode_worker)]
+               and (w.worker_id == r.route.decode_worker
+                    or w.worker_id == r.route.prefill_worker and not r.decoding)]
         for req in hit:
             other = ({req.route.prefill_worker, req.route.decode_worker} - {w.worker_id})
             self._requeue(req, req.generation)

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from cluster.controller import Overloaded
+from cluster.controller import Overloaded, Unavailable
 from cluster.validation import InvalidRequest, ModelLimits, build_request
 from proto.baton.v1 import serving_pb2 as pb
 from proto.baton.v1 import serving_pb2_grpc as pb_grpc
@@ -83,6 +83,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                                               valid.params)
         except Overloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except ValueError as exc:  # InvalidRequest, or the controller's own checks
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         async for message in self._responses(rid, len(valid.prompt_token_ids), request.stream,

@@ -60,7 +60,11 @@ class StateStore:
                  completed_cap: int = 100_000, prefix_ttl_s: int = 600,
                  finished_ttl_s: int = 600):
         self.ns = namespace
-        self.r = aioredis.from_url(url, password=password, decode_responses=True)
+        # A blocking pool waits for a free connection instead of raising when
+        # many requests journal at once (the default pool raises at its cap).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, password=password, decode_responses=True, max_connections=64, timeout=10)
+        self.r = aioredis.Redis(connection_pool=pool)
         self.completed_cap = completed_cap
         self.prefix_ttl_s = prefix_ttl_s
         self.finished_ttl_s = finished_ttl_s

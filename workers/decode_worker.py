@@ -64,11 +64,15 @@ class DecodeWorker:
     async def admit(self, request_id: str, prompt_token_ids: list[int],
                     output_token_ids: list[int], params: SamplingParams,
                     timeout_s: float = 60.0) -> str:
-        """"admitted" once the KV is verified; "recomputed" if it never was."""
+        """"admitted" once the KV is verified; "recomputed" if it never was;
+        "aborted" if the reservation is gone (cancelled, expired, or a stale
+        call from a controller that has since been replaced)."""
         state = await asyncio.to_thread(self.receiver.wait, request_id, timeout_s)
         ok = state is TransferState.SUCCESS
 
         def run(e: LLMEngine) -> str:
+            if not e.is_reserved(request_id):
+                return "aborted"
             self._leases.pop(request_id, None)
             received = self.receiver.take(request_id)
             if received is not None:

@@ -213,6 +213,9 @@ class LLMEngine:
         self._reserved.add(request_id)
         return list(alloc.block_ids)
 
+    def is_reserved(self, request_id: str) -> bool:
+        return request_id in self._reserved
+
     def release(self, request_id: str) -> bool:
         """Free a reservation whose KV never arrived (or was abandoned)."""
         if request_id not in self._reserved:

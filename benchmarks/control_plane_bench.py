@@ -1,0 +1,714 @@
+"""Control-plane overhead: (a) how many requests per second the controller
+admits, schedules, routes and finishes when workers answer at once; (b) how
+much latency per streamed token the cluster adds over the in-process engine.
+
+(a) Throughput. The real ``cluster.controller.Controller`` runs as a Ray
+async actor, created exactly as ``Deployment.start_controller`` does
+(``num_cpus=0, max_concurrency=1000``), against the real Redis
+(``cluster.redis_server.RedisServer``) and STUB worker actors (defined here,
+benchmark-only, placed by GPU type like real workers) whose methods return
+at once with plausible values:
+
+- decode stub: ``reserve`` -> block ids, ``release``/``abort`` -> True,
+  ``load`` -> an idle worker's ``WorkerLoad``, ``kv_endpoint``, ``model_info``;
+  ``next_outputs`` behaves like an idle real decode worker: it has no events,
+  so it waits its long-poll ``timeout_s`` and returns ``([], cursor, load)``
+  (answering at once would make the controller's poll loop spin and measure
+  that spin instead of request handling);
+- prefill stub: ``prefill`` -> ``PrefillResult`` with ``finish_reason
+  "length"`` (the requests ask for ``max_tokens=1``), so no decode follows.
+
+Config: ``tiny-disagg`` (1 prefill + 1 decode worker, fcfs, least-loaded;
+prefill budget 2048 tokens, decode ``max_num_seqs`` 64 — the controller's own
+flow control applies) with ``admission.max_waiting`` raised to the request
+count so nothing is refused. The driver submits ``--requests`` requests
+(``--prompt-len``-token prompts) through ``Controller.submit`` with at most
+``--window`` submits outstanding, and watches Redis's completed-request log.
+Each request costs the controller: submit (journal in Redis), a scheduling
+round, ``reserve`` + ``prefill`` + ``release`` calls, the token and finish
+journal writes. Reported: submitted/s (all submits returned) and
+finished/s = requests / (first submit -> last request finished), plus CPU
+seconds per 1,000 requests of the controller, the stubs, Redis and the driver.
+Target: >= 2,000 requests/s.
+
+Peers measured in the same run (``--floor-requests`` each), with the same
+stubs, driver and window: ``FloorController``, an async actor doing only
+what any controller of this design must do per request — the same Ray calls
+(submit in; reserve, prefill, release out) and, in the first floor, the same
+``StateStore`` journal writes — with no queue, scheduler, router or
+bookkeeping. Their gap to the controller is the controller's own logic. A
+calibration of one no-op Ray actor call (calls/s, CPU per call) closes (a).
+
+(b) Streaming latency. The tiny model, one request (``--itl-prompt-len``
+random byte tokens, ``--itl-tokens`` tokens, greedy, EOS ignored):
+- in-process: ``LLMEngine.step()`` loop (1 torch thread, like a worker); a
+  token's time = when the ``step()`` that produced it returned;
+- cluster: ``tiny-disagg`` over gRPC via ``Deployment``, streamed with
+  ``cluster.ray_client.ClusterClient.generate``; a token's time = when the
+  chunk carrying it reached the client (tokens of one chunk share a time).
+ITL = gaps between consecutive tokens of the request (the first gap is
+token 1 -> token 2). Runs alternate (in-process, cluster) ``--itl-reps``
+times after one warm-up each; gaps are pooled. Reported: p50 and mean ITL of
+both, the p50 difference (target <= 1 ms), and the cluster's chunking (tokens
+per chunk, p50 gap between chunks).
+
+Usage::
+
+    python benchmarks/control_plane_bench.py                 # (a) 5000 requests, then (b)
+    python benchmarks/control_plane_bench.py --only throughput --requests 2000
+    python benchmarks/control_plane_bench.py --profile 8 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MIB = 1 << 20
+TARGET_RPS = 2000.0
+TARGET_ITL_ADDED_MS = 1.0
+
+
+# ----- stub workers (benchmark-only) ------------------------------------------------
+class StubDecode:
+    def __init__(self, worker_id: str, gpu_type: str, max_num_seqs: int, block_size: int):
+        from workers.messages import WorkerLoad
+
+        self.worker_id, self.block_size = worker_id, block_size
+        self._load = WorkerLoad(worker_id, "decode", gpu_type, 0, 0, 1 << 20, 1 << 20,
+                                block_size, 2048, max_num_seqs, f"stub:{gpu_type}")
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def ping(self) -> str:
+        return self.worker_id
+
+    async def load(self):
+        return self._load
+
+    async def kv_endpoint(self) -> str:
+        return "127.0.0.1:1"
+
+    async def model_info(self) -> dict:
+        return {"max_model_len": 4096, "vocab_size": 32000, "eos_token_ids": [257]}
+
+    async def reserve(self, request_id: str, token_ids: list[int]) -> list[int]:
+        return list(range(-(-len(token_ids) // self.block_size)))
+
+    async def release(self, request_id: str) -> bool:
+        return True
+
+    async def abort(self, request_id: str) -> bool:
+        return True
+
+    async def admit(self, request_id, prompt, outputs, params, timeout_s: float = 60.0) -> str:
+        return "admitted"
+
+    async def next_outputs(self, cursor: int, timeout_s: float = 1.0):
+        await asyncio.sleep(timeout_s)  # an idle decode worker: no events
+        return [], cursor, self._load
+
+
+class StubPrefill:
+    def __init__(self, worker_id: str, gpu_type: str, max_num_seqs: int, block_size: int):
+        from workers.messages import WorkerLoad
+
+        self.worker_id = worker_id
+        self._load = WorkerLoad(worker_id, "prefill", gpu_type, 0, 0, 1 << 20, 1 << 20,
+                                block_size, 2048, max_num_seqs, f"stub:{gpu_type}")
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def ping(self) -> str:
+        return self.worker_id
+
+    async def load(self):
+        return self._load
+
+    async def model_info(self) -> dict:
+        return {"max_model_len": 4096, "vocab_size": 32000, "eos_token_ids": [257]}
+
+    async def prefill(self, job):
+        from workers.messages import PrefillResult
+
+        return PrefillResult(job.request_id, 1, "a", "length", True, 1, 0, 0.0, 0.0, 0.0)
+
+    async def abort(self, request_id: str) -> bool:
+        return True
+
+
+class FloorController:
+    """Peer (benchmark-only): the least a controller must do per request —
+    the same Ray calls to the same stubs (submit in, reserve, prefill,
+    release out) and, with ``with_redis``, the same journal writes through
+    the same ``StateStore`` — with no queue, scheduler, router or bookkeeping."""
+
+    def __init__(self, workers: dict, redis_url: str, namespace: str, with_redis: bool):
+        from cluster.state import StateStore
+
+        self.p = next(h for role, _, h in workers.values() if role == "prefill")
+        self.d = next(h for role, _, h in workers.values() if role != "prefill")
+        self.store = StateStore(redis_url, namespace) if with_redis else None
+        self.done = 0
+        self._tasks: set = set()
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def submit(self, rid: str, prompt: list[int], params) -> str:
+        if self.store is not None:
+            await self.store.journal_new(rid, prompt, params, time.time())
+        task = asyncio.get_running_loop().create_task(self._run(rid, prompt, params))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return rid
+
+    async def _run(self, rid: str, prompt: list[int], params) -> None:
+        from workers.messages import PrefillJob
+
+        if self.store is not None:
+            await self.store.journal_route(rid, "prefill", "decode")
+        await self.d.reserve.remote(rid, prompt)
+        res = await self.p.prefill.remote(PrefillJob(rid, prompt, [], params, "127.0.0.1:1"))
+        if self.store is not None:
+            await self.store.journal_tokens([(rid, [res.token_id], [res.text])])
+            await self.store.journal_finish(rid, "length", {"prompt_tokens": len(prompt),
+                                                            "output_tokens": 1})
+        await self.d.release.remote(rid)
+        self.done += 1
+
+    async def count(self) -> int:
+        return self.done
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(xs, q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+# ----- (a) throughput ---------------------------------------------------------------------
+class NoopActor:
+    async def f(self, x=None):
+        return None
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+
+def ray_call_cost(n: int = 2000, window: int = 256) -> dict:
+    """Calibration: a no-op async actor call from the driver (a 128-int list
+    argument, like a prompt), ``window`` outstanding: calls/s and CPU per call."""
+    import ray
+
+    a = ray.remote(NoopActor).options(num_cpus=0, max_concurrency=1000).remote()
+    pid = ray.get(a.pid.remote())
+    arg = list(range(128))
+
+    async def go(count):
+        sem = asyncio.Semaphore(window)
+
+        async def one():
+            async with sem:
+                await a.f.remote(arg)
+        await asyncio.gather(*(one() for _ in range(count)))
+
+    asyncio.run(go(200))
+    c0, d0, t0 = cpu_s(pid), cpu_s(os.getpid()), time.perf_counter()
+    asyncio.run(go(n))
+    dt = time.perf_counter() - t0
+    out = {"calls_per_s": n / dt, "callee_cpu_ms_per_call": (cpu_s(pid) - c0) * 1e3 / n,
+           "caller_cpu_ms_per_call": (cpu_s(os.getpid()) - d0) * 1e3 / n}
+    ray.kill(a, no_restart=True)
+    return out
+
+
+def start_stubs(cfg, name: str) -> tuple[dict, dict]:
+    import ray
+
+    from workers.gpu import placement_options
+
+    workers, pids = {}, {}
+    for pool in cfg.pools:
+        cls = StubPrefill if pool.role == "prefill" else StubDecode
+        for i in range(pool.replicas):
+            wid = f"{name}/{pool.name}/{i}"
+            h = ray.remote(cls).options(max_concurrency=1000, **placement_options(
+                pool.gpu_type, 0)).remote(wid, pool.gpu_type, pool.max_num_seqs, pool.block_size)
+            workers[wid] = (pool.role, pool.gpu_type, h)
+    ray.get([h.ping.remote() for _, _, h in workers.values()])
+    for wid, (_, _, h) in workers.items():
+        pids[f"stub {wid.split('/', 1)[1]}"] = ray.get(h.pid.remote())
+    return workers, pids
+
+
+def run_throughput(redis_server, n_main: int, prompt_len: int, window: int, profile_s: float,
+                   py_spy: str, floors: bool, n_floor: int, say) -> dict:
+    import ray
+    import redis
+
+    from cluster.config import load_config
+    from cluster.controller import Controller
+    from workers.sampling import SamplingParams
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(256) for _ in range(prompt_len)] for _ in range(64)]
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    r = redis.Redis.from_url(redis_server.url)
+
+    def measure(label: str, ctl, pids: dict, finished, warm: int, n: int) -> dict:
+        errors: dict[str, int] = {}
+
+        async def submit_all(count: int, prefix: str) -> tuple[float, int]:
+            sem = asyncio.Semaphore(window)
+            ok = 0
+
+            async def one(i):
+                nonlocal ok
+                async with sem:
+                    try:
+                        await ctl.submit.remote(f"{prefix}-{i}", prompts[i % len(prompts)],
+                                                params)
+                        ok += 1
+                    except Exception as exc:  # noqa: BLE001 - counted and reported
+                        cause = getattr(exc, "cause", None) or exc
+                        errors[type(cause).__name__] = errors.get(type(cause).__name__, 0) + 1
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(count)))
+            return time.perf_counter() - t0, ok
+
+        progress: dict = {}
+
+        def wait_done(target: int, stall_s: float = 20.0) -> int:
+            """Until ``target`` requests finished, or no progress for ``stall_s``
+            (requests that never finish); ``progress`` keeps the time and CPU
+            counters of the last progress seen, so a stall is not counted."""
+            last, t_last = -1, time.monotonic()
+            while (got := finished()) < target:
+                if got != last:
+                    last, t_last = got, time.monotonic()
+                    progress.update(t=time.perf_counter(),
+                                    cpu={k: cpu_s(p) for k, p in pids.items()})
+                elif time.monotonic() - t_last > stall_s:
+                    return got
+                time.sleep(0.005)
+            progress.update(t=time.perf_counter(), cpu={k: cpu_s(p) for k, p in pids.items()})
+            return got
+
+        base = finished()
+        _, ok_w = asyncio.run(submit_all(warm, "warm"))
+        base = wait_done(base + ok_w)
+        cpu0 = {k: cpu_s(p) for k, p in pids.items()}
+        t0 = time.perf_counter()
+        submit_s, ok = asyncio.run(submit_all(n, "req"))
+        done = wait_done(base + ok) - base
+        total_s, cpu1 = progress["t"] - t0, progress["cpu"]
+        say(f"  {label}: {done / total_s:.0f} finished/s"
+            + (f"; submit errors {errors}" if errors else "")
+            + (f"; {ok - done} accepted requests never finished" if done < ok else ""))
+        return {"path": label, "requests": n, "submit_s": submit_s, "total_s": total_s,
+                "submitted_per_s": ok / submit_s, "finished_per_s": done / total_s,
+                "accepted": ok, "finished": done, "submit_errors": errors,
+                "cpu_s_per_1000": {k: (cpu1[k] - cpu0[k]) * 1000 / max(done, 1) for k in pids},
+                "_submit_all": submit_all, "_wait_done": wait_done, "_base": base + done}
+
+    cfg = load_config("tiny-disagg")
+    warm = min(200, n_main)
+    rows, prof = [], {}
+    variants = [("controller", None)] + ([("floor: Ray calls + Redis journal", True),
+                                          ("floor: Ray calls only", False)] if floors else [])
+    for label, with_redis in variants:
+        name = f"cp-{os.getpid()}-{len(rows)}"
+        cfg_i = replace(cfg, name=name,
+                        redis=replace(cfg.redis, url=redis_server.url, namespace=name),
+                        admission=replace(cfg.admission, max_waiting=max(n_main, 1024)))
+        workers, stub_pids = start_stubs(cfg_i, name)
+        if with_redis is None:
+            class BenchController(Controller):  # the real controller, plus a pid query
+                async def pid(self) -> int:
+                    return os.getpid()
+
+            ctl = ray.remote(BenchController).options(
+                num_cpus=0, max_concurrency=1000).remote(cfg_i, workers)
+            ray.get(ctl.start.remote())
+            key = f"{name}:completed"
+
+            def finished(key=key) -> int:
+                return r.llen(key)
+        else:
+            ctl = ray.remote(FloorController).options(
+                num_cpus=0, max_concurrency=1000).remote(workers, redis_server.url, name,
+                                                         with_redis)
+
+            def finished(ctl=ctl) -> int:
+                return ray.get(ctl.count.remote())
+        pids = {"controller": ray.get(ctl.pid.remote()), **stub_pids,
+                "redis-server": redis_server._proc.pid, "driver": os.getpid()}
+        n = n_main if with_redis is None else n_floor
+        row = measure(label, ctl, pids, finished, warm, n)
+        submit_all, wait_done, done_so_far = (row.pop("_submit_all"), row.pop("_wait_done"),
+                                              row.pop("_base"))
+        if with_redis is None:
+            status = ray.get(ctl.status.remote())
+            row["status_after"] = {"waiting": status["waiting"], "running": status["running"]}
+            if profile_s > 0:
+                prof = profile_controller(ctl, pids["controller"], submit_all, wait_done,
+                                          done_so_far, profile_s, py_spy, say)
+        rows.append(row)
+        ray.kill(ctl, no_restart=True)
+        for _, _, h in workers.values():
+            ray.kill(h, no_restart=True)
+    main_row = rows[0]
+    calib = ray_call_cost()
+    say(f"  Ray no-op actor call: {calib['calls_per_s']:.0f} calls/s")
+    return {
+        "ray_noop_call": calib,
+        "mode": "controller as a Ray actor (as deployed), stub worker actors, real Redis",
+        "requests": n_main, "prompt_len": prompt_len, "window": window, "warmup": warm,
+        **{k: main_row[k] for k in ("submit_s", "total_s", "submitted_per_s", "finished_per_s",
+                                    "cpu_s_per_1000")},
+        "status_after": main_row.get("status_after"), "paths": rows,
+        "target_rps": TARGET_RPS, "met": main_row["finished_per_s"] >= TARGET_RPS,
+        "profile": prof,
+    }
+
+
+def profile_controller(ctl, pid: int, submit_all, wait_done, done_so_far: int, seconds: float,
+                       py_spy: str, say) -> dict:
+    """py-spy the controller actor while it handles another batch of requests."""
+    out_file = Path(tempfile.mkdtemp(prefix="cpprof-")) / "controller.txt"
+    say(f"profiling the controller with {py_spy} for {seconds:.0f} s ...")
+    proc = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--duration",
+                             str(int(seconds)), "--format", "raw", "-o", str(out_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    sent = 0
+    t_end = time.monotonic() + seconds - 1
+    while time.monotonic() < t_end:
+        _, ok = asyncio.run(submit_all(500, f"prof{sent}"))
+        sent += 500
+        done_so_far = wait_done(done_so_far + ok)
+    proc.wait(timeout=120)
+    incl: dict[str, int] = {}
+    total = 0
+    for line in out_file.read_text().splitlines():
+        stack, _, cnt = line.rpartition(" ")
+        frames = stack.split(";")
+        if any(x in frames[-1] for x in ("select", "epoll", "_run_once (asyncio/base_events")):
+            continue  # the event loop waiting for I/O
+        total += int(cnt)
+        for fr in {f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
+                   + ")" for f in frames[1:]}:
+            incl[fr] = incl.get(fr, 0) + int(cnt)
+    top = sorted(incl.items(), key=lambda kv: -kv[1])[:30]
+    return {"active_samples": total, "requests": sent,
+            "inclusive": [(k, v / max(total, 1)) for k, v in top]}
+
+
+# ----- (b) inter-token latency ----------------------------------------------------------------
+def inprocess_times(prompt: list[int], max_tokens: int) -> list[float]:
+    import torch
+
+    from workers.engine import EngineConfig, LLMEngine
+    from workers.sampling import SamplingParams
+
+    torch.set_num_threads(1)
+    engine = inprocess_times.engine = getattr(inprocess_times, "engine", None) or LLMEngine(
+        EngineConfig(kv_cache_bytes=128 * MIB))
+    rid = f"ip-{time.perf_counter_ns()}"
+    engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                   ignore_eos=True))
+    times, tokens = [], []
+    while engine.has_unfinished():
+        for out in engine.step():
+            now = time.perf_counter()
+            if out.request_id == rid:
+                times += [now] * len(out.new_token_ids)
+                tokens += out.new_token_ids
+    inprocess_times.tokens = tokens
+    return times
+
+
+async def cluster_times(cluster_name: str, prompt: list[int], max_tokens: int, rid: str):
+    from cluster.ray_client import ClusterClient
+    from workers.sampling import SamplingParams
+
+    client = ClusterClient(cluster_name)
+    await client.controller()
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    times, chunks, tokens, ctl_times = [], [], [], []
+    async for chunk in client.generate(prompt, params, request_id=rid):
+        now = time.perf_counter()
+        times += [now] * len(chunk.token_ids)
+        ctl_times += chunk.token_times
+        tokens += chunk.token_ids
+        if chunk.token_ids:
+            chunks.append((now, len(chunk.token_ids)))
+    return times, chunks, tokens, ctl_times
+
+
+def schedstat(pid: int, tid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for a CPU) of one thread."""
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        on_cpu, wait, _ = f.read().split()
+    return int(on_cpu) / 1e9, int(wait) / 1e9
+
+
+def _engine_probe(self):  # runs inside the decode worker actor (via __ray_call__)
+    import threading
+
+    tid = next(t.native_id for t in threading.enumerate() if t.name == "engine-loop")
+    return os.getpid(), tid, self.engine.stats.steps, self.engine.stats.busy_s
+
+
+def gaps_ms(times: list[float]) -> list[float]:
+    return [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+
+
+def run_itl(redis_server, prompt_len: int, max_tokens: int, reps: int, say) -> dict:
+    import threading
+
+    import ray
+
+    from cluster.config import load_config
+    from cluster.launcher import Deployment
+
+    cfg = load_config("tiny-disagg")
+    name = f"itl-{os.getpid()}"
+    cfg = replace(cfg, name=name, transport="grpc",
+                  redis=replace(cfg.redis, url=redis_server.url, namespace=name))
+    dep = Deployment(cfg).start()
+    decode = next(h for role, _, h in dep.workers.values() if role == "decode")
+    ctl_pid = ray.get(dep.controller.__ray_call__.remote(lambda self: os.getpid()))
+    my_tid = threading.get_native_id()
+    rng = random.Random(1)
+    ip_gaps, cl_gaps, chunk_gaps, chunk_sizes, ctl_gaps = [], [], [], [], []
+    diag = {"inprocess": [], "cluster": []}
+    same = True
+    try:
+        for rep in range(reps + 1):  # rep 0 = warm-up of both
+            prompt = [rng.randrange(256) for _ in range(prompt_len)]
+            # in-process
+            eng = getattr(inprocess_times, "engine", None)
+            s0 = (eng.stats.steps, eng.stats.busy_s) if eng else (0, 0.0)
+            x0, t0 = schedstat(os.getpid(), my_tid), time.perf_counter()
+            t_ip = inprocess_times(prompt, max_tokens)
+            dt, x1 = time.perf_counter() - t0, schedstat(os.getpid(), my_tid)
+            eng = inprocess_times.engine
+            ref = list(inprocess_times.tokens)
+            if rep:
+                diag["inprocess"].append({
+                    "busy_ms_per_step": (eng.stats.busy_s - s0[1]) * 1e3 / (eng.stats.steps - s0[0]),
+                    "engine_thread_on_cpu": (x1[0] - x0[0]) / dt,
+                    "engine_thread_runq_wait": (x1[1] - x0[1]) / dt})
+            # cluster
+            pid, tid, st0, b0 = ray.get(decode.__ray_call__.remote(_engine_probe))
+            y0 = schedstat(pid, tid)
+            cpu0 = {"decode worker": cpu_s(pid), "controller": cpu_s(ctl_pid),
+                    "client (driver)": cpu_s(os.getpid()), "redis": cpu_s(redis_server._proc.pid)}
+            t0 = time.perf_counter()
+            t_cl, chunks, tokens, ctl_t = asyncio.run(
+                cluster_times(cfg.name, prompt, max_tokens, f"itl-{rep}"))
+            dt = time.perf_counter() - t0
+            y1 = schedstat(pid, tid)
+            cpu1 = {"decode worker": cpu_s(pid), "controller": cpu_s(ctl_pid),
+                    "client (driver)": cpu_s(os.getpid()), "redis": cpu_s(redis_server._proc.pid)}
+            _, _, st1, b1 = ray.get(decode.__ray_call__.remote(_engine_probe))
+            same = same and tokens == ref
+            if rep == 0:
+                continue
+            cpu_tok = {k: (cpu1[k] - cpu0[k]) * 1e3 / len(tokens) for k in cpu0}
+            cpu_tok["decode worker"] -= (y1[0] - y0[0]) * 1e3 / len(tokens)  # minus its engine
+            diag["cluster"].append({
+                "busy_ms_per_step": (b1 - b0) * 1e3 / max(1, st1 - st0),
+                "engine_thread_on_cpu": (y1[0] - y0[0]) / dt,
+                "engine_thread_runq_wait": (y1[1] - y0[1]) / dt,
+                "control_plane_cpu_ms_per_token": cpu_tok})
+            ip_gaps += gaps_ms(t_ip)
+            cl_gaps += gaps_ms(t_cl)
+            ctl_gaps += gaps_ms(ctl_t)
+            chunk_gaps += gaps_ms([t for t, _ in chunks])
+            chunk_sizes += [k for _, k in chunks]
+            say(f"  itl rep {rep}/{reps}: in-process p50 {pct(gaps_ms(t_ip), .5):.2f} ms, "
+                f"cluster p50 {pct(gaps_ms(t_cl), .5):.2f} ms "
+                f"(mean {statistics.fmean(gaps_ms(t_cl)):.2f}), {len(chunks)} chunks")
+    finally:
+        dep.shutdown()
+    ip50, cl50 = pct(ip_gaps, 0.5), pct(cl_gaps, 0.5)
+
+    def avg(side, key):
+        return statistics.fmean(d[key] for d in diag[side])
+    cp_keys = diag["cluster"][0]["control_plane_cpu_ms_per_token"]
+    return {
+        "model": "tiny", "prompt_len": prompt_len, "max_tokens": max_tokens, "reps": reps,
+        "inprocess_itl_p50_ms": ip50, "inprocess_itl_mean_ms": statistics.fmean(ip_gaps),
+        "inprocess_itl_p90_ms": pct(ip_gaps, 0.9),
+        "cluster_itl_p50_ms": cl50, "cluster_itl_mean_ms": statistics.fmean(cl_gaps),
+        "cluster_itl_p90_ms": pct(cl_gaps, 0.9),
+        "controller_itl_p50_ms": pct(ctl_gaps, 0.5),
+        "cluster_chunk_gap_p50_ms": pct(chunk_gaps, 0.5),
+        "cluster_tokens_per_chunk_mean": statistics.fmean(chunk_sizes),
+        "added_p50_ms": cl50 - ip50,
+        "added_mean_ms": statistics.fmean(cl_gaps) - statistics.fmean(ip_gaps),
+        "tokens_identical": same,
+        "diagnostics": {
+            side: {k: avg(side, k) for k in ("busy_ms_per_step", "engine_thread_on_cpu",
+                                             "engine_thread_runq_wait")}
+            for side in ("inprocess", "cluster")},
+        "control_plane_cpu_ms_per_token": {
+            k: statistics.fmean(d["control_plane_cpu_ms_per_token"][k] for d in diag["cluster"])
+            for k in cp_keys},
+        "target_added_ms": TARGET_ITL_ADDED_MS, "met": cl50 - ip50 <= TARGET_ITL_ADDED_MS,
+    }
+
+
+# ----- main ------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", choices=("throughput", "itl"), default=None)
+    ap.add_argument("--requests", type=int, default=5000)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--window", type=int, default=64,
+                    help="submits outstanding at most (above ~100, Redis pool errors: see docs)")
+    ap.add_argument("--floor-requests", type=int, default=1500,
+                    help="requests for each floor peer")
+    ap.add_argument("--no-floors", action="store_true",
+                    help="skip the floor peers (same Ray calls / Redis writes, no controller)")
+    ap.add_argument("--itl-prompt-len", type=int, default=128)
+    ap.add_argument("--itl-tokens", type=int, default=128)
+    ap.add_argument("--itl-reps", type=int, default=3)
+    ap.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                    help="also py-spy the controller under load for SECONDS")
+    ap.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
+    ap.add_argument("--json", nargs="?", const="-", default=None,
+                    help="write JSON to this file ('-' or no value: stdout)")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from cluster.redis_server import RedisServer
+
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json == "-" else \
+        (lambda *a: print(*a, flush=True))
+    t_start = time.perf_counter()
+    report = {"benchmark": "control_plane", "date": time.strftime("%Y-%m-%d"),
+              "machine": f"CPU, {os.cpu_count()} cores, no GPU ({platform.machine()})"}
+    with RedisServer() as redis_server:
+        ray.init(address="local", num_cpus=2,
+                 resources={"gpu_type:H100": 4, "gpu_type:L40S": 4},
+                 object_store_memory=256 * MIB, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+        try:
+            if args.only in (None, "throughput"):
+                say(f"(a) {args.requests} requests through the controller, stub workers ...")
+                report["throughput"] = run_throughput(redis_server, args.requests,
+                                                      args.prompt_len, args.window,
+                                                      args.profile, args.py_spy,
+                                                      not args.no_floors, args.floor_requests,
+                                                      say)
+            if args.only in (None, "itl"):
+                say(f"(b) ITL: tiny model, {args.itl_tokens} tokens, in-process vs cluster ...")
+                report["itl"] = run_itl(redis_server, args.itl_prompt_len, args.itl_tokens,
+                                        args.itl_reps, say)
+        finally:
+            ray.shutdown()
+    report["wall_s"] = time.perf_counter() - t_start
+    if args.json:
+        text = json.dumps(report, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
+    if args.json != "-":
+        print_tables(report)
+    return 0
+
+
+def print_tables(report: dict) -> None:
+    t = report.get("throughput")
+    if t:
+        print(f"\n(a) controller throughput: {t['requests']} requests "
+              f"({t['prompt_len']}-token prompts, max_tokens 1), window {t['window']}; {t['mode']}")
+        keys = list(t["paths"][0]["cpu_s_per_1000"])
+        head = (f"{'path':<34} {'requests':>8} {'submit/s':>8} {'finished/s':>10} "
+                + " ".join(f"{k.replace('stub ', ''):>12}" for k in keys))
+        print("CPU columns: CPU seconds per 1,000 requests of each process")
+        print(head + "\n" + "-" * len(head))
+        for row in t["paths"]:
+            print(f"{row['path']:<34} {row['requests']:>8} {row['submitted_per_s']:>8.0f} {row['finished_per_s']:>10.0f} "
+                  + " ".join(f"{row['cpu_s_per_1000'][k]:>12.2f}" for k in keys))
+        for row in t["paths"]:
+            if row["submit_errors"] or row["finished"] < row["accepted"]:
+                print(f"  !! {row['path']}: submit errors {row['submit_errors']}, "
+                      f"{row['accepted'] - row['finished']} accepted requests never finished")
+        c = t["ray_noop_call"]
+        print(f"calibration, Ray no-op async actor call from the driver: {c['calls_per_s']:.0f} "
+              f"calls/s, CPU {c['caller_cpu_ms_per_call']:.2f} ms caller + "
+              f"{c['callee_cpu_ms_per_call']:.2f} ms callee per call")
+        print(f"target >= {t['target_rps']:.0f} req/s: {t['finished_per_s']:.0f} -> "
+              f"{'MET' if t['met'] else 'MISSED'}")
+        if t.get("profile"):
+            p = t["profile"]
+            print(f"\ncontroller profile (py-spy, {p['active_samples']} active samples, "
+                  f"{p['requests']} requests): inclusive share, top frames")
+            for k, v in p["inclusive"]:
+                print(f"  {v * 100:5.1f}%  {k}")
+    i = report.get("itl")
+    if i:
+        print(f"\n(b) inter-token latency: tiny model, {i['prompt_len']}-token prompt, "
+              f"{i['max_tokens']} tokens greedy, {i['reps']} runs each (pooled), ms")
+        head = f"{'path':<44} {'p50':>7} {'mean':>7} {'p90':>7}"
+        print(head + "\n" + "-" * len(head))
+        print(f"{'in-process LLMEngine.step() loop':<44} {i['inprocess_itl_p50_ms']:>7.2f} "
+              f"{i['inprocess_itl_mean_ms']:>7.2f} {i['inprocess_itl_p90_ms']:>7.2f}")
+        print(f"{'cluster disagg grpc, ClusterClient (per token)':<44} "
+              f"{i['cluster_itl_p50_ms']:>7.2f} {i['cluster_itl_mean_ms']:>7.2f} "
+              f"{i['cluster_itl_p90_ms']:>7.2f}")
+        print(f"{'  at the controller (token_times)':<44} {i['controller_itl_p50_ms']:>7.2f}")
+        print(f"{'  gap between chunks at the client':<44} {i['cluster_chunk_gap_p50_ms']:>7.2f}"
+              f"   ({i['cluster_tokens_per_chunk_mean']:.2f} tokens per chunk)")
+        d = i["diagnostics"]
+        print("decode engine, per step (model forward) and its thread's share of wall time:")
+        for side in ("inprocess", "cluster"):
+            print(f"  {side:<10} busy {d[side]['busy_ms_per_step']:6.2f} ms/step, on a CPU "
+                  f"{d[side]['engine_thread_on_cpu'] * 100:3.0f}%, runnable but waiting for a CPU "
+                  f"{d[side]['engine_thread_runq_wait'] * 100:3.0f}%")
+        cp = i["control_plane_cpu_ms_per_token"]
+        print("control-plane CPU per streamed token (ms): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in cp.items())
+              + f"; total {sum(cp.values()):.2f}")
+        print(f"added p50: {i['added_p50_ms']:+.2f} ms (mean {i['added_mean_ms']:+.2f} ms); "
+              f"target <= {i['target_added_ms']:.0f} ms -> {'MET' if i['met'] else 'MISSED'}; "
+              f"tokens identical: {i['tokens_identical']}")
+    print(f"\nwall {report['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
