@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import random
 import statistics
 import sys
@@ -254,7 +253,3 @@ def run_calibrate_command(args) -> int:
             print(f"{name}: {rep}")
         print(f"profiles written to {args.profiles}")
     return 0
-
-
-def fmt_pct(x: float) -> str:
-    return "-" if math.isnan(x) else f"{x:.1f}%"

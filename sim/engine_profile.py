@@ -211,7 +211,3 @@ def engine_spec(limits: dict | None = None, fast_forward: bool = True):
                    lim["prefill_chunk_size"], lim["block_size"], lim["kv_cache_bytes"])
     return SimSpec(model="tiny", dtype="fp32", pools=(pool,), kv_from="config",
                    max_waiting=100_000, fast_forward=fast_forward)
-
-
-def median_step_ms(samples: list[StepSample], kind: str) -> float:
-    return statistics.median(s.seconds for s in samples if s.kind == kind) * 1e3

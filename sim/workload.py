@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -223,12 +222,3 @@ def _arrival_times(spec: WorkloadSpec, rng: random.Random) -> list[float]:
         times.append(t)
         t += g
     return times
-
-
-def describe_lengths(requests: list[Request]) -> dict[str, float]:
-    """Mean and median prompt/output tokens of a request list (for reports)."""
-    p = sorted(r.prompt_tokens for r in requests)
-    o = sorted(r.output_tokens for r in requests)
-    return {"prompt_mean": sum(p) / len(p), "prompt_p50": p[len(p) // 2],
-            "output_mean": sum(o) / len(o), "output_p50": o[len(o) // 2],
-            "requests": len(requests), "log_mean_output": sum(math.log(x) for x in o) / len(o)}

@@ -98,10 +98,12 @@ class BlockManager:
         return hits
 
     def can_allocate(self, token_ids: list[int], reuse_prefix: bool = True) -> bool:
-        hits = self._prefix_hits(token_ids, reuse_prefix)
+        return self._fits(len(token_ids), self._prefix_hits(token_ids, reuse_prefix))
+
+    def _fits(self, num_tokens: int, hits: list[int]) -> bool:
+        """Free blocks suffice for the fresh blocks plus cached hits to revive."""
         revived = sum(1 for b in hits if self._blocks[b].ref_count == 0)
-        fresh = self.blocks_needed(len(token_ids)) - len(hits)
-        return fresh + revived <= self.num_free_blocks
+        return self.blocks_needed(num_tokens) - len(hits) + revived <= self.num_free_blocks
 
     # ----- mutations -----------------------------------------------------
     def allocate(self, seq_id: str, token_ids: list[int],
@@ -109,10 +111,13 @@ class BlockManager:
         """Blocks for a whole prompt, reusing cached prefix blocks unless told
         not to (KV about to arrive from elsewhere); None if full."""
         assert seq_id not in self._tables, f"sequence {seq_id} already allocated"
-        if not token_ids or not self.can_allocate(token_ids, reuse_prefix):
+        if not token_ids:
             return None
         hits = self._prefix_hits(token_ids, reuse_prefix)
-        self.prefix_queries += len(block_hashes(token_ids[:-1], self.block_size))
+        if not self._fits(len(token_ids), hits):
+            return None
+        if self.enable_prefix_caching and reuse_prefix:
+            self.prefix_queries += (len(token_ids) - 1) // self.block_size
         self.prefix_hits += len(hits)
         for b in hits:
             self._take(b)
