@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -76,6 +75,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from bench_common import emit_report
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -86,12 +87,16 @@ TARGET_ITL_ADDED_MS = 1.0
 
 
 # ----- stub workers (benchmark-only) ------------------------------------------------
-class StubDecode:
+class _StubWorker:
+    """What every stub worker answers at once: identity, load, model limits."""
+
+    role = ""
+
     def __init__(self, worker_id: str, gpu_type: str, max_num_seqs: int, block_size: int):
         from workers.messages import WorkerLoad
 
         self.worker_id, self.block_size = worker_id, block_size
-        self._load = WorkerLoad(worker_id, "decode", gpu_type, 0, 0, 1 << 20, 1 << 20,
+        self._load = WorkerLoad(worker_id, self.role, gpu_type, 0, 0, 1 << 20, 1 << 20,
                                 block_size, 2048, max_num_seqs, f"stub:{gpu_type}")
 
     async def pid(self) -> int:
@@ -103,11 +108,15 @@ class StubDecode:
     async def load(self):
         return self._load
 
-    async def kv_endpoint(self) -> str:
-        return "127.0.0.1:1"
-
     async def model_info(self) -> dict:
         return {"max_model_len": 4096, "vocab_size": 32000, "eos_token_ids": [257]}
+
+
+class StubDecode(_StubWorker):
+    role = "decode"
+
+    async def kv_endpoint(self) -> str:
+        return "127.0.0.1:1"
 
     async def reserve(self, request_id: str, token_ids: list[int]) -> list[int]:
         return list(range(-(-len(token_ids) // self.block_size)))
@@ -126,25 +135,8 @@ class StubDecode:
         return [], cursor, self._load
 
 
-class StubPrefill:
-    def __init__(self, worker_id: str, gpu_type: str, max_num_seqs: int, block_size: int):
-        from workers.messages import WorkerLoad
-
-        self.worker_id = worker_id
-        self._load = WorkerLoad(worker_id, "prefill", gpu_type, 0, 0, 1 << 20, 1 << 20,
-                                block_size, 2048, max_num_seqs, f"stub:{gpu_type}")
-
-    async def pid(self) -> int:
-        return os.getpid()
-
-    async def ping(self) -> str:
-        return self.worker_id
-
-    async def load(self):
-        return self._load
-
-    async def model_info(self) -> dict:
-        return {"max_model_len": 4096, "vocab_size": 32000, "eos_token_ids": [257]}
+class StubPrefill(_StubWorker):
+    role = "prefill"
 
     async def prefill(self, job):
         from workers.messages import PrefillResult
@@ -640,14 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ray.shutdown()
     report["wall_s"] = time.perf_counter() - t_start
-    if args.json:
-        text = json.dumps(report, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text)
-    if args.json != "-":
-        print_tables(report)
+    emit_report(report, args.json, print_tables)
     return 0
 
 

@@ -64,7 +64,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -78,6 +77,8 @@ import threading
 import time
 import zlib
 from pathlib import Path
+
+from bench_common import emit_report
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -636,14 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                    "grpc_ratio": grpc_row["ratio_to_raw_tcp"] if grpc_row else None,
                    "met": bool(grpc_row and grpc_row["ratio_to_raw_tcp"] >= 0.70)},
     }
-    if args.json:
-        text = json.dumps(report, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text)
-    if args.json != "-":
-        print_tables(report)
+    emit_report(report, args.json, print_tables)
     return 0
 
 

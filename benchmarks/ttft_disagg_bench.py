@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -55,6 +54,8 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from bench_common import emit_report
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -219,14 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                                 if isinstance(v, (int, float, str))}}
                             for r in rs] for n, rs in runs.items()},
     }
-    if args.json:
-        text = json.dumps(report, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text)
-    if args.json != "-":
-        print_table(report)
+    emit_report(report, args.json, print_table)
     return 0
 
 

@@ -103,6 +103,15 @@ class _Collector:
                            "total_s": t.total_s})
 
 
+def _retry_delay(exc: grpc.RpcError, started: bool, delays: Iterator[float]) -> float:
+    """How long to wait before retrying; re-raises when the call must not be retried
+    (it already streamed tokens, failed with anything but UNAVAILABLE, or ran out of tries)."""
+    delay = next(delays, None)
+    if started or exc.code() != grpc.StatusCode.UNAVAILABLE or delay is None:
+        raise exc
+    return delay
+
+
 def _metadata(token: str | None):
     return (("authorization", f"Bearer {token}"),) if token else None
 
@@ -131,10 +140,7 @@ class BatonClient:
                     yield collector.add(msg)
                 return
             except grpc.RpcError as exc:
-                delay = next(delays, None)
-                if started or exc.code() != grpc.StatusCode.UNAVAILABLE or delay is None:
-                    raise
-                time.sleep(delay)
+                time.sleep(_retry_delay(exc, started, delays))
 
     def generate(self, prompt, **kw) -> Completion:
         *_, final = self.stream(prompt, stream=False, **kw)
@@ -187,10 +193,7 @@ class AsyncBatonClient:
                     yield collector.add(msg)
                 return
             except grpc.RpcError as exc:
-                delay = next(delays, None)
-                if started or exc.code() != grpc.StatusCode.UNAVAILABLE or delay is None:
-                    raise
-                await asyncio.sleep(delay)
+                await asyncio.sleep(_retry_delay(exc, started, delays))
 
     async def generate(self, prompt, **kw) -> Completion:
         final = None
