@@ -88,7 +88,7 @@ def _generate_remote(args: argparse.Namespace, sampling: dict) -> dict:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from cluster.serve import serve
 
-    return serve(args.config, args.grpc_port, args.ray_address)
+    return serve(args.config, args.grpc_port, args.ray_address, http_port=args.http_port)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -149,10 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=_cmd_generate)
 
-    srv = sub.add_parser("serve", help="run a cluster and its gRPC API until SIGTERM")
+    srv = sub.add_parser("serve", help="run a cluster, its gRPC and HTTP APIs until SIGTERM")
     srv.add_argument("--config", default=None,
                      help="cluster YAML or example name (default: tiny-disagg)")
-    srv.add_argument("--grpc-port", type=int, default=None)
+    srv.add_argument("--grpc-port", type=int, default=None, help="default: server.grpc_port")
+    srv.add_argument("--http-port", type=int, default=None, help="default: server.http_port")
     srv.add_argument("--ray-address", default=None, help="join this Ray cluster")
     srv.set_defaults(func=_cmd_serve)
 

@@ -240,6 +240,10 @@ def _validate(cfg: ClusterConfig) -> None:
             raise ConfigError(f"server.{key}: {port} must be in [0, 65535]")
     if not cfg.redis.url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"redis.url: {cfg.redis.url!r} must start with redis://, rediss:// or unix://")
+    env = cfg.redis.password_env
+    if env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
+        raise ConfigError(f"redis.password_env: {env!r} is not an environment variable name "
+                          "(letters, digits, '_'; not starting with a digit)")
 
 
 def _validate_pool(pool: PoolSpec, path: str) -> None:

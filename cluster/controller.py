@@ -35,6 +35,7 @@ from ray.exceptions import RayActorError
 from redis.exceptions import RedisError
 
 from cluster.config import ClusterConfig
+from cluster.metrics import ClusterSnapshot, ServingMetrics
 from cluster.policies import (
     BoundedQueue,
     RequestView,
@@ -44,7 +45,7 @@ from cluster.policies import (
     make_router,
     make_scheduler,
 )
-from cluster.state import StateStore
+from cluster.state import StateStore, password_from_env
 from workers.block_manager import block_hashes
 from workers.messages import PrefillJob, PrefillResult, TokenEvent, WorkerLoad
 from workers.sampling import SamplingParams
@@ -132,6 +133,8 @@ class Controller:
             quantum_rounds=config.scheduler.quantum_rounds, max_wait_s=config.scheduler.max_wait_s)
         self.router = make_router(config.router.policy)
         self.admission = BoundedQueue(config.admission.max_waiting)
+        if redis_password is None:
+            redis_password = password_from_env(config.redis.password_env)
         self.store = StateStore(config.redis.url, config.redis.namespace, redis_password)
         self.workers: dict[str, _Worker] = {}
         self._requests: dict[str, _Request] = {}
@@ -142,6 +145,8 @@ class Controller:
         self._tasks: set[asyncio.Task] = set()
         self._ids = itertools.count()
         self.block_size = min(p.block_size for p in config.pools)
+        self.metrics = ServingMetrics(config.transport if config.disaggregated else "none",
+                                      self._snapshot)
 
     # ----- lifecycle ----------------------------------------------------------
     async def start(self) -> int:
@@ -259,27 +264,45 @@ class Controller:
             await asyncio.gather(*(self._safe(self.workers[w], "abort", request_id) for w in ids))
         return True
 
-    async def start_frontends(self, grpc_port: int | None = None) -> dict:
-        """Serve gRPC from this process's event loop; the bearer token is read
-        from the environment variable the config names (never from arguments)."""
+    async def start_frontends(self, grpc_port: int | None = None,
+                              http_port: int | None = None) -> dict:
+        """Serve gRPC and HTTP from this process's event loop; the bearer token
+        is read from the environment variable the config names (never from
+        arguments). Port 0 picks a free port; the bound ports are returned."""
         import os
 
+        from cluster.chat_template import load_chat_renderer
         from cluster.grpc_server import GrpcFrontend
+        from cluster.http_server import HttpFrontend
         from cluster.validation import ModelLimits
         from workers.loader import load_tokenizer
 
         server = self.config.server
         token = os.environ.get(server.auth_token_env) if server.auth_token_env else None
         limits = ModelLimits(self.config.model.source, self.max_model_len, self.vocab_size)
-        self.grpc = GrpcFrontend(self, limits, load_tokenizer(self.config.model.source), token,
-                                 server.max_message_bytes)
-        port = await self.grpc.start(server.host, server.grpc_port if grpc_port is None
-                                     else grpc_port)
-        return {"grpc_port": port}
+        tokenizer = load_tokenizer(self.config.model.source)
+        render = load_chat_renderer(self.config.model.source)
+        self.grpc = GrpcFrontend(self, limits, tokenizer, token, server.max_message_bytes,
+                                 render=render)
+        self.http = HttpFrontend(self, limits, tokenizer, token, server.max_message_bytes,
+                                 render=render)
+        ports = {"grpc_port": await self.grpc.start(
+            server.host, server.grpc_port if grpc_port is None else grpc_port)}
+        ports["http_port"] = await self.http.start(
+            server.host, server.http_port if http_port is None else http_port)
+        return ports
+
+    def _frontends(self) -> list:
+        return [f for f in (getattr(self, "grpc", None), getattr(self, "http", None)) if f]
+
+    async def drain_frontends(self) -> None:
+        """Health turns NOT_SERVING / 503 and new requests are refused."""
+        for f in self._frontends():
+            await f.drain()
 
     async def stop_frontends(self, grace_s: float = 30.0) -> None:
-        if getattr(self, "grpc", None) is not None:
-            await self.grpc.stop(grace_s)
+        await self.drain_frontends()
+        await asyncio.gather(*(f.stop(grace_s) for f in self._frontends()))
 
     async def status(self) -> dict:
         return {
@@ -294,13 +317,36 @@ class Controller:
                          "device": w.load.device_name} for w in self.workers.values()],
         }
 
+    def _snapshot(self) -> ClusterSnapshot:
+        """Read at /metrics scrape time (same event loop: a consistent view)."""
+        front = "prefill" if self.config.disaggregated else "mixed"
+        waiting = {front: len(self._waiting)}
+        if self.config.disaggregated:  # first token out, not yet admitted for decode
+            waiting["decode"] = sum(1 for r in self._requests.values() if r.route and r.tokens
+                                    and not r.decoding and r.finish_reason is None)
+        return ClusterSnapshot(waiting, [(w.worker_id.split("/")[-2], w.load)
+                                         for w in self.workers.values()])
+
+    async def metrics_text(self) -> bytes:
+        return self.metrics.exposition()
+
     # ----- scheduling -------------------------------------------------------------
     async def _ticker(self) -> None:
-        while True:
+        for tick in itertools.count():
             await asyncio.sleep(0.05)
             if self._waiting:
                 self._wake.set()
             self._forget_finished()
+            if tick % 10 == 0:
+                self._spawn(self._refresh_prefill_loads())
+
+    async def _refresh_prefill_loads(self) -> None:
+        """Decode loads come with every token poll; prefill loads (for status
+        and metrics) are read twice a second."""
+        for w in [w for w in self.workers.values() if w.role == "prefill" and w.alive]:
+            load = await self._safe(w, "load")
+            if load is not None:
+                w.load = load
 
     async def _schedule_loop(self) -> None:
         while True:
@@ -343,8 +389,9 @@ class Controller:
 
     def _view(self, w: _Worker) -> WorkerView:
         load = w.load
-        return WorkerView(w.worker_id, w.role, w.gpu_type,
-                          load.queued_prefill_tokens + w.outstanding_prefill, load.running,
+        # A prefill worker's own count lags its queue; what was dispatched to it is exact.
+        queued = w.outstanding_prefill if w.role == "prefill" else load.queued_prefill_tokens
+        return WorkerView(w.worker_id, w.role, w.gpu_type, queued, load.running,
                           load.free_kv_blocks, load.total_kv_blocks, load.block_size,
                           load.max_num_batched_tokens, load.max_num_seqs, w.alive)
 
@@ -364,7 +411,10 @@ class Controller:
     def _dispatch(self, req: _Request, route: Route) -> None:
         req.route = route
         req.generation += 1
-        req.timing.setdefault("queue_s", time.time() - req.arrival_s)
+        if "queue_s" not in req.timing:
+            req.timing["queue_s"] = time.time() - req.arrival_s
+            self.metrics.observe_queue(self.workers[route.prefill_worker].role,
+                                       req.timing["queue_s"])
         self._spawn(self._run(req, route, req.generation))
 
     async def _run(self, req: _Request, route: Route, gen: int) -> None:
@@ -426,6 +476,8 @@ class Controller:
         t["kv_transfer_s"] = res.transfer_s
         t["kv_bytes"] = t.get("kv_bytes", 0) + res.kv_bytes
         t["kv_transfer_attempts"] = res.transfer_attempts
+        self.metrics.observe_transfer(res.kv_bytes, res.transfer_s, res.transfer_attempts,
+                                      res.transfer_ok)
 
     async def _store_prefix(self, worker_id: str, req: _Request) -> None:
         if self.config.router.policy == "prefix-aware":
@@ -470,6 +522,9 @@ class Controller:
             r = req or self._requests[ev.request_id]
             if not r.tokens:
                 r.timing["ttft_s"] = now - r.arrival_s
+                self.metrics.observe_ttft(r.timing["ttft_s"])
+            self.metrics.observe_tokens(r.token_times[-1] if r.token_times else None,
+                                        [now] * len(ev.token_ids))
             r.tokens.extend(ev.token_ids)
             r.texts.extend([ev.text] + [""] * (len(ev.token_ids) - 1))
             r.token_times.extend([now] * len(ev.token_ids))
@@ -491,6 +546,7 @@ class Controller:
         req.finish_reason = reason
         req.finished_at = time.time()
         req.timing["total_s"] = req.finished_at - req.arrival_s
+        self.metrics.observe_finish(reason, req.timing["total_s"])
         try:
             await self.store.journal_finish(req.request_id, reason, {
                 "prompt_tokens": len(req.prompt), "output_tokens": len(req.tokens)})

@@ -23,7 +23,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from cluster.controller import Overloaded, Unavailable
-from cluster.validation import InvalidRequest, ModelLimits, build_request
+from cluster.validation import InvalidRequest, ModelLimits, build_request, render_chat
 from proto.baton.v1 import serving_pb2 as pb
 from proto.baton.v1 import serving_pb2_grpc as pb_grpc
 
@@ -78,7 +78,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             valid = build_request(self.f.limits, self.f.tokenizer, model=request.model,
                                   sampling=_sampling(request), request_id=request.request_id,
-                                  **_prompt(request))
+                                  render=self.f.render, **_prompt(request))
             rid = await self.f.backend.submit(valid.request_id, valid.prompt_token_ids,
                                               valid.params)
         except Overloaded as exc:
@@ -156,7 +156,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
 
     async def Drain(self, request, context):  # noqa: N802
         await self.f.auth.check(context)
-        await self.f.drain()
+        await self.f.backend.drain_frontends()
         return pb.DrainResponse(in_flight=(await self.f.backend.status())["running"])
 
 
@@ -164,8 +164,9 @@ class GrpcFrontend:
     """Owns the grpc.aio server; ``backend`` is the controller (same process)."""
 
     def __init__(self, backend, limits: ModelLimits, tokenizer, token: str | None = None,
-                 max_message_bytes: int = 16 << 20):
+                 max_message_bytes: int = 16 << 20, render=render_chat):
         self.backend, self.limits, self.tokenizer = backend, limits, tokenizer
+        self.render = render
         self.auth = _Auth(token)
         self.draining = False
         self.health = HealthServicer()

@@ -4,7 +4,7 @@ Lifecycle: load the config (default: the embedded tiny disaggregated
 cluster) -> make sure Redis answers (start a local ``redis-server`` when the
 configured one is the local default and nothing listens) -> join or start
 Ray (a local Ray offers the emulated GPU types the pools name) -> start the
-deployment and the gRPC frontend inside the controller -> on SIGTERM/SIGINT
+deployment and the gRPC and HTTP frontends inside the controller -> on SIGTERM/SIGINT
 drain, let in-flight streams finish, and shut down.
 """
 
@@ -18,17 +18,18 @@ from dataclasses import replace
 import redis
 
 from cluster.config import ClusterConfig, load_config
+from cluster.state import password_from_env
 
 
-def _redis_reachable(url: str) -> bool:
+def _redis_reachable(url: str, password: str | None = None) -> bool:
     try:
-        return bool(redis.from_url(url, socket_connect_timeout=1).ping())
+        return bool(redis.from_url(url, password=password, socket_connect_timeout=1).ping())
     except redis.RedisError:
         return False
 
 
 def _ensure_redis(cfg: ClusterConfig):
-    if _redis_reachable(cfg.redis.url):
+    if _redis_reachable(cfg.redis.url, password_from_env(cfg.redis.password_env)):
         return cfg, None
     if not cfg.redis.url.startswith("redis://127.0.0.1"):
         raise SystemExit(f"Redis at {cfg.redis.url} does not answer")
@@ -52,14 +53,15 @@ def _init_ray(cfg: ClusterConfig, address: str | None) -> None:
 
 
 def serve(config: str | None, grpc_port: int | None, ray_address: str | None,
-          grace_s: float = 30.0, out=sys.stdout) -> int:
+          grace_s: float = 30.0, out=sys.stdout, http_port: int | None = None) -> int:
     import ray
 
     from cluster.launcher import Deployment
 
     cfg = load_config(config or "tiny-disagg")
-    if grpc_port is not None:
-        cfg = replace(cfg, server=replace(cfg.server, grpc_port=grpc_port))
+    ports = {k: v for k, v in (("grpc_port", grpc_port), ("http_port", http_port))
+             if v is not None}
+    cfg = replace(cfg, server=replace(cfg.server, **ports))
     cfg, local_redis = _ensure_redis(cfg)
     _init_ray(cfg, ray_address)
     stop = threading.Event()
@@ -69,8 +71,8 @@ def serve(config: str | None, grpc_port: int | None, ray_address: str | None,
     try:
         ports = ray.get(dep.controller.start_frontends.remote())
         print(f"baton: serving {cfg.name} ({cfg.model.source}) on gRPC port "
-              f"{ports['grpc_port']}; auth {'on' if cfg.server.auth_token_env else 'off'}",
-              file=out, flush=True)
+              f"{ports['grpc_port']} and HTTP port {ports['http_port']}; "
+              f"auth {'on' if cfg.server.auth_token_env else 'off'}", file=out, flush=True)
         stop.wait()
         print("baton: draining", file=out, flush=True)
         ray.get(dep.controller.stop_frontends.remote(grace_s))

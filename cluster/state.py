@@ -22,6 +22,7 @@ Keys (``ns`` = the cluster's namespace)::
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -53,6 +54,21 @@ def params_from_json(text: str) -> SamplingParams:
     d["stop_token_ids"] = tuple(d.get("stop_token_ids", ()))
     d["stop"] = tuple(d.get("stop", ()))
     return SamplingParams(**d)
+
+
+def password_from_env(variable: str | None) -> str | None:
+    """The Redis password from the variable ``redis.password_env`` names.
+
+    Read in the process that opens the connection (head or worker pod, both
+    given the variable from a Secret), so the password never travels as a Ray
+    argument; None when the config names no variable.
+    """
+    if variable is None:
+        return None
+    password = os.environ.get(variable)
+    if password is None:
+        raise ValueError(f"redis.password_env: environment variable {variable!r} is not set")
+    return password
 
 
 class StateStore:

@@ -43,16 +43,20 @@ class ValidRequest:
 
 def build_request(limits: ModelLimits, tokenizer, *, model: str | None,
                   prompt: Any = None, messages: Any = None, sampling: dict,
-                  request_id: Any = None) -> ValidRequest:
-    """Exactly one of ``prompt`` (text or token ids) and ``messages`` (chat)."""
+                  request_id: Any = None, render=None) -> ValidRequest:
+    """Exactly one of ``prompt`` (text or token ids) and ``messages`` (chat,
+    rendered by ``render``: the model's template, or Baton's default)."""
     _check_model(limits, model)
     rid = _request_id(request_id)
     if (prompt is None) == (messages is None):
         raise InvalidRequest("prompt", "give exactly one of a prompt and chat messages")
     tokens = _prompt_tokens(prompt, limits, tokenizer) if prompt is not None else \
-        tokenizer.encode(render_chat(_messages(messages)))
+        tokenizer.encode((render or render_chat)(parse_messages(messages)))
     if not tokens:
         raise InvalidRequest("prompt", "must not be empty")
+    if len(tokens) >= limits.max_model_len:
+        raise InvalidRequest("prompt", f"{len(tokens)} tokens leave no room in the model's "
+                                       f"context of {limits.max_model_len} tokens")
     params = sampling_params(sampling)
     try:
         params.validate(len(tokens), limits.max_model_len)
@@ -89,7 +93,7 @@ def _prompt_tokens(prompt: Any, limits: ModelLimits, tokenizer) -> list[int]:
     raise InvalidRequest("prompt", "must be a string or a list of token ids")
 
 
-def _messages(messages: Any) -> list[tuple[str, str]]:
+def parse_messages(messages: Any) -> list[tuple[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages", "must be a non-empty list")
     out = []

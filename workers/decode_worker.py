@@ -175,5 +175,4 @@ class DecodeWorker:
 
     def _load(self, e: LLMEngine) -> WorkerLoad:
         queued = sum(s.num_uncomputed for s in e.waiting)
-        return self.spec.load(queued, len(e.running) + len(e.waiting),
-                              e.blocks.num_free_blocks, e.blocks.num_blocks)
+        return self.spec.load(queued, len(e.running) + len(e.waiting), e.blocks)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workers.gpu import GPUStats
 from workers.sampling import SamplingParams
 
 
@@ -59,3 +60,6 @@ class WorkerLoad:
     max_num_batched_tokens: int
     max_num_seqs: int
     device_name: str = ""  # NVML device name, or "emulated:<T>"
+    prefix_cache_queries: int = 0  # cumulative blocks looked up in the prefix cache
+    prefix_cache_hits: int = 0  # cumulative blocks found there
+    gpu: GPUStats | None = None  # NVML sample (at most ~1 s old); None without a GPU

@@ -145,8 +145,7 @@ class PrefillWorker:
 
     def _load(self, engine: LLMEngine) -> WorkerLoad:
         queued = sum(s.num_uncomputed for s in list(engine.waiting) + engine.running)
-        return self.spec.load(queued, len(engine.running), engine.blocks.num_free_blocks,
-                              engine.blocks.num_blocks)
+        return self.spec.load(queued, len(engine.running), engine.blocks)
 
 
 def _finish_reason(out: RequestOutput, job: PrefillJob) -> str | None:

@@ -7,10 +7,12 @@ config and passes it to the actor's constructor, which calls
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
+from workers.block_manager import BlockManager
 from workers.engine import EngineConfig, LLMEngine
-from workers.gpu import gpu_stats
+from workers.gpu import GPUStats, gpu_stats
 from workers.messages import WorkerLoad
 
 
@@ -34,30 +36,38 @@ class WorkerSpec:
     lease_s: float = 30.0  # a KV reservation never used is released after this
     redis_url: str | None = None  # registry and heartbeats; None = no registration
     namespace: str = "baton"  # the cluster's Redis key prefix
+    redis_password_env: str | None = None  # variable holding the Redis password (read here)
 
-    def load(self, queued_prefill_tokens: int, running: int, free_blocks: int,
-             total_blocks: int) -> WorkerLoad:
+    def load(self, queued_prefill_tokens: int, running: int, blocks: BlockManager) -> WorkerLoad:
+        gpu = _sampled_gpu_stats() if self.device != "cpu" else None
         return WorkerLoad(self.worker_id, self.role, self.gpu_type, queued_prefill_tokens,
-                          running, free_blocks, total_blocks, self.block_size,
-                          self.max_num_batched_tokens, self.max_num_seqs, self.device_name())
+                          running, blocks.num_free_blocks, blocks.num_blocks, self.block_size,
+                          self.max_num_batched_tokens, self.max_num_seqs,
+                          gpu.name if gpu else f"emulated:{self.gpu_type}",
+                          blocks.prefix_queries, blocks.prefix_hits, gpu)
 
-    def device_name(self) -> str:
-        """The real device name from NVML on a GPU, else the emulated type."""
-        if self.device != "cpu":
-            stats = gpu_stats()
-            if stats is not None:
-                return stats.name
-        return f"emulated:{self.gpu_type}"
+
+_gpu_sample: tuple[float, GPUStats | None] = (-1.0, None)
+
+
+def _sampled_gpu_stats(max_age_s: float = 1.0) -> GPUStats | None:
+    """NVML at most once a second: loads are read on every token poll."""
+    global _gpu_sample
+    taken, stats = _gpu_sample
+    if time.monotonic() - taken > max_age_s:
+        _gpu_sample = (time.monotonic(), gpu_stats())
+    return _gpu_sample[1]
 
 
 def start_heartbeat(spec: WorkerSpec, **info):
     """Register the worker in Redis and keep its heartbeat fresh (if configured)."""
     if spec.redis_url is None:
         return None
-    from cluster.state import Heartbeat
+    from cluster.state import Heartbeat, password_from_env
 
     return Heartbeat(spec.redis_url, spec.namespace, spec.worker_id,
-                     {"role": spec.role, "pool": spec.pool, "gpu_type": spec.gpu_type, **info})
+                     {"role": spec.role, "pool": spec.pool, "gpu_type": spec.gpu_type, **info},
+                     password=password_from_env(spec.redis_password_env))
 
 
 def build_engine(spec: WorkerSpec) -> LLMEngine:

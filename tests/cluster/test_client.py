@@ -28,7 +28,7 @@ def address(ray_cluster, redis_server):
                   redis=replace(cfg.redis, url=redis_server.url, namespace="client-t"),
                   server=replace(cfg.server, auth_token_env=AUTH_TOKEN_ENV))
     dep = Deployment(cfg).start()
-    port = ray.get(dep.controller.start_frontends.remote(0))["grpc_port"]
+    port = ray.get(dep.controller.start_frontends.remote(0, 0))["grpc_port"]
     yield f"127.0.0.1:{port}", dep
     dep.shutdown()
 

@@ -27,7 +27,7 @@ def served(ray_cluster, redis_server):
     cfg = replace(cfg, name="grpc-fe", redis=replace(cfg.redis, url=redis_server.url,
                                                      namespace="grpc-fe"))
     dep = Deployment(cfg).start()
-    port = ray.get(dep.controller.start_frontends.remote(0))["grpc_port"]
+    port = ray.get(dep.controller.start_frontends.remote(0, 0))["grpc_port"]
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield dep, channel
     channel.close()
