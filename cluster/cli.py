@@ -91,6 +91,43 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.config, args.grpc_port, args.ray_address, http_port=args.http_port)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from cluster.bench import Target, parse_slo, render, report_json, run_load, summarise
+    from cluster.bench_data import DatasetSpec, arrival_offsets, load_requests
+
+    try:
+        slo = parse_slo(args.slo)
+        tokenizer = None
+        if args.tokenizer:
+            from workers.loader import load_tokenizer
+
+            tokenizer = load_tokenizer(args.tokenizer)
+        requests = load_requests(DatasetSpec(
+            args.dataset, args.num_prompts, args.seed,
+            Path(args.dataset_path) if args.dataset_path else None, args.input_len,
+            args.output_len, args.range_ratio, args.max_input_tokens, args.max_output_tokens,
+            args.vocab_size, tokenizer))
+        offsets = arrival_offsets(len(requests), args.request_rate, args.burstiness, args.seed)
+    except ValueError as exc:
+        print(f"baton bench: {exc}", file=sys.stderr)
+        return 2
+    token = os.environ.get(args.token_env) if args.token_env else None
+    target = Target(args.backend, args.url if args.backend == "http" else args.address,
+                    args.endpoint, args.model, token)
+    with tqdm(total=len(requests), disable=args.json, desc="requests") as bar:
+        outcomes, duration = asyncio.run(run_load(target, requests, offsets, args.concurrency,
+                                                  bar))
+    report = summarise(outcomes, duration, slo)
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    print(report_json(report, settings) if args.json else render(report))
+    return 0 if report["failed"] == 0 else 1
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     import grpc
 
@@ -163,8 +200,49 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
 
+    _add_bench(sub)
     _add_sim(sub)
+    from cluster.ranker.cli import add_ranker_commands
+    add_ranker_commands(sub)
     return parser
+
+
+def _add_bench(sub) -> None:
+    from cluster.bench_data import DATASETS
+
+    b = sub.add_parser("bench", help="load generator against the gRPC or HTTP endpoint")
+    b.add_argument("--backend", choices=("grpc", "http"), default="grpc")
+    b.add_argument("--address", default="127.0.0.1:50051", help="gRPC HOST:PORT")
+    b.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP base URL")
+    b.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
+                   help="HTTP: /v1/completions or /v1/chat/completions")
+    b.add_argument("--model", default="", help="model name sent (default: the served one)")
+    b.add_argument("--token-env", default="BATON_API_TOKEN",
+                   help="environment variable holding the bearer token")
+    b.add_argument("--dataset", choices=DATASETS, default="random")
+    b.add_argument("--dataset-path", default=None,
+                   help="ShareGPT .jsonl(.gz) file or folder, or a trace file")
+    b.add_argument("--tokenizer", default=None,
+                   help="count ShareGPT tokens with this model's tokenizer (default: bytes/4)")
+    b.add_argument("--num-prompts", type=_positive, default=100)
+    b.add_argument("--input-len", type=_positive, default=128, help="random: prompt tokens")
+    b.add_argument("--output-len", type=_positive, default=64, help="random: output tokens")
+    b.add_argument("--range-ratio", type=float, default=0.5, help="random: length spread")
+    b.add_argument("--max-input-tokens", type=_positive, default=None)
+    b.add_argument("--max-output-tokens", type=_positive, default=None)
+    b.add_argument("--vocab-size", type=_positive, default=256,
+                   help="synthetic prompts draw token ids below this")
+    b.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests/s (default inf: all at once)")
+    b.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the gaps (1 = Poisson)")
+    b.add_argument("--concurrency", type=_positive, default=None,
+                   help="at most this many requests in flight")
+    b.add_argument("--slo", nargs="*", default=[], metavar="NAME:MS",
+                   help="e.g. ttft:500 tpot:50 (goodput counts requests meeting all)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", action="store_true", help="print the report as JSON")
+    b.set_defaults(func=_cmd_bench)
 
 
 def _add_sim(sub) -> None:

@@ -89,7 +89,7 @@ def _object(body: Any, allowed: set[str]) -> dict:
         raise InvalidRequest("body", "must be a JSON object")
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise InvalidRequest(unknown[0], "unknown field")
+        raise InvalidRequest(unknown[0] or "body", f"unknown field {unknown[0]!r}")
     return body
 
 
@@ -128,7 +128,7 @@ def _flatten_content(i: int, message: Any) -> dict:
         raise InvalidRequest(f"messages[{i}]", "must be an object")
     extra = sorted(set(message) - {"role", "content", "name"})
     if extra:
-        raise InvalidRequest(f"messages[{i}].{extra[0]}", "unknown field")
+        raise InvalidRequest(f"messages[{i}].{extra[0]}", f"unknown field {extra[0]!r}")
     content = message.get("content")
     if isinstance(content, list):
         texts = []

@@ -124,7 +124,7 @@ def sampling_params(sampling: dict) -> SamplingParams:
     """SamplingParams from a dict of set fields (unknown keys rejected)."""
     unknown = sorted(set(sampling) - set(_SAMPLING_FIELDS))
     if unknown:
-        raise InvalidRequest(unknown[0], "unknown field")
+        raise InvalidRequest(unknown[0] or "sampling", f"unknown field {unknown[0]!r}")
     values = {k: _typed(k, kind, sampling[k]) for k, kind in _SAMPLING_FIELDS.items()
               if sampling.get(k) is not None}
     return SamplingParams(**values)

@@ -1,0 +1,64 @@
+"""``baton serve`` as a user runs it: a subprocess that joins the Ray cluster,
+serves gRPC and HTTP on the given ports, answers both with the engine's
+tokens, and exits 0 after draining on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from cluster.client import BatonClient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float) -> str:
+    deadline, seen = time.monotonic() + timeout_s, []
+    while time.monotonic() < deadline and proc.poll() is None:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            line = proc.stdout.readline()
+            seen.append(line)
+            if needle in line:
+                return line
+    raise AssertionError(f"no {needle!r} from baton serve; output:\n{''.join(seen)}")
+
+
+def test_baton_serve_answers_grpc_and_http_then_drains_on_sigterm(ray_cluster):
+    cluster, _ = ray_cluster
+    grpc_port, http_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "serve", "--grpc-port", str(grpc_port),
+         "--http-port", str(http_port), "--ray-address", cluster.address],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = wait_for_line(proc, "baton: serving", 180)
+        assert f"gRPC port {grpc_port}" in banner and f"HTTP port {http_port}" in banner
+        with BatonClient(f"127.0.0.1:{grpc_port}") as client:
+            via_grpc = client.generate("serve me", max_tokens=8, temperature=0.0,
+                                       ignore_eos=True)
+        body = json.dumps({"prompt": "serve me", "max_tokens": 8, "temperature": 0,
+                           "ignore_eos": True, "return_token_ids": True}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            via_http = json.loads(resp.read())["choices"][0]
+        assert via_http["token_ids"] == via_grpc.token_ids and len(via_grpc.token_ids) == 8
+        assert via_http["text"] == via_grpc.text
+        proc.send_signal(signal.SIGTERM)
+        wait_for_line(proc, "baton: draining", 30)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
