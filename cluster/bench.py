@@ -67,7 +67,8 @@ async def _grpc_one(client, req: BenchRequest, target: Target) -> Outcome:
 async def _http_one(req: BenchRequest, target: Target) -> Outcome:
     url = urlsplit(target.address)
     body = {"model": target.model or None, "max_tokens": req.output_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+            "return_token_ids": True}
     if target.endpoint == "chat":
         path = "/v1/chat/completions"
         body["messages"] = [{"role": "user", "content": req.prompt}]
@@ -104,7 +105,10 @@ async def _read_sse(reader: asyncio.StreamReader, start: float) -> Outcome:
         obj = json.loads(event)
         usage = obj.get("usage") or usage
         choice = (obj.get("choices") or [{}])[0]
-        if choice.get("text") or (choice.get("delta") or {}).get("content"):
+        # Token ids, when the server returns them: a text delta can be empty
+        # while a multi-byte character is incomplete.
+        if choice.get("token_ids") or choice.get("text") or \
+                (choice.get("delta") or {}).get("content"):
             times.append(time.perf_counter())
     return Outcome(False, error="stream ended before [DONE]")
 
