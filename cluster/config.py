@@ -34,6 +34,11 @@ class ModelSpec:
     source: str = "tiny"  # preset name or local Hugging Face directory
     dtype: str = "float32"
     max_model_len: int | None = None  # None = the model's own limit
+    name: str | None = None  # the served model name clients send; None = source
+
+    @property
+    def served_name(self) -> str:
+        return self.name or self.source
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,19 @@ class RedisSpec:
 
 
 @dataclass(frozen=True)
+class RankerSpec:
+    """The learned output-length ranker (cluster/ranker), loaded by the
+    controller when ``scheduler.policy`` is ``ltr`` or logging is on."""
+
+    head_path: str | None = None  # trained head (.safetensors); None = the one shipped
+    max_batch: int = 64  # prompts scored in one encoder call
+    log_completions: bool = False  # opt-in: log finished requests to Redis for retraining
+    log_prompts: str = "features"  # features (hash + embedding) | redacted (masked text)
+    log_cap: int = 50_000  # completions kept in Redis (oldest dropped)
+    tau_window: int = 500  # recent completions behind the baton_ranker_kendall_tau gauge
+
+
+@dataclass(frozen=True)
 class SLOSpec:
     ttft_ms: float = 2000.0
     tpot_ms: float = 100.0
@@ -104,6 +122,7 @@ class ClusterConfig:
     redis: RedisSpec = field(default_factory=RedisSpec)
     slo: SLOSpec = field(default_factory=SLOSpec)
     server: ServerSpec = field(default_factory=ServerSpec)
+    ranker: RankerSpec = field(default_factory=RankerSpec)
 
     @property
     def disaggregated(self) -> bool:
@@ -147,7 +166,8 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)?\s*$"
 _UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _NESTED = {"model": ModelSpec, "scheduler": SchedulerSpec, "router": RouterSpec,
-           "admission": AdmissionSpec, "redis": RedisSpec, "slo": SLOSpec, "server": ServerSpec}
+           "admission": AdmissionSpec, "redis": RedisSpec, "slo": SLOSpec, "server": ServerSpec,
+           "ranker": RankerSpec}
 
 
 def _build(cls, data: Any, path: str):
@@ -232,6 +252,13 @@ def _validate(cfg: ClusterConfig) -> None:
     _positive("admission.max_waiting", cfg.admission.max_waiting)
     _positive("scheduler.starvation_rounds", cfg.scheduler.starvation_rounds)
     _positive("scheduler.quantum_rounds", cfg.scheduler.quantum_rounds)
+    if cfg.scheduler.max_wait_s is not None:
+        _positive("scheduler.max_wait_s", cfg.scheduler.max_wait_s)
+    _one_of("ranker.log_prompts", cfg.ranker.log_prompts, ("features", "redacted"))
+    for key in ("max_batch", "log_cap"):
+        _positive(f"ranker.{key}", getattr(cfg.ranker, key))
+    if cfg.ranker.tau_window < 2:
+        raise ConfigError(f"ranker.tau_window: {cfg.ranker.tau_window} must be >= 2")
     if not 0 < cfg.slo.attainment <= 1:
         raise ConfigError(f"slo.attainment: {cfg.slo.attainment} must be in (0, 1]")
     for key in ("grpc_port", "http_port"):

@@ -45,6 +45,7 @@ from cluster.policies import (
     make_router,
     make_scheduler,
 )
+from cluster.policies.scheduler import Placement
 from cluster.state import StateStore, password_from_env
 from workers.block_manager import block_hashes
 from workers.messages import PrefillJob, PrefillResult, TokenEvent, WorkerLoad
@@ -115,11 +116,24 @@ class _Request:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     finished_at: float | None = None
     decoding: bool = False  # admitted on its decode worker (prefill no longer needed)
+    score: float | None = None  # ranker score on arrival (higher = shorter); None until scored
+    placement: Placement = Placement(0.0, 0)  # decode-side rank, set at dispatch
 
     def view(self) -> RequestView:
-        return RequestView(self.request_id, len(self.prompt) + len(self.tokens),
-                           self.params.max_tokens - len(self.tokens), self.arrival_s,
-                           self.waited_rounds, prefix_hashes=self.prefix_hashes)
+        left = self.params.max_tokens - len(self.tokens)
+        p = self.params  # with EOS ignored and no stop condition, max_tokens is the true length
+        known = left if p.ignore_eos and not p.stop and not p.stop_token_ids else None
+        return RequestView(self.request_id, len(self.prompt) + len(self.tokens), left,
+                           self.arrival_s, self.waited_rounds, self.score, known,
+                           prefix_hashes=self.prefix_hashes)
+
+
+def _load_ranker(config: ClusterConfig, redis):
+    if config.scheduler.policy != "ltr" and not config.ranker.log_completions:
+        return None
+    from cluster.ranker.service import RankerService
+
+    return RankerService.build(config, redis)
 
 
 class Controller:
@@ -145,6 +159,7 @@ class Controller:
         self._tasks: set[asyncio.Task] = set()
         self._ids = itertools.count()
         self.block_size = min(p.block_size for p in config.pools)
+        self.ranker = None  # cluster.ranker.service.RankerService, loaded in start() if needed
         self.metrics = ServingMetrics(config.transport if config.disaggregated else "none",
                                       self._snapshot)
 
@@ -161,6 +176,7 @@ class Controller:
             self.workers[wid] = w
         info = await next(iter(self.workers.values())).handle.model_info.remote()
         self.max_model_len, self.vocab_size = info["max_model_len"], info["vocab_size"]
+        self.ranker = await asyncio.to_thread(_load_ranker, self.config, self.store.r)
         recovered = await self._recover()
         for w in self.workers.values():  # skip events of dispatches made before us
             if w.role != "prefill":
@@ -183,6 +199,7 @@ class Controller:
             req.prefix_hashes = tuple(block_hashes(req.prompt, self.block_size))
             self._requests[req.request_id] = req
             self._waiting[req.request_id] = req
+            self._spawn(self._rank(req))
         self._wake.set()
         return len(entries)
 
@@ -217,8 +234,31 @@ class Controller:
             raise Unavailable(f"state store unavailable: {type(exc).__name__}") from None
         self._requests[rid] = req
         self._waiting[rid] = req
+        self._spawn(self._rank(req))
         self._wake.set()
         return rid
+
+    async def _rank(self, req: _Request) -> None:
+        """Score a queued request (batched with others arriving meanwhile);
+        until then the ltr policy ranks it after every scored request."""
+        if self.ranker is None:
+            return
+        t0 = time.time()
+        req.score = await self.ranker.on_arrival(req.request_id, req.prompt)
+        req.timing["rank_s"] = time.time() - t0
+        self._wake.set()
+
+    async def swap_ranker(self, head: str | bytes) -> dict:
+        """Replace the ranker's head (a path this process can read, or the
+        file's bytes) while requests keep flowing."""
+        if self.ranker is None:
+            raise ValueError("no ranker is loaded: scheduler.policy is not 'ltr' and "
+                             "ranker.log_completions is off")
+        return await asyncio.to_thread(self.ranker.swap, head)
+
+    async def ranker_report(self) -> dict | None:
+        """Prompts scored, encoder batches and busy seconds, online tau."""
+        return None if self.ranker is None else self.ranker.report()
 
     async def stream(self, request_id: str, cursor: int = 0, timeout_s: float = 5.0) -> StreamChunk:
         """Tokens after ``cursor``; waits up to ``timeout_s`` for at least one."""
@@ -279,7 +319,7 @@ class Controller:
 
         server = self.config.server
         token = os.environ.get(server.auth_token_env) if server.auth_token_env else None
-        limits = ModelLimits(self.config.model.source, self.max_model_len, self.vocab_size)
+        limits = ModelLimits(self.config.model.served_name, self.max_model_len, self.vocab_size)
         tokenizer = load_tokenizer(self.config.model.source)
         render = load_chat_renderer(self.config.model.source)
         self.grpc = GrpcFrontend(self, limits, tokenizer, token, server.max_message_bytes,
@@ -411,6 +451,7 @@ class Controller:
     def _dispatch(self, req: _Request, route: Route) -> None:
         req.route = route
         req.generation += 1
+        req.placement = self.scheduler.placement(req.view(), time.time())
         if "queue_s" not in req.timing:
             req.timing["queue_s"] = time.time() - req.arrival_s
             self.metrics.observe_queue(self.workers[route.prefill_worker].role,
@@ -423,7 +464,8 @@ class Controller:
                                            route.decode_worker)
             if route.prefill_worker == route.decode_worker:
                 await self._call(self.workers[route.decode_worker], "submit", req.request_id,
-                                 req.prompt, list(req.tokens), req.params)
+                                 req.prompt, list(req.tokens), req.params,
+                                 req.placement.priority, req.placement.boost_steps)
             else:
                 await self._run_disaggregated(req, route, gen)
         except WorkerDied:
@@ -465,7 +507,8 @@ class Controller:
             await self._safe(d, "release", req.request_id)
             return
         outcome = await self._call(d, "admit", req.request_id, req.prompt,
-                                   outputs + [res.token_id], req.params)
+                                   outputs + [res.token_id], req.params, 60.0,
+                                   req.placement.priority, req.placement.boost_steps)
         req.timing["kv_admission"] = outcome
         req.decoding = req.generation == gen and outcome != "aborted"
 
@@ -552,6 +595,8 @@ class Controller:
                 "prompt_tokens": len(req.prompt), "output_tokens": len(req.tokens)})
         except RedisError as exc:
             log.warning("journal close failed for %s: %s", req.request_id, type(exc).__name__)
+        if self.ranker is not None:
+            await self.ranker.on_finish(req.request_id, len(req.tokens), reason)
         req.changed.set()
         self._wake.set()
 
