@@ -572,16 +572,16 @@ class Controller:
             r.texts.extend([ev.text] + [""] * (len(ev.token_ids) - 1))
             r.token_times.extend([now] * len(ev.token_ids))
             batch.append((r.request_id, ev.token_ids, [ev.text] + [""] * (len(ev.token_ids) - 1)))
+            if ev.finish_reason is None:
+                r.changed.set()  # stream now; the journal follows (replay is token-exact)
         try:
             await self.store.journal_tokens(batch)
         except RedisError as exc:  # serving goes on; only restart recovery loses detail
             log.warning("journal write failed (%s) for %d requests", type(exc).__name__,
                         len(batch))
         for ev in events:
-            r = req or self._requests[ev.request_id]
             if ev.finish_reason is not None:
-                await self._finish(r, ev.finish_reason)
-            r.changed.set()
+                await self._finish(req or self._requests[ev.request_id], ev.finish_reason)
 
     async def _finish(self, req: _Request, reason: str) -> None:
         if req.finish_reason is not None:

@@ -46,7 +46,8 @@ class DecodeWorker:
         self._arrivals: dict[str, tuple[float, ...]] = {}
         self.recomputed = 0  # requests whose KV transfer failed and were re-prefilled here
         self.heartbeat = start_heartbeat(spec, kv_endpoint=self.receiver.endpoint)
-        self.loop = EngineLoop(self.engine, self._on_outputs, self._expire_leases)
+        self._load_snapshot = self._load(self.engine)
+        self.loop = EngineLoop(self.engine, self._on_outputs, self._after_step)
 
     # ----- actor methods --------------------------------------------------
     async def kv_endpoint(self) -> str:
@@ -63,7 +64,7 @@ class DecodeWorker:
 
     async def admit(self, request_id: str, prompt_token_ids: list[int],
                     output_token_ids: list[int], params: SamplingParams,
-                    timeout_s: float = 60.0) -> str:
+                    timeout_s: float = 60.0, priority: float = 0.0, boost_steps: int = 0) -> str:
         """"admitted" once the KV is verified; "recomputed" if it never was;
         "aborted" if the reservation is gone (cancelled, expired, or a stale
         call from a controller that has since been replaced)."""
@@ -78,19 +79,24 @@ class DecodeWorker:
             if received is not None:
                 self._remember_arrivals(request_id, received.layer_arrival_s)
             if ok:
-                e.admit_prefilled(request_id, prompt_token_ids, output_token_ids, params)
+                e.admit_prefilled(request_id, prompt_token_ids, output_token_ids, params,
+                                  priority, boost_steps)
                 return "admitted"
             e.release(request_id)
-            e.add_request(request_id, prompt_token_ids, params, output_token_ids=output_token_ids)
+            e.add_request(request_id, prompt_token_ids, params, output_token_ids=output_token_ids,
+                          priority=priority, boost_steps=boost_steps)
             self.recomputed += 1
             return "recomputed"
         return await self.loop.call(run)
 
     async def submit(self, request_id: str, prompt_token_ids: list[int],
-                     output_token_ids: list[int], params: SamplingParams) -> None:
-        """Prefill and decode here (mixed pool, or recovery)."""
+                     output_token_ids: list[int], params: SamplingParams,
+                     priority: float = 0.0, boost_steps: int = 0) -> None:
+        """Prefill and decode here (mixed pool, or recovery); ``priority`` and
+        ``boost_steps`` rank it under KV pressure (workers/sequence.py)."""
         await self.loop.call(lambda e: e.add_request(
-            request_id, prompt_token_ids, params, output_token_ids=output_token_ids))
+            request_id, prompt_token_ids, params, output_token_ids=output_token_ids,
+            priority=priority, boost_steps=boost_steps))
 
     async def release(self, request_id: str) -> bool:
         return await self.loop.call(lambda e: self._drop(e, request_id))
@@ -113,7 +119,9 @@ class DecodeWorker:
             events = self._since(cursor)
         with self._lock:
             end = self._base + len(self._events)
-        return events, end, await self.load()
+        # The snapshot the engine thread left after its last step: asking the
+        # engine thread would make every poll wait for a step boundary.
+        return events, end, self._load_snapshot
 
     async def load(self) -> WorkerLoad:
         return await self.loop.call(self._load)
@@ -167,6 +175,10 @@ class DecodeWorker:
             self._events.extend(events)
         if self._aio is not None:
             self._aio.call_soon_threadsafe(self._wakeup.set)
+
+    def _after_step(self) -> None:
+        self._expire_leases()
+        self._load_snapshot = self._load(self.engine)
 
     def _expire_leases(self) -> None:
         now = time.monotonic()
