@@ -11,6 +11,7 @@ replaces the controller (it recovers in-flight requests from Redis);
 from __future__ import annotations
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import ClusterConfig, PoolSpec
 from cluster.controller import Controller
@@ -91,9 +92,12 @@ class Deployment:
         ray.get(ready)
 
     def start_controller(self) -> None:
+        # On the driver's node: the frontends listen there (the head pod, where
+        # the API Service and the token Secret are), not on some GPU worker.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.controller = ray.remote(Controller).options(
             name=controller_name(self.config.name), namespace=NAMESPACE, num_cpus=0,
-            max_concurrency=1000).remote(self.config, self.workers)
+            max_concurrency=1000, scheduling_strategy=here).remote(self.config, self.workers)
         ray.get(self.controller.start.remote())
 
     def restart_controller(self) -> None:

@@ -57,3 +57,13 @@ def test_missing_file_is_named(tmp_path):
     bad.write_text("pools: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_redis_password_env_names_a_variable():
+    cfg = ClusterConfig.from_dict({"pools": [POOL], "redis": {"password_env": "BATON_REDIS_PASSWORD"}})
+    assert cfg.redis.password_env == "BATON_REDIS_PASSWORD"
+    assert ClusterConfig.from_dict({"pools": [POOL]}).redis.password_env is None
+    with pytest.raises(ConfigError, match="redis.password_env: '1-PASS' is not an environment variable name"):
+        ClusterConfig.from_dict({"pools": [POOL], "redis": {"password_env": "1-PASS"}})
+    with pytest.raises(ConfigError, match="redis.password_env: expected str, got 5"):
+        ClusterConfig.from_dict({"pools": [POOL], "redis": {"password_env": 5}})
