@@ -48,7 +48,8 @@ def _init_ray(cfg: ClusterConfig, address: str | None) -> None:
     types = {p.gpu_type: 0 for p in cfg.pools}
     for p in cfg.pools:
         types[p.gpu_type] += p.replicas
-    ray.init(resources={f"gpu_type:{t}": n for t, n in types.items()},
+    # address="local": a fresh local Ray even when another cluster runs on this machine.
+    ray.init(address="local", resources={f"gpu_type:{t}": n for t, n in types.items()},
              include_dashboard=False, log_to_driver=False)
 
 
