@@ -1,9 +1,10 @@
 """KV transfer throughput per transport, through Baton's real code path,
-against a raw loopback TCP socket moving the same bytes in the same run.
+against raw loopback TCP moving the same bytes in the same chunks, in the
+same run.
 
-Payload (default 64 MiB): one request's KV shaped like llama-60m's, fp32 —
-per layer a buffer (2, n_blocks, 16, kv_heads=4, head_dim=64); 8 layers of
-256 blocks (4096 tokens) sum to 64 MiB. Random contents.
+Payload (default 8192 tokens = 128 MiB): one request's KV shaped like
+llama-60m's, fp32 — per layer a buffer (2, n_blocks, 16, kv_heads=4,
+head_dim=64); 8 layers of 512 blocks. Random contents.
 
 Per transport (``grpc``, ``nccl`` = gloo on CPU) the decode side runs in a
 SEPARATE PROCESS (multiprocessing spawn), as in production: it owns a paged
@@ -14,50 +15,52 @@ worker does for one request::
     receiver.expect(rid, block_ids)          # in the receiver process, untimed
     t0
     handle = make_sender(name).open(rid, endpoint, n_layers)
-    handle.send_layer(l, buffer_l)  for each layer  (sender-side CRC-32 inside)
-    result = handle.finish()                 # receiver verified every block
-                                             # (CRC-32) and scattered it
+    handle.send_layer(l, buffer_l)  for each layer  (returns at once)
+    result = handle.finish()                 # receiver placed every block in
+                                             # its cache and checked its CRC-32
     t1                                       # GB/s = payload bytes / (t1 - t0)
 
-The peer, ``raw-tcp``, is a plain loopback TCP connection between two
-processes: the sender ``sendall``s the same 64 MiB (a memoryview of the
-tensors, no copy), the receiver ``recv_into``s a preallocated buffer (4 MiB
-per call) and answers one byte; timed from the first byte handed over to the
-ack. No checksum, no framing, no scatter: the ceiling of moving bytes
-between processes on this machine.
+Peers in the same run, each with its receiver in a separate process:
 
-Repetitions are interleaved (each round runs every transport once, in a
-rotating order) so the load of this shared machine hits all of them alike;
-one warm-up round first (it also opens the gRPC channel / gloo pair). We
-report the median (and min/max) of ``--reps`` rounds, and each transport's
-ratio to raw TCP *median of the same run*.
+- ``raw-tcp``: one loopback TCP connection. The sender ``sendmsg``s each
+  chunk (``--chunk-mib``, the gRPC chunk size) with a 17-byte frame header
+  straight from the tensors' memory; the receiver ``recv_into``s the header
+  and then the chunk straight into a preallocated layer buffer, and answers
+  one byte after the last. No checksum, no copy in user space: the ceiling
+  of moving these bytes between two processes on this machine.
+- ``raw-tcp + Baton checks``: the same TCP frames plus the work Baton's
+  receiver cannot skip, using Baton's own functions: the sender computes
+  ``block_checksums`` per layer (sent ahead of the layer's chunks); the
+  receiver reads each chunk into a buffer, copies it into the reserved
+  blocks of a KV cache (``placement.DirectSink``) and checks every block's
+  CRC there.
+- ``grpc floor``: a bare gRPC client stream of the same chunks (raw-bytes
+  messages, no protobuf, no checksum; the handler only counts bytes): what
+  the gRPC library itself costs on this machine.
 
-Where the time goes (``--breakdown``, on by default): single-threaded
-throughput of each step the gRPC path performs on the payload, measured in
-this process —
-- ``block_checksums`` (CRC-32 per block; run once on the sender, once on the
-  receiver), and plain ``zlib.crc32`` over the same bytes for comparison;
-- sender: ``bytes(memoryview[off:off+chunk])`` (the chunk copy in
-  ``_GrpcSendHandle._chunks``) and ``KVChunk.SerializeToString`` (what gRPC
-  does with each message);
-- receiver: ``KVChunk.FromString`` (protobuf parse of the message),
-  ``np.frombuffer`` + slice assignment into the layer buffer
-  (``ReceiverCore.on_bytes``), and ``scatter_kv_blocks`` into the cache.
+Repetitions are interleaved (each round runs every path once, in a rotating
+order) so the load of this shared machine hits all of them alike; one
+warm-up round first (it also opens the gRPC channels / gloo pair). We report
+the median (and min/max) of ``--reps`` rounds, and each path's ratio to the
+raw TCP median of the same run, plus the CPU time (user+sys) each process
+spent per transfer: on a 2-core machine a path cannot be faster than its
+total CPU time / 2, whatever its overlap.
 
-``--what-if`` additionally runs variants of the gRPC path that are NOT
-Baton's code (labelled as such): 4 MiB chunks (with the message limit raised
-past 4 MiB on both sides, which Baton's 4 MiB limit would refuse), and
-``block_checksums`` computed with ISA-L's ``crc32`` (``isal`` package, same
-CRC-32 values) on both sides. They show what a fix would buy; the headline
-numbers are always Baton's unmodified path.
+``--breakdown`` (on by default): single-threaded throughput of each step the
+gRPC path performs on the payload, measured in this process.
+
+``--what-if`` also runs Baton's gRPC path with other settings: 2 and 4 MiB
+chunks (``GrpcKVSender(chunk_bytes=...)``), and, when the ``isal`` package is
+installed, CRC-32 by zlib on both sides (what a deployment without ``isal``
+gets).
 
 ``--profile SECONDS`` loops gRPC transfers while ``py-spy record --native``
 samples the sender and the receiver process, and prints the share of active
-samples per category (CRC, copies, gRPC hand-offs, syscalls).
+samples per category.
 
 Usage::
 
-    python benchmarks/kv_transfer_bench.py                 # 64 MiB, 7 rounds
+    python benchmarks/kv_transfer_bench.py                 # 128 MiB, 7 rounds
     python benchmarks/kv_transfer_bench.py --reps 9 --what-if --profile 10 --json out.json
 """
 
@@ -73,7 +76,6 @@ import socket
 import statistics
 import struct
 import sys
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -86,72 +88,26 @@ if str(ROOT) not in sys.path:
 
 BLOCK_SIZE, KV_HEADS, HEAD_DIM = 16, 4, 64  # llama-60m
 MIB = 1 << 20
+FRAME = struct.Struct("!BIQI")  # kind (0 data, 1 block CRCs), layer, offset, length
+GRPC_FLOOR_METHOD = "/bench.Floor/Push"
 
 
-# ----- what-if variants (not Baton's code; only with --what-if) -------------------
-def isal_block_checksums(buffer):
-    """``block_checksums`` with ISA-L's CRC-32 (same polynomial, same values)."""
-    from isal import isal_zlib
+def crc_patch(variant: str) -> None:
+    """What-if ``zlib``: CRC-32 by zlib in this process (same values as ISA-L)."""
+    if variant == "zlib":
+        import kvtransfer.integrity
 
-    planes = buffer.detach().cpu().contiguous()
-    raw = planes.view(-1).view(torch_uint8()).view(2, planes.shape[1], -1).numpy()
-    return [isal_zlib.crc32(raw[1, b], isal_zlib.crc32(raw[0, b]))
-            for b in range(planes.shape[1])]
+        kvtransfer.integrity.crc32 = zlib.crc32
 
 
-def torch_uint8():
-    import torch
-
-    return torch.uint8
-
-
-def have_isal() -> bool:
-    try:
-        from isal import isal_zlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process used so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def patch_receiver_variant(variant: str) -> None:
-    """Receiver process of a what-if variant: patch the module before the server starts."""
-    if variant == "isal":
-        import kvtransfer.base
-
-        kvtransfer.base.block_checksums = isal_block_checksums
-    if variant == "chunk4m":
-        from kvtransfer import grpc_transport as gt
-
-        # 4 MiB of data per message plus header fields exceeds Baton's 4 MiB limit.
-        gt._OPTIONS[:] = [("grpc.max_receive_message_length", 8 * MIB),
-                          ("grpc.max_send_message_length", 8 * MIB)]
-
-
-def make_variant_sender(transport: str, variant: str):
-    from kvtransfer import make_sender
-
-    if variant in ("baton", "isal"):
-        return make_sender(transport)  # isal: patched around each transfer in once()
-    import grpc
-
-    from kvtransfer import grpc_transport as gt
-    from proto.baton.v1 import kv_transfer_pb2_grpc as pb_grpc
-
-    if variant == "chunk4m":
-        class Sender(gt.GrpcKVSender):
-            def _stub(self, endpoint):
-                if endpoint not in self._stubs:
-                    ch = grpc.insecure_channel(endpoint, options=[
-                        ("grpc.max_receive_message_length", 8 * MIB),
-                        ("grpc.max_send_message_length", 8 * MIB)])
-                    self._channels.append(ch)
-                    self._stubs[endpoint] = pb_grpc.KVTransferStub(ch)
-                return self._stubs[endpoint]
-        return Sender(chunk_bytes=4 * MIB)
-    raise ValueError(variant)
-
-
-# ----- receiver process ------------------------------------------------------------
+# ----- receiver processes ----------------------------------------------------------
 def kv_receiver_main(conn, transport: str, variant: str, cache_blocks: int, n_layers: int,
                      torch_threads: int) -> None:
     """Decode side: a KV cache, a ReceiverCore and Baton's receiver; commands
@@ -159,7 +115,7 @@ def kv_receiver_main(conn, transport: str, variant: str, cache_blocks: int, n_la
     import torch
 
     torch.set_num_threads(torch_threads)
-    patch_receiver_variant(variant)
+    crc_patch(variant)
     from kvtransfer import make_receiver
     from kvtransfer.base import ReceiverCore
 
@@ -185,116 +141,190 @@ def kv_receiver_main(conn, transport: str, variant: str, cache_blocks: int, n_la
             return
 
 
+def grpc_floor_main(conn, max_message: int) -> None:
+    """A bare gRPC server: the handler counts the bytes of a client stream."""
+    from concurrent import futures
+
+    import grpc
+
+    from kvtransfer import grpc_transport as gt
+
+    def push(request_iterator, context):
+        return sum(len(m) for m in request_iterator).to_bytes(8, "little")
+
+    opts = [o for o in gt._SERVER_OPTIONS if "message_length" not in o[0]] + [
+        ("grpc.max_receive_message_length", max_message)]
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=opts)
+    service, method = GRPC_FLOOR_METHOD.strip("/").split("/")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        service, {method: grpc.stream_unary_rpc_method_handler(push)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    conn.send(("endpoint", f"127.0.0.1:{port}"))
+    conn.recv()
+    server.stop(0).wait()
+
+
 def tcp_receiver_main(conn, layer_shape: tuple, n_layers: int, verified: bool,
-                      recv_chunk: int, torch_threads: int) -> None:
-    """Raw TCP peer: accept one connection; per transfer recv_into a
-    preallocated buffer and answer one byte. ``verified``: per layer, also
-    read the sender's block CRCs, recompute ``block_checksums`` on the layer
-    and scatter it into a KV cache, like ``ReceiverCore`` (no gRPC, no copy
-    into an intermediate buffer)."""
+                      chunk: int, torch_threads: int) -> None:
+    """Raw TCP peer: accept one connection; read frames until the whole
+    payload is in, then answer one byte. Plain: each chunk is ``recv_into``
+    its place in a preallocated layer buffer. ``verified``: each chunk is read
+    into a buffer and placed into reserved blocks of a KV cache by Baton's
+    ``DirectSink``; each complete layer is checked against the CRCs the
+    sender framed ahead of it."""
+    import numpy as np
     import torch
 
     torch.set_num_threads(torch_threads)
-    from kernels import scatter_kv_blocks
-    from kvtransfer.integrity import block_checksums
+    from kvtransfer.placement import DirectSink
 
-    layer_bytes = 4
-    for d in layer_shape:
-        layer_bytes *= d
     n_blocks = layer_shape[1]
     bufs = [torch.empty(layer_shape) for _ in range(n_layers)]
     views = [memoryview(b.view(-1).view(torch.uint8).numpy()) for b in bufs]
+    layer_bytes, total = len(views[0]), n_layers * len(views[0])
     if verified:
         cache = torch.zeros(n_layers, 2, 2 * n_blocks, *layer_shape[2:])
-        ids = torch.randperm(2 * n_blocks)[:n_blocks]
+        ids = torch.randperm(2 * n_blocks)[:n_blocks].tolist()
+        sinks = [DirectSink(cache[i, 0], cache[i, 1], ids) for i in range(n_layers)]
+        staging = np.empty(chunk, np.uint8)
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     conn.send(("endpoint", srv.getsockname()[1]))
     s, _ = srv.accept()
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    head = bytearray(FRAME.size)
     while True:
-        if _recv_exact(s, 8) is None:  # start of a transfer
-            return
-        for layer in range(n_layers):
-            if verified:
-                crcs = struct.unpack(f"!{n_blocks}I", _recv_exact(s, 4 * n_blocks))
-            view, got = views[layer], 0
-            while got < layer_bytes:
-                k = s.recv_into(view[got:min(layer_bytes, got + recv_chunk)])
-                if k == 0:
+        got, crcs, landed = 0, {}, [0] * n_layers
+        while got < total:
+            if not _recv_into_exact(s, memoryview(head)):
+                return
+            kind, layer, offset, length = FRAME.unpack(head)
+            if kind == 1:
+                crcs[layer] = struct.unpack(f"!{n_blocks}I", _recv_exact(s, length))
+                continue
+            if not verified:
+                if not _recv_into_exact(s, views[layer][offset:offset + length]):
                     return
-                got += k
-            if verified:
-                if tuple(block_checksums(bufs[layer])) != crcs:
-                    raise RuntimeError("raw-tcp+crc: checksum mismatch")
-                scatter_kv_blocks(bufs[layer], cache[layer, 0], cache[layer, 1], ids)
+            else:
+                if not _recv_into_exact(s, memoryview(staging)[:length]):
+                    return
+                sinks[layer].write(offset, staging[:length])
+                landed[layer] += length
+                if landed[layer] == layer_bytes and not sinks[layer].finish(crcs[layer]):
+                    raise RuntimeError("raw-tcp + Baton checks: checksum mismatch")
+            got += length
         s.sendall(b"\x01")
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes | None:
-    out = b""
-    while len(out) < n:
-        part = s.recv(n - len(out))
-        if not part:
-            return None
-        out += part
-    return out
+def _recv_into_exact(s: socket.socket, view: memoryview) -> bool:
+    got = 0
+    while got < len(view):
+        k = s.recv_into(view[got:])
+        if k == 0:
+            return False
+        got += k
+    return True
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    if not _recv_into_exact(s, memoryview(buf)):
+        raise ConnectionError("peer closed")
+    return bytes(buf)
+
+
+def _sendmsg_all(s: socket.socket, parts: list) -> None:
+    """``sendall`` for a gather list: no concatenation copy."""
+    parts = [memoryview(p) for p in parts]
+    while parts:
+        n = s.sendmsg(parts)
+        while n:
+            if n >= len(parts[0]):
+                n -= len(parts.pop(0))
+            else:
+                parts[0], n = parts[0][n:], 0
 
 
 # ----- sender side (this process) ----------------------------------------------------
-class KVPath:
-    """One transport (or what-if variant): a receiver process plus a sender here."""
+class _Path:
+    """A receiver process plus the sending side here."""
 
-    def __init__(self, label: str, transport: str, variant: str, layers, cache_blocks: int,
-                 torch_threads: int):
+    label: str
+    proc: mp.Process
+
+    def _spawn(self, target, *args) -> None:
         ctx = mp.get_context("spawn")
-        self.label, self.transport, self.variant = label, transport, variant
-        self.layers = layers
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=kv_receiver_main, daemon=True, args=(
-            child, transport, variant, cache_blocks, len(layers), torch_threads))
+        self.proc = ctx.Process(target=target, daemon=True, args=(child, *args))
         self.proc.start()
         _, self.endpoint = self.conn.recv()
-        self.sender = None  # built lazily so variants patch before creation
+
+    def timed(self, send) -> dict:
+        cpu0 = cpu_s(os.getpid()), cpu_s(self.proc.pid)
+        t0 = time.perf_counter()
+        t_sent = send()
+        t1 = time.perf_counter()
+        cpu1 = cpu_s(os.getpid()), cpu_s(self.proc.pid)
+        return {"seconds": t1 - t0, "send_layer_s": (t_sent or t1) - t0,
+                "cpu_send_s": cpu1[0] - cpu0[0], "cpu_recv_s": cpu1[1] - cpu0[1]}
+
+
+class KVPath(_Path):
+    """One Baton transport (or a what-if setting of it)."""
+
+    def __init__(self, label: str, transport: str, variant: str, layers, cache_blocks: int,
+                 torch_threads: int, chunk_bytes: int):
+        self.label, self.transport, self.variant = label, transport, variant
+        self.layers, self.cache_blocks, self.chunk_bytes = layers, cache_blocks, chunk_bytes
+        self._spawn(kv_receiver_main, transport, variant, cache_blocks, len(layers),
+                    torch_threads)
+        self.sender = None  # built on first use
         self.n = 0
         self.n_blocks = layers[0].shape[1]
-        self.cache_blocks = cache_blocks
+
+    def _make_sender(self):
+        from kvtransfer import make_sender
+        from kvtransfer.grpc_transport import GrpcKVSender
+
+        if self.transport == "grpc":
+            return GrpcKVSender(chunk_bytes=self.chunk_bytes)
+        return make_sender(self.transport)
 
     def once(self) -> dict:
         import random
 
+        import kvtransfer.integrity as integrity
+
         if self.sender is None:
-            self.sender = make_variant_sender(self.transport, self.variant)
+            self.sender = self._make_sender()
         self.n += 1
         rid = f"{self.label}-{self.n}"
         block_ids = random.Random(self.n).sample(range(self.cache_blocks), self.n_blocks)
         self.conn.send(("expect", rid, block_ids))
         self.conn.recv()
-        import kvtransfer.sender as ks
+        saved = integrity.crc32
+        crc_patch(self.variant)
+        result = None
 
-        saved = ks.block_checksums
-        if self.variant == "isal":
-            ks.block_checksums = isal_block_checksums
-        try:
-            cpu0 = cpu_s(os.getpid()), cpu_s(self.proc.pid)
-            t0 = time.perf_counter()
+        def send():
+            nonlocal result
             handle = self.sender.open(rid, self.endpoint, len(self.layers))
             for i, buf in enumerate(self.layers):
                 handle.send_layer(i, buf)
             t_sent = time.perf_counter()
             result = handle.finish()
-            t1 = time.perf_counter()
-            cpu1 = cpu_s(os.getpid()), cpu_s(self.proc.pid)
+            return t_sent
+        try:
+            out = self.timed(send)
         finally:
-            ks.block_checksums = saved
+            integrity.crc32 = saved
         self.conn.send(("take", rid))
         _, state, nbytes = self.conn.recv()
         if not result.ok or state != "success":
             raise RuntimeError(f"{self.label}: transfer failed: {result.error} ({state})")
-        return {"seconds": t1 - t0, "send_layer_s": t_sent - t0, "bytes": nbytes,
-                "attempts": result.attempts, "block_ids": block_ids,
-                "cpu_send_s": cpu1[0] - cpu0[0], "cpu_recv_s": cpu1[1] - cpu0[1]}
+        return {**out, "bytes": nbytes, "attempts": result.attempts, "block_ids": block_ids}
 
     def check(self, block_ids) -> int:
         self.conn.send(("check", block_ids))
@@ -308,66 +338,76 @@ class KVPath:
         self.proc.join(5)
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process used so far (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+class GrpcFloorPath(_Path):
+    """The same chunks as raw-bytes messages of one bare gRPC client stream."""
 
+    def __init__(self, layers, chunk_bytes: int):
+        import grpc
 
-class TcpPath:
-    """Raw TCP between two processes; ``verified`` adds Baton's integrity work
-    (block CRC-32 on both sides, scatter into the cache) on top of plain TCP."""
+        from kvtransfer.sender import byte_view
 
-    def __init__(self, layers, verified: bool, recv_chunk: int, torch_threads: int):
-        import torch
+        self.label = "grpc floor (bare stream)"
+        self.views = [byte_view(b) for b in layers]
+        self.chunk = chunk_bytes
+        self._spawn(grpc_floor_main, 2 * chunk_bytes)
+        opts = [("grpc.max_send_message_length", 2 * chunk_bytes)]
+        self.channel = grpc.insecure_channel(self.endpoint, options=opts)
+        self.push = self.channel.stream_unary(GRPC_FLOOR_METHOD)
 
-        ctx = mp.get_context("spawn")
-        self.label = "raw-tcp+crc+scatter" if verified else "raw-tcp"
-        self.layers, self.verified = layers, verified
-        self.views = [memoryview(b.view(-1).view(torch.uint8).numpy()) for b in layers]
-        self.total = sum(len(v) for v in self.views)
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=tcp_receiver_main, daemon=True, args=(
-            child, tuple(layers[0].shape), len(layers), verified, recv_chunk, torch_threads))
-        self.proc.start()
-        _, port = self.conn.recv()
-        self.s = socket.create_connection(("127.0.0.1", port))
-        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _messages(self):
+        for layer, view in enumerate(self.views):
+            for off in range(0, len(view), self.chunk):
+                data = view[off:off + self.chunk]
+                yield b"".join((FRAME.pack(0, layer, off, len(data)), data))
 
     def once(self) -> dict:
-        import queue
+        total = sum(len(v) for v in self.views)
+        reply = {}
 
+        def send():
+            reply["n"] = int.from_bytes(self.push(self._messages()), "little")
+        out = self.timed(send)
+        if reply["n"] != total + FRAME.size * sum(-(-len(v) // self.chunk) for v in self.views):
+            raise RuntimeError(f"{self.label}: the server counted {reply['n']} bytes")
+        return out
+
+    def close(self) -> None:
+        self.channel.close()
+        self.conn.send(("stop",))
+        self.proc.join(5)
+
+
+class TcpPath(_Path):
+    """Raw TCP between two processes, framed in the gRPC chunk size;
+    ``verified`` adds Baton's checksums and placement into a KV cache."""
+
+    def __init__(self, layers, verified: bool, chunk_bytes: int, torch_threads: int):
+        from kvtransfer.sender import byte_view
+
+        self.label = "raw-tcp + Baton checks" if verified else "raw-tcp"
+        self.layers, self.verified, self.chunk = layers, verified, chunk_bytes
+        self.views = [byte_view(b) for b in layers]
+        self._spawn(tcp_receiver_main, tuple(layers[0].shape), len(layers), verified,
+                    chunk_bytes, torch_threads)
+        self.s = socket.create_connection(("127.0.0.1", self.endpoint))
+        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _send(self) -> None:
         from kvtransfer.integrity import block_checksums
 
-        cpu0 = cpu_s(os.getpid()), cpu_s(self.proc.pid)
-        t0 = time.perf_counter()
-        if not self.verified:
-            self.s.sendall(struct.pack("!Q", self.total))
-            for v in self.views:
-                self.s.sendall(v)
-        else:  # checksums computed here while a thread sends the previous layer
-            q: queue.Queue = queue.Queue()
-
-            def pump():
-                while (item := q.get()) is not None:
-                    self.s.sendall(item)
-            th = threading.Thread(target=pump)
-            th.start()
-            q.put(struct.pack("!Q", self.total))
-            for b, v in zip(self.layers, self.views, strict=True):
-                crcs = block_checksums(b)
-                q.put(struct.pack(f"!{len(crcs)}I", *crcs))
-                q.put(v)
-            q.put(None)
-            th.join()
-        t_sent = time.perf_counter()
+        for layer, (buf, view) in enumerate(zip(self.layers, self.views, strict=True)):
+            if self.verified:
+                crcs = block_checksums(buf)
+                raw = struct.pack(f"!{len(crcs)}I", *crcs)
+                _sendmsg_all(self.s, [FRAME.pack(1, layer, 0, len(raw)), raw])
+            for off in range(0, len(view), self.chunk):
+                data = view[off:off + self.chunk]
+                _sendmsg_all(self.s, [FRAME.pack(0, layer, off, len(data)), data])
         if self.s.recv(1) != b"\x01":
             raise RuntimeError(f"{self.label}: no ack")
-        t1 = time.perf_counter()
-        cpu1 = cpu_s(os.getpid()), cpu_s(self.proc.pid)
-        return {"seconds": t1 - t0, "send_layer_s": t_sent - t0, "bytes": self.total,
-                "cpu_send_s": cpu1[0] - cpu0[0], "cpu_recv_s": cpu1[1] - cpu0[1]}
+
+    def once(self) -> dict:
+        return self.timed(self._send)
 
     def close(self) -> None:
         self.s.close()
@@ -389,67 +429,66 @@ def breakdown(layers, chunk: int) -> list[dict]:
     import numpy as np
     import torch
 
-    from kernels import scatter_kv_blocks
-    from kvtransfer.integrity import block_checksums
-    from kvtransfer.sender import byte_view
-    from proto.baton.v1 import kv_transfer_pb2 as pb
+    from kvtransfer import grpc_transport as gt
+    from kvtransfer import integrity
+    from kvtransfer.placement import DirectSink, as_bytes
+    from kvtransfer.sender import OutgoingLayer, byte_view
 
     total = sum(b.numel() * b.element_size() for b in layers)
     raws = [byte_view(b) for b in layers]
     n_blocks = layers[0].shape[1]
+    headers = [OutgoingLayer("r", i, len(layers), b).header(1) for i, b in enumerate(layers)]
 
     def crc_blocks():
         for b in layers:
-            block_checksums(b)
+            integrity.block_checksums(b)
 
-    def crc_plain():
-        for r in raws:
-            zlib.crc32(r)
+    def crc_blocks_zlib():
+        saved, integrity.crc32 = integrity.crc32, zlib.crc32
+        try:
+            crc_blocks()
+        finally:
+            integrity.crc32 = saved
 
-    def chunk_copy():
-        for r in raws:
-            for off in range(0, len(r), chunk):
-                bytes(r[off:off + chunk])
+    def encode():
+        for h, r in zip(headers, raws, strict=True):
+            for _ in gt.encode_chunks(h, r, chunk):
+                pass
 
-    msgs = [pb.KVChunk(request_id="r", layer=i, offset=off, layer_bytes=len(r),
-                       data=bytes(r[off:off + chunk]))
-            for i, r in enumerate(raws) for off in range(0, len(r), chunk)]
+    wires = [w for h, r in zip(headers, raws, strict=True) for w in gt.encode_chunks(h, r, chunk)]
 
-    def serialize():
-        for m in msgs:
-            m.SerializeToString()
-
-    wires = [m.SerializeToString() for m in msgs]
-
-    def parse():
+    def decode():
         for w in wires:
-            pb.KVChunk.FromString(w)
+            gt.decode_chunk(w)
 
-    parsed = [pb.KVChunk.FromString(w) for w in wires]
-    dst = torch.empty_like(layers[0])
-    flat = dst.view(-1).view(torch.uint8).numpy()
-
-    def place():
-        for m in parsed:
-            src = np.frombuffer(m.data, np.uint8)
-            flat[m.offset:m.offset + src.size] = src
-
+    decoded = [gt.decode_chunk(w) for w in wires]
     cache = torch.zeros(2, 2 * n_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
-    ids = torch.randperm(2 * n_blocks)[:n_blocks]
+    ids = torch.randperm(2 * n_blocks)[:n_blocks].tolist()
+    sinks: dict[int, DirectSink] = {}
 
-    def scatter():
-        for b in layers:
-            scatter_kv_blocks(b, cache[0], cache[1], ids)
+    def place():  # a fresh sink per layer, as the receiver has: CRC-32 runs in stream order
+        for fields, data in decoded:
+            if fields.offset == 0:
+                sinks[fields.layer] = DirectSink(cache[0], cache[1], ids)
+            sinks[fields.layer].write(fields.offset, as_bytes(data))
+
+    def copy_ref():
+        dst = np.empty(len(raws[0]), np.uint8)
+        for r in raws:
+            np.copyto(dst, np.frombuffer(r, np.uint8))
 
     rows = [
-        ("block_checksums (CRC-32 per block)", "sender + receiver, each", crc_blocks),
-        ("zlib.crc32 over whole layers", "(reference: no per-block split)", crc_plain),
-        (f"bytes(memoryview slice) {chunk // MIB} MiB", "sender, gRPC chunking", chunk_copy),
-        ("KVChunk.SerializeToString", "sender, gRPC message", serialize),
-        ("KVChunk.FromString (parse)", "receiver, gRPC message", parse),
-        ("np.frombuffer + slice assign", "receiver, ReceiverCore.on_bytes", place),
-        ("scatter_kv_blocks into cache", "receiver, verified layer", scatter),
+        (f"block_checksums, CRC-32 by {integrity.CRC32_IMPL}", "sender, gRPC request thread",
+         crc_blocks),
+        ("block_checksums, CRC-32 by zlib", "(without isal)", crc_blocks_zlib),
+        (f"encode_chunks ({chunk // MIB} MiB: header + join)", "sender, gRPC request thread",
+         encode),
+        ("decode_chunk (no copy of data)", "receiver, gRPC handler", decode),
+        ("DirectSink.write: copy into blocks + CRC-32", "receiver, gRPC handler", place),
+        ("np.copyto of the payload", "(reference: one plain copy)", copy_ref),
     ]
+    if integrity.CRC32_IMPL == "zlib":
+        rows.pop(1)
     out = []
     for name, where, fn in rows:
         gbs = _rate(fn, total)
@@ -459,9 +498,6 @@ def breakdown(layers, chunk: int) -> list[dict]:
 
 
 # ----- profile: py-spy on both processes ----------------------------------------------------
-_IDLE_LEAVES = ("epoll_wait",)
-
-
 def _category(frames: list[str]) -> str:
     stack, leaf = ";".join(frames), frames[-1]
     if "epoll_wait" in leaf or "Connection._recv" in stack:
@@ -470,31 +506,31 @@ def _category(frames: list[str]) -> str:
         return "idle"
     if "pthread_cond_timedwait" in stack or "_queue_SimpleQueue_get" in stack:
         return "idle"
-    if "crc32" in stack:
-        return "CRC-32 (zlib, block_checksums)"
-    if "scatter_kv_blocks" in stack:
-        return "scatter_kv_blocks (copy into cache)"
-    if "ReceiverCore.on_bytes" in stack or "raw_array_assign" in stack:
-        return "ReceiverCore.on_bytes (copy into layer buffer)"
-    if "_chunks" in stack:
-        return "sender _chunks (bytes(slice) copy, KVChunk build)"
+    if "DirectSink.write" in stack or "StagedSink.write" in stack:
+        return "placement (copy into reserved blocks, CRC-32 of the bytes)"
+    if "crc32" in stack or "checksums" in stack:
+        return "CRC-32 (block_checksums)"
+    if "encode_chunks" in stack:
+        return "encode_chunks (header + join copy)"
+    if "decode_chunk" in stack:
+        return "decode_chunk"
     if re.search(r"\b(sendmsg|write|read|recvmsg)\b", leaf):
         return "socket syscalls"
     if "cygrpc" in stack or "grpc/" in stack:
         if re.search(r"0x[0-9a-f]+8b[0-9a-f]{3} \(libc", leaf):
-            return "gRPC memcpy (serialize, byte buffers, parse)"
+            return "gRPC memcpy (slices, message bytes)"
         return "gRPC other (thread hand-offs, GIL, C-core)"
     return "other"
 
 
-def profile(transport: str, layers, seconds: float, py_spy: str, torch_threads: int) -> dict:
-    """Loop transfers over ``transport`` while py-spy samples both processes
-    (native frames); active samples by category."""
+def profile(layers, seconds: float, py_spy: str, torch_threads: int, chunk: int) -> dict:
+    """Loop gRPC transfers while py-spy samples both processes (native
+    frames); active samples by category."""
     import subprocess
     import tempfile
 
-    path = KVPath(transport, transport, "baton", layers, 2 * layers[0].shape[1], torch_threads)
-    out: dict = {"transport": transport, "seconds": seconds}
+    path = KVPath("grpc", "grpc", "baton", layers, 2 * layers[0].shape[1], torch_threads, chunk)
+    out: dict = {"transport": "grpc", "seconds": seconds}
     try:
         path.once()
         tmp = Path(tempfile.mkdtemp(prefix="kvprof-"))
@@ -526,13 +562,10 @@ def profile(transport: str, layers, seconds: float, py_spy: str, torch_threads: 
 
 
 # ----- main ------------------------------------------------------------------------
-def make_layers(total_mib: int, n_layers: int):
+def make_layers(tokens: int, n_layers: int):
     import torch
 
-    per_block = 2 * BLOCK_SIZE * KV_HEADS * HEAD_DIM * 4  # K and V, fp32
-    n_blocks = total_mib * MIB // (n_layers * per_block)
-    if n_blocks < 1:
-        raise SystemExit("payload too small for the layer count")
+    n_blocks = -(-tokens // BLOCK_SIZE)
     g = torch.Generator().manual_seed(0)
     return [torch.randn(2, n_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g)
             for _ in range(n_layers)]
@@ -551,14 +584,56 @@ def summarize(label: str, runs: list[dict], total: int, tcp_median_gbs: float | 
             "raw_gb_s": rates}
 
 
+def build_paths(args, layers, say) -> list:
+    from kvtransfer.grpc_transport import CHUNK_BYTES
+    from kvtransfer.integrity import CRC32_IMPL
+
+    chunk = int(args.chunk_mib * MIB) if args.chunk_mib else CHUNK_BYTES
+    cache_blocks, threads = 2 * layers[0].shape[1], args.torch_threads
+    paths = [TcpPath(layers, False, chunk, threads), TcpPath(layers, True, chunk, threads),
+             GrpcFloorPath(layers, chunk)]
+    for t in args.transports.split(","):
+        paths.append(KVPath(t, t, "baton", layers, cache_blocks, threads, chunk))
+    if args.what_if:
+        for mib in (2, 4):
+            paths.append(KVPath(f"grpc, {mib} MiB chunks", "grpc", "baton", layers,
+                                cache_blocks, threads, mib * MIB))
+        if CRC32_IMPL == "isal":
+            paths.append(KVPath("grpc, CRC-32 by zlib", "grpc", "zlib", layers, cache_blocks,
+                                threads, chunk))
+        else:
+            say("  (isal not importable: Baton already uses zlib; no zlib what-if)")
+    return paths
+
+
+def run_rounds(paths, layers, reps: int, total: int, say) -> dict[str, list[dict]]:
+    # warm-up + correctness: the blocks that landed hold the sent bytes
+    for p in paths:
+        r = p.once()
+        if isinstance(p, KVPath):
+            want = zlib.crc32(layers[0][0].contiguous().numpy().tobytes())
+            if p.check(r["block_ids"]) != want:
+                raise RuntimeError(f"{p.label}: received KV differs from what was sent")
+    runs: dict[str, list[dict]] = {p.label: [] for p in paths}
+    for rnd in range(reps):
+        k = rnd % len(paths)
+        for p in paths[k:] + paths[:k]:  # rotate the order each round
+            runs[p.label].append(p.once())
+        say(f"  round {rnd + 1}/{reps}: " + ", ".join(
+            f"{lbl} {total / rs[-1]['seconds'] / 1e9:.2f}" for lbl, rs in runs.items()))
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mib", type=int, default=64, help="payload size (MiB)")
+    ap.add_argument("--tokens", type=int, default=8192, help="prompt tokens (16 KiB of KV each)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--reps", type=int, default=7, help="timed rounds (>= 5)")
+    ap.add_argument("--chunk-mib", type=float, default=0.0,
+                    help="chunk size of gRPC and the TCP peers (default: Baton's CHUNK_BYTES)")
     ap.add_argument("--transports", default="grpc,nccl")
     ap.add_argument("--what-if", action="store_true",
-                    help="also run a NOT-Baton gRPC variant (4 MiB chunks)")
+                    help="also run Baton's gRPC with 2/4 MiB chunks and with zlib's CRC-32")
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="intra-op threads per process (workers use 1)")
@@ -572,44 +647,22 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from kvtransfer.grpc_transport import CHUNK_BYTES
+    from kvtransfer.integrity import CRC32_IMPL
+
     torch.set_num_threads(args.torch_threads)
-    layers = make_layers(args.mib, args.layers)
+    layers = make_layers(args.tokens, args.layers)
     total = sum(b.numel() * b.element_size() for b in layers)
-    n_blocks = layers[0].shape[1]
+    chunk = int(args.chunk_mib * MIB) if args.chunk_mib else CHUNK_BYTES
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json == "-" else \
         (lambda *a: print(*a, flush=True))
-    say(f"payload: {args.layers} layers x {tuple(layers[0].shape)} fp32 = {total / MIB:.0f} MiB; "
+    say(f"payload: {args.tokens} tokens, {args.layers} layers x {tuple(layers[0].shape)} fp32 = "
+        f"{total / MIB:.0f} MiB; chunks {chunk / MIB:g} MiB; CRC-32 by {CRC32_IMPL}; "
         f"{args.reps} rounds after 1 warm-up; receivers in separate processes")
-
     paths = []
     try:
-        paths.append(TcpPath(layers, False, 4 * MIB, args.torch_threads))
-        paths.append(TcpPath(layers, True, 4 * MIB, args.torch_threads))
-        for t in args.transports.split(","):
-            paths.append(KVPath(t, t, "baton", layers, 2 * n_blocks, args.torch_threads))
-        if args.what_if:
-            paths.append(KVPath("grpc[what-if chunk 4MiB]", "grpc", "chunk4m", layers,
-                                2 * n_blocks, args.torch_threads))
-            if have_isal():
-                paths.append(KVPath("grpc[what-if ISA-L crc32]", "grpc", "isal", layers,
-                                    2 * n_blocks, args.torch_threads))
-            else:
-                say("  (isal not importable: skipping the ISA-L CRC what-if)")
-        # warm-up + correctness: the blocks that landed hold the sent bytes
-        for p in paths:
-            r = p.once()
-            if isinstance(p, KVPath):
-                ids = r["block_ids"]
-                want = zlib.crc32(layers[0][0].contiguous().numpy().tobytes())
-                if p.check(ids) != want:
-                    raise RuntimeError(f"{p.label}: received KV differs from what was sent")
-        runs: dict[str, list[dict]] = {p.label: [] for p in paths}
-        for rnd in range(args.reps):
-            k = rnd % len(paths)
-            for p in paths[k:] + paths[:k]:  # rotate the order each round
-                runs[p.label].append(p.once())
-            say(f"  round {rnd + 1}/{args.reps}: " + ", ".join(
-                f"{lbl} {total / rs[-1]['seconds'] / 1e9:.2f}" for lbl, rs in runs.items()))
+        paths = build_paths(args, layers, say)
+        runs = run_rounds(paths, layers, args.reps, total, say)
     finally:
         for p in paths:
             try:
@@ -621,17 +674,19 @@ def main(argv: list[str] | None = None) -> int:
     tcp["ratio_to_raw_tcp"] = 1.0
     rows = [tcp] + [summarize(lbl, rs, total, tcp["gb_s_median"])
                     for lbl, rs in runs.items() if lbl != "raw-tcp"]
-    bd = [] if args.no_breakdown else breakdown(layers, 1 * MIB)
+    bd = [] if args.no_breakdown else breakdown(layers, chunk)
     prof = {}
     if args.profile > 0:
         say(f"profiling grpc for {args.profile:.0f} s with {args.py_spy} ...")
-        prof = profile("grpc", layers, args.profile, args.py_spy, args.torch_threads)
+        prof = profile(layers, args.profile, args.py_spy, args.torch_threads, chunk)
     grpc_row = next((r for r in rows if r["path"] == "grpc"), None)
     report = {
         "benchmark": "kv_transfer", "date": time.strftime("%Y-%m-%d"),
         "machine": f"CPU, {os.cpu_count()} cores, no GPU ({platform.processor() or platform.machine()})",
-        "payload_bytes": total, "layers": args.layers, "layer_shape": list(layers[0].shape),
-        "dtype": "float32", "reps": args.reps, "unit": "GB/s = 1e9 bytes/s",
+        "load_avg_1m": os.getloadavg()[0],
+        "payload_bytes": total, "tokens": args.tokens, "layers": args.layers,
+        "layer_shape": list(layers[0].shape), "dtype": "float32", "chunk_bytes": chunk,
+        "crc32_impl": CRC32_IMPL, "reps": args.reps, "unit": "GB/s = 1e9 bytes/s",
         "paths": rows, "breakdown": bd, "profile": prof,
         "target": {"grpc_ratio_min": 0.70,
                    "grpc_ratio": grpc_row["ratio_to_raw_tcp"] if grpc_row else None,
@@ -652,8 +707,10 @@ def print_profile(prof: dict) -> None:
 
 def print_tables(report: dict) -> None:
     total = report["payload_bytes"]
-    print(f"\nKV transfer, {total / MIB:.0f} MiB ({report['layers']} layers x "
-          f"{tuple(report['layer_shape'])} fp32), median of {report['reps']} rounds")
+    print(f"\nKV transfer, {report['tokens']} tokens = {total / MIB:.0f} MiB ({report['layers']} "
+          f"layers x {tuple(report['layer_shape'])} fp32), chunks "
+          f"{report['chunk_bytes'] / MIB:g} MiB, CRC-32 by {report['crc32_impl']}, median of "
+          f"{report['reps']} rounds (load average {report['load_avg_1m']:.1f})")
     head = (f"{'path':<30} {'GB/s p50':>9} {'min':>6} {'max':>6} {'ms p50':>8} "
             f"{'send_layer ms':>13} {'CPU ms snd':>10} {'CPU ms rcv':>10} {'vs raw TCP':>10}")
     print(head + "\n" + "-" * len(head))
@@ -673,10 +730,10 @@ def print_tables(report: dict) -> None:
     if report["breakdown"]:
         print(f"\nWhere the time goes (one thread, this process, best of 3, over the "
               f"{total / MIB:.0f} MiB payload)")
-        head = f"{'step':<38} {'where':<34} {'GB/s':>6} {'ms':>7}"
+        head = f"{'step':<44} {'where':<30} {'GB/s':>6} {'ms':>7}"
         print(head + "\n" + "-" * len(head))
         for b in report["breakdown"]:
-            print(f"{b['step']:<38} {b['where']:<34} {b['gb_s']:>6.2f} "
+            print(f"{b['step']:<44} {b['where']:<30} {b['gb_s']:>6.2f} "
                   f"{b['ms_per_payload']:>7.1f}")
 
 

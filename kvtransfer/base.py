@@ -7,15 +7,16 @@ Lifecycle of one transfer (one request, all layers)::
     prefill worker: handle = sender.open(request_id, endpoint, num_layers)
                     handle.send_layer(l, buffer) as each layer finishes
                                                             TRANSFERRING
-    receiver: each complete layer is checked (CRC-32 per block) and scattered
-              into the reserved blocks; when all layers are in
-                                                            SUCCESS | FAILED
+    receiver: bytes land straight in the reserved blocks; each complete
+              layer is checked there (CRC-32 per block); when all layers
+              are in                                        SUCCESS | FAILED
     prefill worker: handle.finish() -> TransferResult (retries once on FAILED)
     decode worker: receiver.take(request_id) -> ReceiveResult
 
 Backends are sibling modules (``grpc_transport``, ``nccl_transport``,
 ``local_transport``); they move bytes, and share ``ReceiverCore`` for
-reassembly, verification and scattering, so no backend can admit unverified KV.
+placement and verification (``placement``), so no backend can admit
+unverified KV.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels import scatter_kv_blocks
-from kvtransfer.integrity import block_checksums
+from kvtransfer.placement import LayerSink, as_bytes, make_sink
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -159,22 +159,36 @@ class KVReceiver(ABC):
 
 
 @dataclass
+class _LayerIn:
+    """A layer being received: its header, where its bytes go, how many came."""
+
+    header: LayerHeader
+    sink: LayerSink
+    got: int = 0
+
+
+@dataclass
 class _Incoming:
     block_ids: list[int]
     attempt: int = 0
     num_layers: int = 0
-    buffers: dict[int, tuple[LayerHeader, torch.Tensor, int]] = field(default_factory=dict)
+    layers: dict[int, _LayerIn] = field(default_factory=dict)
     done_layers: set[int] = field(default_factory=set)
     corrupt: set[int] = field(default_factory=set)
     arrivals: list[float] = field(default_factory=list)
     bytes: int = 0
     state: TransferState = TransferState.BOOTSTRAPPING
     error: str = ""
+    # Held while bytes are written into the reserved blocks; ``closed`` (set
+    # under it once the transfer is taken or superseded) stops any late write.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
 
 
 class ReceiverCore:
-    """Reassembles layer buffers from byte ranges, verifies every block's
-    checksum and scatters verified layers into the reserved blocks."""
+    """Places byte ranges of layer buffers straight into the reserved blocks,
+    verifies every block's checksum once a layer is complete, and keeps the
+    state of each expected transfer."""
 
     def __init__(self, kv_layers: list[tuple[torch.Tensor, torch.Tensor]]):
         self.kv_layers = kv_layers  # per layer (k_cache, v_cache)
@@ -183,7 +197,9 @@ class ReceiverCore:
 
     def expect(self, request_id: str, block_ids: list[int]) -> None:
         with self._cond:
+            old = self._incoming.get(request_id)
             self._incoming[request_id] = _Incoming(list(block_ids))
+        _close(old)
 
     def state(self, request_id: str) -> TransferState | None:
         with self._cond:
@@ -204,10 +220,12 @@ class ReceiverCore:
                 self._cond.wait(left)
 
     def take(self, request_id: str) -> ReceiveResult | None:
+        """Forget the transfer; once this returns, nothing more is written to its blocks."""
         with self._cond:
             inc = self._incoming.pop(request_id, None)
         if inc is None:
             return None
+        _close(inc)
         return ReceiveResult(request_id, inc.state, inc.bytes, tuple(sorted(inc.corrupt)),
                              tuple(inc.arrivals), inc.error)
 
@@ -217,36 +235,38 @@ class ReceiverCore:
             inc = self._incoming.get(request_id)
             if inc is None:
                 return False
-            if attempt != inc.attempt:
-                self._incoming[request_id] = _Incoming(inc.block_ids, attempt=attempt)
-            return True
+            if attempt == inc.attempt:
+                return True
+            self._incoming[request_id] = _Incoming(inc.block_ids, attempt=attempt)
+        _close(inc)
+        return True
 
     def on_bytes(self, header: LayerHeader | None, request_id: str, layer: int,
-                 offset: int, data: memoryview | bytes | torch.Tensor) -> None:
+                 offset: int, data: memoryview | bytes | torch.Tensor | np.ndarray) -> None:
         """A byte range of a layer buffer (the header comes with the first range)."""
         with self._cond:
             inc = self._incoming.get(request_id)
         if inc is None:
             raise KeyError(f"no transfer expected for request {request_id!r}")
-        if inc.state is TransferState.FAILED:
-            return  # already failed: drop the rest of this attempt
-        if header is not None:
-            self._start_layer(inc, header)
-        if inc.state is TransferState.FAILED:
-            return
-        if layer not in inc.buffers:
+        with inc.lock:
+            if inc.closed or inc.state is TransferState.FAILED:
+                return  # taken, superseded or failed: drop the rest of this attempt
+            if header is not None:
+                self._start_layer(inc, header)
+            if inc.state is not TransferState.FAILED:
+                self._write(inc, layer, offset, as_bytes(data))
+
+    def _write(self, inc: _Incoming, layer: int, offset: int, src: np.ndarray) -> None:
+        lay = inc.layers.get(layer)
+        if lay is None:
             self._fail(inc, f"layer {layer}: bytes before the layer's header")
             return
-        hdr, buf, got = inc.buffers[layer]
-        flat = buf.view(-1).view(torch.uint8).numpy()
-        src = data.numpy() if isinstance(data, torch.Tensor) else np.frombuffer(data, np.uint8)
-        if offset + src.size > flat.size:
+        if offset < 0 or offset + src.size > lay.header.nbytes:
             self._fail(inc, f"layer {layer}: bytes past the end of the buffer")
             return
-        flat[offset:offset + src.size] = src
-        got += src.size
-        inc.buffers[layer] = (hdr, buf, got)
-        if got == flat.size:
+        lay.sink.write(offset, src)
+        lay.got += src.size
+        if lay.got == lay.header.nbytes:
             self._complete_layer(inc, layer)
 
     def _start_layer(self, inc: _Incoming, header: LayerHeader) -> None:
@@ -255,20 +275,26 @@ class ReceiverCore:
             self._fail(inc, f"layer {header.layer}: shape {header.shape} does not fit "
                             f"{len(inc.block_ids)} reserved blocks")
             return
+        if not 0 <= header.layer < len(self.kv_layers):
+            self._fail(inc, f"layer {header.layer}: this cache has {len(self.kv_layers)} layers")
+            return
+        k_cache, v_cache = self.kv_layers[header.layer]
+        block_shape, dtype = tuple(k_cache.shape[1:]), DTYPES[header.dtype]
+        if tuple(header.shape[2:]) != block_shape or dtype != k_cache.dtype:
+            self._fail(inc, f"layer {header.layer}: blocks {tuple(header.shape[2:])} "
+                            f"{header.dtype} do not fit the cache's {block_shape} "
+                            f"{DTYPE_NAMES.get(k_cache.dtype, k_cache.dtype)}")
+            return
         inc.num_layers = header.num_layers
         inc.state = TransferState.TRANSFERRING
-        buf = torch.empty(header.shape, dtype=DTYPES[header.dtype])
-        inc.buffers[header.layer] = (header, buf, 0)
+        sink = make_sink(k_cache, v_cache, inc.block_ids, header.shape, dtype)
+        inc.layers[header.layer] = _LayerIn(header, sink)
 
     def _complete_layer(self, inc: _Incoming, layer: int) -> None:
-        header, buf, got = inc.buffers.pop(layer)
-        inc.bytes += got
-        if tuple(block_checksums(buf)) != header.block_crc32:
+        lay = inc.layers.pop(layer)
+        inc.bytes += lay.got
+        if not lay.sink.finish(lay.header.block_crc32):
             inc.corrupt.add(layer)
-        else:
-            k_cache, v_cache = self.kv_layers[layer]
-            scatter_kv_blocks(buf.to(k_cache.device), k_cache, v_cache,
-                              torch.tensor(inc.block_ids, dtype=torch.int64))
         inc.done_layers.add(layer)
         inc.arrivals.append(time.time())
         if len(inc.done_layers) == inc.num_layers:
@@ -300,3 +326,10 @@ class ReceiverCore:
             error = inc.error or ("" if ok else f"incomplete: {len(inc.done_layers)} of "
                                                f"{inc.num_layers} layers")
             return ok, tuple(sorted(inc.corrupt)), inc.bytes, error
+
+
+def _close(inc: _Incoming | None) -> None:
+    """Wait for a write in progress, then refuse any later one."""
+    if inc is not None:
+        with inc.lock:
+            inc.closed = True

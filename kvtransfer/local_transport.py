@@ -12,8 +12,8 @@ import itertools
 
 import torch
 
-from kvtransfer.base import KVReceiver, KVSender, LayerHeader, ReceiverCore
-from kvtransfer.sender import FaultPlan, RetryingSendHandle
+from kvtransfer.base import KVReceiver, KVSender, ReceiverCore
+from kvtransfer.sender import FaultPlan, OutgoingLayer, RetryingSendHandle
 
 _RECEIVERS: dict[str, LocalKVReceiver] = {}
 _IDS = itertools.count()
@@ -41,9 +41,10 @@ class _LocalSendHandle(RetryingSendHandle):
         self.receiver = receiver
         receiver.core.begin_attempt(request_id, 1)
 
-    def _transmit(self, header: LayerHeader, buffer: torch.Tensor) -> None:
-        data = buffer.contiguous().view(-1).view(torch.uint8)
-        self.receiver.core.on_bytes(header, header.request_id, header.layer, 0, data)
+    def _transmit(self, out: OutgoingLayer, attempt: int, payload: torch.Tensor) -> None:
+        # No transport thread here: the caller's thread checksums and places.
+        data = payload.view(-1).view(torch.uint8)
+        self.receiver.core.on_bytes(out.header(attempt), self.request_id, out.layer, 0, data)
 
     def _verdict(self, timeout_s: float) -> tuple[bool, str]:
         ok, _, _, error = self.receiver.core.verdict(self.request_id)

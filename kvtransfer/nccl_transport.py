@@ -11,7 +11,8 @@ Lifecycle:
 - per pair, one sender thread (prefill side) and one receiver thread (decode
   side) move messages in order: ``meta`` (int64 [header bytes, data bytes]),
   a JSON header, then the layer's raw bytes; an ``end`` header closes an
-  attempt and the receiver answers with a JSON verdict on tag 1.
+  attempt and the receiver answers with a JSON verdict on tag 1. The sender
+  thread computes each layer's checksums just before its header goes out.
 Headers are JSON, never pickle.
 """
 
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from kvtransfer.base import KVReceiver, KVSender, LayerHeader, ReceiverCore
-from kvtransfer.sender import FaultPlan, RetryingSendHandle
+from kvtransfer.sender import FaultPlan, OutgoingLayer, RetryingSendHandle
 
 _DATA_TAG, _ACK_TAG = 0, 1
 _TIMEOUT = datetime.timedelta(seconds=120)
@@ -41,10 +42,11 @@ def _make_group(store, prefix: str, rank: int, device: torch.device):
 
 
 class _Pair:
-    """Framed messages over one two-rank group."""
+    """Framed messages over one two-rank group, used by one thread per side."""
 
     def __init__(self, group, rank: int, device: torch.device):
         self.group, self.peer, self.device = group, 1 - rank, device
+        self._data = torch.empty(0, dtype=torch.uint8, device=device)  # reused for payloads
 
     def send_msg(self, header: dict, data: torch.Tensor | None = None, tag: int = _DATA_TAG):
         head = torch.frombuffer(bytearray(json.dumps(header).encode()), dtype=torch.uint8)
@@ -54,11 +56,18 @@ class _Pair:
             self.group.send([t.to(self.device)], self.peer, tag).wait()
 
     def recv_msg(self, tag: int = _DATA_TAG) -> tuple[dict, torch.Tensor | None]:
+        """The next message; its data stays valid until the next call."""
         meta = self._recv(torch.empty(2, dtype=torch.int64), tag)
         head = self._recv(torch.empty(int(meta[0]), dtype=torch.uint8), tag)
         header = json.loads(bytes(head.cpu().numpy()).decode())
-        data = self._recv(torch.empty(int(meta[1]), dtype=torch.uint8), tag) if meta[1] else None
+        data = self._recv(self._payload(int(meta[1])), tag) if meta[1] else None
         return header, data
+
+    def _payload(self, nbytes: int) -> torch.Tensor:
+        """A receive buffer reused across messages: no fresh pages per layer."""
+        if self._data.numel() < nbytes:
+            self._data = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._data[:nbytes]
 
     def _recv(self, t: torch.Tensor, tag: int) -> torch.Tensor:
         t = t.to(self.device)
@@ -147,7 +156,7 @@ class _PairSender:
         while True:
             header, data, done = self.queue.get()
             try:
-                self.pair.send_msg(header, data)
+                self.pair.send_msg(header() if callable(header) else header, data)
                 if done is not None:
                     ack, _ = self.pair.recv_msg(tag=_ACK_TAG)
                     done.set_result((ack["ok"], ack["error"]))
@@ -161,12 +170,9 @@ class _NcclSendHandle(RetryingSendHandle):
         super().__init__(request_id, num_layers, faults)
         self.sender = sender
 
-    def _transmit(self, header: LayerHeader, buffer: torch.Tensor) -> None:
-        meta = {"kind": "layer", "request_id": header.request_id, "attempt": header.attempt,
-                "layer": header.layer, "num_layers": header.num_layers,
-                "shape": list(header.shape), "dtype": header.dtype,
-                "crc": list(header.block_crc32)}
-        self.sender.queue.put((meta, buffer.contiguous().view(-1).view(torch.uint8), None))
+    def _transmit(self, out: OutgoingLayer, attempt: int, payload: torch.Tensor) -> None:
+        self.sender.queue.put((lambda: _layer_meta(out.header(attempt)),
+                               payload.view(-1).view(torch.uint8), None))
 
     def _verdict(self, timeout_s: float) -> tuple[bool, str]:
         done: Future = Future()
@@ -178,6 +184,13 @@ class _NcclSendHandle(RetryingSendHandle):
 
     def _restart(self) -> None:
         pass  # the receiver resets on the attempt number of the next layer
+
+
+def _layer_meta(header: LayerHeader) -> dict:
+    return {"kind": "layer", "request_id": header.request_id, "attempt": header.attempt,
+            "layer": header.layer, "num_layers": header.num_layers,
+            "shape": list(header.shape), "dtype": header.dtype,
+            "crc": list(header.block_crc32)}
 
 
 class NcclKVSender(KVSender):
