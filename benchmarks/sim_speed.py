@@ -8,16 +8,15 @@ Cluster: Llama-3.1-8B bf16 on H100-SXM, TP1, the shared BatchPlanner and
 BlockManager in every worker; colocated 16 mixed workers, or disaggregated
 6 prefill + 10 decode workers.
 
+Reported: ``wall_s`` (the event loop, as ``SimResult.wall_s``), ``cpu_s``
+(process time of the whole ``simulate`` call, workload generation
+included: what the run cost whatever else the shared machine ran) and the
+1-minute load average.
+
 Usage (pin to one core)::
 
     taskset -c 0 .venv/bin/python benchmarks/sim_speed.py --requests 1000000
     taskset -c 0 .venv/bin/python benchmarks/sim_speed.py --requests 20000 --profile
-
-``--patch-prefix-stats`` is an experiment, not the simulator: it replaces
-``workers.block_manager.block_hashes`` for this process by a function that
-only counts full blocks, to measure what the proposed BlockManager fix (no
-hashing in ``allocate`` when prefix caching is off) would save. It is only
-valid with prefix caching off, as here.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import json
 import os
 import pstats
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,14 +40,10 @@ def main() -> int:
     ap.add_argument("--mode", choices=("colocated", "disaggregated"), default="colocated")
     ap.add_argument("--rate", type=float, default=60.0, help="req/s (about 70%% of capacity)")
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--exact-steps", action="store_true", help="no fast-forward windows")
-    ap.add_argument("--patch-prefix-stats", action="store_true")
+    ap.add_argument("--exact-steps", action="store_true", help="the planner at every step")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    if args.patch_prefix_stats:
-        import workers.block_manager as bm
-        bm.block_hashes = lambda ids, bs: range(len(ids) // bs)  # experiment: count only
     from sim.runner import simulate
     from sim.spec import PoolFlags, cluster_config_from_flags, spec_from_cluster_config
     from sim.workload import WorkloadSpec
@@ -61,14 +57,18 @@ def main() -> int:
     prof = cProfile.Profile() if args.profile else None
     if prof:
         prof.enable()
+    cpu0 = time.process_time()
     res = simulate(spec, wl, progress=sys.stderr.isatty())
+    cpu_s = time.process_time() - cpu0  # what the run cost this process, whatever else ran
     if prof:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
     s = res.summary
     out = {"requests": args.requests, "mode": args.mode, "rate": args.rate,
-           "block_size": args.block_size, "patched_prefix_stats": args.patch_prefix_stats,
-           "wall_s": round(res.wall_s, 2), "us_per_request": round(res.wall_s / args.requests * 1e6, 1),
+           "block_size": args.block_size, "exact_steps": args.exact_steps,
+           "wall_s": round(res.wall_s, 2), "cpu_s": round(cpu_s, 2),
+           "us_per_request": round(res.wall_s / args.requests * 1e6, 1),
+           "cpu_us_per_request": round(cpu_s / args.requests * 1e6, 1),
            "simulated_s": round(s.duration_s, 1), "events": res.events,
            "planner_calls": s.extra["planner_calls"], "windows": s.extra["windows"],
            "steps": s.extra["steps"], "ttft_p50_ms": round(s.ttft_ms.p50, 1),

@@ -88,6 +88,7 @@ class RankerSpec:
 
     head_path: str | None = None  # trained head (.safetensors); None = the one shipped
     max_batch: int = 64  # prompts scored in one encoder call
+    num_threads: int = 1  # torch threads of the controller process for the encoder
     log_completions: bool = False  # opt-in: log finished requests to Redis for retraining
     log_prompts: str = "features"  # features (hash + embedding) | redacted (masked text)
     log_cap: int = 50_000  # completions kept in Redis (oldest dropped)
@@ -255,7 +256,7 @@ def _validate(cfg: ClusterConfig) -> None:
     if cfg.scheduler.max_wait_s is not None:
         _positive("scheduler.max_wait_s", cfg.scheduler.max_wait_s)
     _one_of("ranker.log_prompts", cfg.ranker.log_prompts, ("features", "redacted"))
-    for key in ("max_batch", "log_cap"):
+    for key in ("max_batch", "num_threads", "log_cap"):
         _positive(f"ranker.{key}", getattr(cfg.ranker, key))
     if cfg.ranker.tau_window < 2:
         raise ConfigError(f"ranker.tau_window: {cfg.ranker.tau_window} must be >= 2")

@@ -13,12 +13,14 @@ from kernels.kv_blocks import (
 )
 from kernels.merge_states import merge_attention_states, merge_attention_states_ref
 from kernels.paged_attention import (
+    decode_attention,
     paged_decode_attention,
     paged_decode_attention_out,
     paged_decode_attention_ref,
 )
 
 __all__ = [
+    "decode_attention",
     "gather_kv_blocks",
     "gather_kv_blocks_ref",
     "merge_attention_states",

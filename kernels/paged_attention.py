@@ -26,6 +26,10 @@ ValueError naming the bad argument. Strides are free (any layout).
 The Triton kernel runs one program per (sequence, kv head): it loads the
 group's query heads once and walks the sequence's blocks with an online
 softmax in float32. The torch reference gathers every block at once.
+
+``decode_attention`` is the engine's CPU decode path over a contiguous
+(B, KVH, L, D) context (its decode buffer); ``paged_decode_attention_out``
+gathers the paged context into that form when the buffer cannot be used.
 """
 
 from __future__ import annotations
@@ -63,17 +67,46 @@ def paged_decode_attention_out(
     *,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """The output only, for the engine's decode hot path: on CPU one fused
-    ``scaled_dot_product_attention`` over the gathered context (no log-sum-exp
-    is materialised); on CUDA the Triton kernel."""
+    """The output only, for the engine's decode path when its contiguous
+    decode buffer cannot serve a step: on CPU the gathered context goes
+    through ``decode_attention`` (no log-sum-exp is materialised); on CUDA
+    the Triton kernel."""
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens)
     if use_triton(impl, q, _paged_decode_kernel):
         return _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)[0]
     k, v, valid = _gather_context(k_cache, v_cache, block_tables, context_lens)  # (B, L, KVH, D)
-    out = F.scaled_dot_product_attention(
-        q.float()[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True)  # (B, H, 1, D)
-    return out[:, :, 0, :].to(q.dtype)  # (B, H, D)
+    mask = torch.zeros(valid.shape, dtype=k.dtype, device=k.device)  # (B, L)
+    mask.masked_fill_(~valid, float("-inf"))
+    out = decode_attention(q.float(), k.transpose(1, 2), v.transpose(1, 2),
+                           mask[:, None, None, :], scale)  # (B, H, D)
+    return out.to(q.dtype)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence against a contiguous context (plain torch:
+    the CPU decode path; on CUDA the paged kernel reads the cache directly).
+
+    q (B, H, D); k, v (B, KVH, L, D) in q's dtype, any strides with a unit
+    last stride (views into a larger buffer are read in place); mask
+    (B, 1, 1, L) additive (0 or -inf, every row with a 0) in q's dtype, or
+    None when every position is visible. Returns (B, H, D) in q's dtype.
+
+    The G = H / KVH query heads sharing a kv head are handed to SDPA as G
+    query rows of that head (no causal mask among them): grouped-query
+    attention without repeating K/V, and on CPU about twice as fast as
+    ``enable_gqa`` with one row per head.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (B, KVH, G, D)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # (B, KVH, G, D)
+    return out.reshape(batch, num_heads, head_dim)
 
 
 def paged_decode_attention_ref(
@@ -109,8 +142,9 @@ def _gather_context(
     """Float32 keys and values (B, L, KVH, D) of every sequence, and its valid slots (B, L).
 
     Table entries past a sequence's last block are replaced by block 0 so any
-    value there is harmless, and values in invalid slots are zeroed so stale
-    NaN/inf in unused cache memory cannot leak through a zero softmax weight.
+    value there is harmless, and keys and values in invalid slots are zeroed
+    so stale NaN/inf in unused cache memory cannot leak through a zero softmax
+    weight (or an additive -inf mask).
     """
     block_size = k_cache.shape[1]
     longest = int(context_lens.max()) if context_lens.numel() else 0
@@ -124,7 +158,9 @@ def _gather_context(
     v = v_cache.index_select(0, ids).view(shape).float()  # (B, L, KVH, D), a fresh tensor
     positions = torch.arange(shape[1], device=k.device)  # (L,)
     valid = positions[None, :] < context_lens[:, None]  # (B, L)
-    v.masked_fill_(~valid[:, :, None, None], 0.0)  # (B, L, KVH, D)
+    invalid = (~valid).reshape(-1).nonzero().squeeze(1)  # (n,) flat (b, l) rows
+    for kv in (k, v):  # only the invalid rows are touched
+        kv.view(shape[0] * shape[1], shape[2] * shape[3]).index_fill_(0, invalid, 0.0)
     return k, v, valid
 
 

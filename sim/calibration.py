@@ -12,6 +12,9 @@ Lifecycle:
 - CPU profile (``baton sim calibrate`` on this machine, ``sim.engine_profile``):
   profile the in-process engine step by step and fit the ``cpu`` profile the
   same way.
+- Cluster (``--target cluster``, ``sim.cluster_probe``): start the tiny
+  disaggregated cluster locally and measure it: engine steps (the ``cpu``
+  profile), the KV link and the control plane's delays (``sim.control``).
 The fitted profiles are written to ``sim/data/profiles.json`` (with the
 report), read by ``sim.latency.load_profiles``.
 """
@@ -214,10 +217,23 @@ def check_vidur(folder: Path, profiles: dict[str, EfficiencyProfile]) -> dict[st
 
 
 # ----- command line ---------------------------------------------------------------------------------
+def _calibrate_cluster(args) -> dict:
+    from sim.cluster_probe import LocalCluster, calibrate_cluster
+    from sim.control import save_cluster
+    with LocalCluster() as cluster:
+        prof, options, rep = calibrate_cluster(cluster, quick=args.quick)
+    save_profile(prof, args.profiles, rep)
+    save_cluster("cpu", options["control"], options["link_bandwidth"], options["link_latency_s"],
+                 rep, args.profiles)
+    return rep
+
+
+
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", choices=("cpu", "gpus", "all"), default="cpu",
+    p.add_argument("--target", choices=("cpu", "gpus", "cluster", "all"), default="cpu",
                    help="cpu: profile the in-process engine here; gpus: fit A100/H100 on the "
-                        "Splitwise profiles; all: both")
+                        "Splitwise profiles; cluster: measure the local tiny disaggregated "
+                        "cluster (steps, KV link, control plane); all: cpu and gpus")
     p.add_argument("--data-dir", type=Path, default=SHARED_DATA)
     p.add_argument("--holdout", type=float, default=0.3, help="share of configurations held out")
     p.add_argument("--seed", type=int, default=0)
@@ -246,6 +262,8 @@ def run_calibrate_command(args) -> int:
         prof, rep = calibrate_cpu(args.model, quick=args.quick, seed=args.seed, holdout=args.holdout)
         save_profile(prof, args.profiles, rep)
         report["cpu"] = rep
+    if args.target == "cluster":
+        report["cluster"] = _calibrate_cluster(args)
     if args.json:
         print(json.dumps(report, indent=1, sort_keys=True))
     else:

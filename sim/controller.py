@@ -9,10 +9,13 @@ Lifecycle of a request at the controller::
              -> ``scheduler.order(SchedulingRound)`` -> for each request in
                 that order: ``router.route(request, prefill views, decode
                 views, prefix hits)``; dispatch while it finds room, stop at
-                the first ``None``; the rest get ``waited_rounds + 1``
+                the first ``None``; the rest get ``waited_rounds + 1``, and
+                workers stop fast-forwarding (the next round comes at the
+                next step boundary of any worker)
     dispatch -> colocated: the mixed worker queues the prompt;
                 disaggregated: the decode worker reserves KV blocks, the
-                prefill worker queues the prompt
+                prefill worker queues the prompt (after the control plane's
+                ``dispatch_s``, sim.control)
 
 The policy objects come from ``cluster.policies`` by name: this module only
 builds their snapshots and carries out their decisions.
@@ -40,7 +43,8 @@ class SimController:
     def __init__(self, scheduler: SchedulerPolicy, router: RouterPolicy,
                  admission: AdmissionPolicy, prefill: list[SimWorker], decode: list[SimWorker],
                  events: EventQueue, clock: Clock, on_reject: Callable[[Tracker], None],
-                 use_prefix_index: bool = False, max_model_len: int = 1 << 62):
+                 use_prefix_index: bool = False, max_model_len: int = 1 << 62,
+                 dispatch_s: float = 0.0):
         self.scheduler, self.router, self.admission = scheduler, router, admission
         self.prefill, self.decode = prefill, decode
         self.colocated = prefill is decode
@@ -57,6 +61,7 @@ class SimController:
         self._max_total_blocks = max(w.blocks.num_blocks for w in decode)
         self._block_size = prefill[0].spec.block_size
         self._by_id = {w.worker_id: w for w in [*prefill, *decode]}
+        self.dispatch_s = dispatch_s  # the control plane's delay before the prompt reaches P
 
     # ----- arrivals ------------------------------------------------------------------
     def arrive(self, tr: Tracker) -> None:
@@ -107,19 +112,20 @@ class SimController:
         self.rounds += 1
         order = self.scheduler.order(SchedulingRound(self.clock.now, self.rounds,
                                                      tuple(self.waiting)))
-        pviews = [w.view() for w in self.prefill]
-        dviews = pviews if self.colocated else [w.view() for w in self.decode]
         sent: set[str] = set()
         for view in order:
+            pviews = [w.view() for w in self.prefill]
+            dviews = pviews if self.colocated else [w.view() for w in self.decode]
             route = self.router.route(view, pviews, dviews, self._hits(view))
             if route is None:
                 break
             self._dispatch(view, route.prefill_worker, route.decode_worker)
             sent.add(view.request_id)
-            pviews = [w.view() for w in self.prefill]
-            dviews = pviews if self.colocated else [w.view() for w in self.decode]
         self.waiting = [replace(v, waited_rounds=v.waited_rounds + 1)
                         for v in self.waiting if v.request_id not in sent]
+        if self.waiting:  # a round at every step boundary from now on, as when stepping
+            for w in self._by_id.values():
+                w.hold()
 
     def _hits(self, view: RequestView) -> dict[str, int] | None:
         if not view.prefix_hashes:
@@ -144,7 +150,10 @@ class SimController:
             self._worker(decode_id).reserve(tr)
         if view.prefix_hashes:
             self.prefix_index[prefill_id].update(view.prefix_hashes)
-        p.submit(tr)
+        if self.dispatch_s:
+            self.events.push(self.clock.now + self.dispatch_s, EventKind.LANDED, p.submit, tr)
+        else:
+            p.submit(tr)
 
     def _worker(self, worker_id: str) -> SimWorker:
         if worker_id not in self._by_id:

@@ -14,7 +14,8 @@ Event flow of one request (disaggregated)::
     ARRIVAL -> controller.arrive -> DISPATCH round -> decode.reserve,
     prefill.submit -> WAKE / STEP_DONE ... (prefill chunks) -> transfer
     planned during the last chunk -> TRANSFER_DONE -> prefill.release,
-    decode.land -> STEP_DONE ... (decode steps or windows) -> finish
+    decode.land -> STEP_DONE ... (decode steps or fast-forwarded windows
+    of them; see sim.workers) -> finish
 
 Colocated: the mixed worker prefills and decodes; no transfer.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cluster.policies import BoundedQueue, make_router, make_scheduler
@@ -36,7 +38,7 @@ from sim.spec import SimPool, SimSpec
 from sim.tracker import Tracker
 from sim.transfer import Link, TransferNetwork
 from sim.workers import Hooks, SimWorker, WorkerSpec
-from sim.workload import Workload
+from sim.workload import Request, Workload
 from workers.batch_planner import BatchConfig
 
 
@@ -69,6 +71,7 @@ class Simulation:
         self.network = TransferNetwork(self.events, self.clock, spec.link_latency_s)
         self.controller = self._controller()
         self.trackers: list[Tracker] = []
+        self._upcoming: Iterator[Request] = iter(())  # requests not yet in the event queue
         self._done = 0
         self._ranker = random.Random(spec.seed ^ 0x5EED)
 
@@ -112,7 +115,8 @@ class Simulation:
                              BoundedQueue(self.spec.max_waiting), self.prefill, self.decode,
                              self.events, self.clock, self._on_reject,
                              use_prefix_index=self.spec.router == "prefix-aware",
-                             max_model_len=self.model.max_model_len)
+                             max_model_len=self.model.max_model_len,
+                             dispatch_s=self.spec.control.dispatch_s)
 
     def _hooks(self) -> Hooks:
         h = Hooks()
@@ -120,13 +124,15 @@ class Simulation:
         h.on_finish = self._on_finish
         h.on_change = self._on_change
         h.on_plan_prefill_done = self._on_plan_prefill_done
+        h.requests_waiting = lambda: bool(self.controller.waiting)
         return h
 
     # ----- the run ----------------------------------------------------------------------------
     def run(self) -> SimResult:
         t_wall = time.perf_counter()
-        for req in self.workload.initial():
-            self._push_arrival(req)
+        # requests known up front enter the event queue one at a time: a small heap
+        self._upcoming = iter(sorted(self.workload.initial(), key=lambda r: r.arrival_s))
+        self._push_upcoming()
         bar = _progress_bar(self.workload.num_requests) if self.progress else None
         events, clock, n = self.events, self.clock, 0
         last_done = 0
@@ -146,10 +152,19 @@ class Simulation:
         return SimResult(summary, sorted(self.trackers, key=lambda t: t.req.index),
                          list(self.by_id.values()), self.controller.dispatch_order, wall, n)
 
-    def _push_arrival(self, req) -> None:
+    def _push_upcoming(self) -> None:
+        req = next(self._upcoming, None)
+        if req is not None:
+            self._push_arrival(req, self._arrive_upcoming)
+
+    def _arrive_upcoming(self, tr: Tracker) -> None:
+        self._push_upcoming()
+        self.controller.arrive(tr)
+
+    def _push_arrival(self, req, on_arrival=None) -> None:
         tr = Tracker(req, self._score(req.output_tokens))
         self.trackers.append(tr)
-        self.events.push(req.arrival_s, EventKind.ARRIVAL, self.controller.arrive, tr)
+        self.events.push(req.arrival_s, EventKind.ARRIVAL, on_arrival or self.controller.arrive, tr)
 
     def _score(self, output_tokens: int) -> float:
         """Simulated ranker: higher = shorter, with log-normal error."""
@@ -164,17 +179,30 @@ class Simulation:
         nbytes = tr.req.prompt_tokens * kv_bytes_per_token(self.model, 1, self.spec.dtype)
 
         def landed() -> None:
-            tr.transfer_s = self.clock.now - t1
+            now, control = self.clock.now, self.spec.control
+            tr.transfer_s = now - t1
             src.release(tr)
-            dst.land(tr)
             self._on_change()
+            if control.first_token_waits_for_kv:  # delivered with the prefill result
+                tr.first_token_s = tr.last_token_s = now + control.result_s
+                if tr.req.output_tokens <= 1:
+                    tr.finish_s = tr.first_token_s
+                    self._on_finish(tr, tr.finish_s)
+            if tr.req.output_tokens <= 1:  # nothing to decode: the reservation goes
+                dst.release_reservation(tr)
+                return
+            delay = control.result_s + control.admit_s
+            if delay:
+                self.events.push(now + delay, EventKind.LANDED, dst.land, tr)
+            else:
+                dst.land(tr)
 
         self.network.plan(self.links[src.worker_id], self.links[dst.worker_id], nbytes,
                           self.model.num_layers, t0, t1, landed)
 
     def _on_first_token(self, tr: Tracker, now: float) -> None:
-        if tr.req.output_tokens <= 1:  # nothing to decode: done at the prefill worker
-            tr.finish_s = now
+        if tr.req.output_tokens <= 1 and not self.spec.control.first_token_waits_for_kv:
+            tr.finish_s = now  # nothing to decode: done at the prefill worker
             self._on_finish(tr, now)
 
     def _on_finish(self, tr: Tracker, now: float) -> None:

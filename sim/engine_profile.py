@@ -1,5 +1,5 @@
 """Calibrating the ``cpu`` profile on this machine's in-process engine, and
-comparing the simulator with real runs.
+the comparison of simulated with real request timings.
 
 Lifecycle of ``baton sim calibrate`` (target cpu):
 1. ``profile_engine``: build ``workers.engine.LLMEngine`` (model ``tiny`` by
@@ -10,13 +10,13 @@ Lifecycle of ``baton sim calibrate`` (target cpu):
    first part with ``sim.calibration.fit_profile``, report the held-out error
    of prefill steps and of decode steps.
 
-Comparison (``benchmarks/sim_vs_engine.py``): ``EngineRunner`` replays a
-workload against the real engine in wall-clock time (arrivals honoured,
-tokens stamped when ``step`` returns them); the same workload runs in the
-simulator on one ``cpu`` worker with the engine's limits. ``RealRunner`` is
-the hook for the Ray cluster: a runner that submits the requests through the
-cluster's client at their arrival times and stamps first and last tokens
-returns the same ``RequestTiming`` list, and the comparison code is unchanged.
+The engine runs with one torch thread, as the cluster's CPU workers do
+(``workers.worker_config.WorkerSpec.torch_threads``). ``baton sim calibrate
+--target cluster`` (sim.cluster_probe) measures the running cluster instead.
+
+Comparison (``benchmarks/sim_vs_cluster.py``): real and simulated runs of a
+workload become ``RequestTiming`` lists; ``compare`` reports the p50 and p90
+of TTFT and TPOT of both and their relative error.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import numpy as np
 
@@ -39,7 +38,8 @@ ENGINE_LIMITS = {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "prefill_ch
 
 def _engine(model: str, limits: dict):
     from workers.engine import EngineConfig, LLMEngine
-    return LLMEngine(EngineConfig(model=model, enable_prefix_caching=False, **limits))
+    return LLMEngine(EngineConfig(model=model, enable_prefix_caching=False, num_threads=1,
+                                  **limits))
 
 
 def _step_shape(plan) -> tuple:
@@ -135,7 +135,7 @@ def calibrate_cpu(model: str = "tiny", quick: bool = False, seed: int = 0, holdo
     return prof, report
 
 
-# ----- real runs -----------------------------------------------------------------------------------
+# ----- real against simulated --------------------------------------------------------------------
 @dataclass(frozen=True)
 class RequestTiming:
     """One request's latencies, measured (real) or simulated."""
@@ -143,41 +143,6 @@ class RequestTiming:
     request_id: str
     ttft_s: float  # arrival -> first token
     tpot_s: float | None  # mean gap between later tokens (None for one-token outputs)
-
-
-class RealRunner(Protocol):
-    def run(self, requests: list[Request]) -> list[RequestTiming]:
-        """Submit each request at its arrival time; stamp its first and last token."""
-
-
-class EngineRunner:
-    """The in-process engine, driven in wall-clock time."""
-
-    def __init__(self, model: str = "tiny", limits: dict | None = None, seed: int = 0):
-        self.engine = _engine(model, limits or ENGINE_LIMITS)
-        self.rng = random.Random(seed)
-
-    def run(self, requests: list[Request]) -> list[RequestTiming]:
-        from workers.sampling import SamplingParams
-        pending = sorted(requests, key=lambda r: (r.arrival_s, r.index))
-        first, last, t0, i = {}, {}, time.perf_counter(), 0
-        while i < len(pending) or self.engine.has_unfinished():
-            now = time.perf_counter() - t0
-            while i < len(pending) and pending[i].arrival_s <= now:
-                r = pending[i]
-                self.engine.add_request(r.request_id, [self.rng.randrange(256) for _ in range(r.prompt_tokens)],
-                                        SamplingParams(max_tokens=r.output_tokens, temperature=0.0,
-                                                       ignore_eos=True))
-                i += 1
-            if not self.engine.has_unfinished():
-                time.sleep(max(0.0, pending[i].arrival_s - now))
-                continue
-            outs = self.engine.step()
-            stamp = time.perf_counter() - t0
-            for o in outs:
-                first.setdefault(o.request_id, stamp)
-                last[o.request_id] = stamp
-        return [_timing(r, first[r.request_id], last[r.request_id]) for r in requests]
 
 
 def _timing(r: Request, first_s: float, last_s: float) -> RequestTiming:
@@ -200,14 +165,3 @@ def compare(real: list[RequestTiming], simulated: list[RequestTiming]) -> dict:
             out[f"{name}_p{q}_ms"] = {"real": round(ra * 1e3, 2), "sim": round(sb * 1e3, 2),
                                       "error_pct": round((sb - ra) / ra * 100, 1)}
     return out
-
-
-def engine_spec(limits: dict | None = None, fast_forward: bool = True):
-    """The simulation of one in-process engine: a colocated ``cpu`` worker with
-    the engine's limits and its KV budget."""
-    from sim.spec import SimPool, SimSpec
-    lim = limits or ENGINE_LIMITS
-    pool = SimPool("mixed", "mixed", "cpu", 1, 1, lim["max_num_seqs"], lim["max_num_batched_tokens"],
-                   lim["prefill_chunk_size"], lim["block_size"], lim["kv_cache_bytes"])
-    return SimSpec(model="tiny", dtype="fp32", pools=(pool,), kv_from="config",
-                   max_waiting=100_000, fast_forward=fast_forward)

@@ -2,10 +2,11 @@
 
 Lifecycle: components ``push`` callbacks at a simulated time; the core
 ``pop``s them in order and calls them. Ties break by (time, kind, id): at one
-instant, KV landings and finished steps are applied before arrivals, the
-controller's dispatch round sees all of them, and idle workers wake last so
-that everything dispatched at that instant joins the same first step. ``id``
-is the push order, so equal inputs give an identical run.
+instant, KV landings and control messages, then finished steps are applied
+before arrivals, the controller's dispatch round sees all of them, and idle
+workers wake last so that everything dispatched at that instant joins the
+same first step. ``id`` is the push order, so equal inputs give an identical
+run.
 
 Cancelling is lazy: a component that reschedules keeps a version number and
 ignores stale callbacks.
@@ -20,7 +21,7 @@ from typing import Any
 
 
 class EventKind(IntEnum):
-    TRANSFER_DONE = 0  # a KV transfer finished on its link
+    LANDED = 0  # a KV transfer (or a stage of it) or a control-plane message arrived
     STEP_DONE = 1  # a worker's engine step (or fast-forwarded decode window) ended
     ARRIVAL = 2  # a request reaches the controller
     DISPATCH = 3  # the controller's scheduling round

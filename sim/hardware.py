@@ -38,6 +38,12 @@ class GPUSpec:
     sources: dict[str, str] = field(default_factory=dict, compare=False)  # field -> citation
 
     def peak_flops(self, dtype: str) -> float:
+        """Dense FLOP/s of the GEMMs for weights stored in ``dtype``. FP8 weights on
+        a GPU without FP8 tensor cores run weight-only (W8A16): dequantized to
+        16-bit inside the GEMM, so at the bf16 rate (vLLM docs, "FP8 W8A8": Turing/
+        Ampere run FP8 models as W8A16 with FP8 Marlin; vllm-project/vllm#5975)."""
+        if dtype == "fp8" and dtype not in self.flops:
+            dtype = "bf16"
         if dtype not in self.flops:
             raise ValueError(f"GPU {self.name} has no {dtype!r} tensor rate; "
                              f"supported: {', '.join(self.flops)}")

@@ -34,7 +34,8 @@ from sim.hardware import GPUSpec
 from workers.model_config import ModelConfig
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                 "float8": "fp8", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8", "fp8_e4m3": "fp8"}
 PROFILES_PATH = Path(__file__).with_name("data") / "profiles.json"
 
 
@@ -115,7 +116,7 @@ class OpCosts:
 
 def op_costs(m: ModelConfig, tp: int, dtype: str) -> OpCosts:
     w = DTYPE_BYTES[dtype]
-    act = min(2, w) if dtype != "fp32" else 4  # activations stay 16-bit under fp8 weights
+    act = 4 if dtype == "fp32" else 2  # activations stay 16-bit under fp8 weights
     d, f, hd = m.hidden_size, m.intermediate_size, m.head_dim
     q = m.num_heads * hd / tp
     kv = max(m.num_kv_heads / tp, 1) * hd  # KV heads are replicated when tp > kv heads
@@ -153,6 +154,7 @@ class LatencyModel:
         self._ar_calls = 0 if tp == 1 else 2
         self._ar_rate = gpu.intra_node_bw * e.allreduce * tp / (2 * (tp - 1)) if tp > 1 else 1.0
         self._ar_latency = 2 * (tp - 1) * e.allreduce_latency_s  # ring all-reduce
+        self._decode_lines: dict[int, tuple[float, float]] = {}
 
     def step_time(self, num_tokens: int, num_seqs: int, logit_rows: int, decode_ctx_sum: int,
                   prefill_chunks: tuple[tuple[int, int], ...] | list = ()) -> float:
@@ -173,6 +175,17 @@ class LatencyModel:
                    (o.head_weight_bytes + logit_rows * o.head_act_bytes_per_row) / self._mem_rate)
         return (e.step_overhead_s + num_seqs * e.seq_overhead_s
                 + len(prefill_chunks) * e.prefill_seq_overhead_s + self.layers * layer + head)
+
+    def decode_line(self, num_seqs: int) -> tuple[float, float]:
+        """``(fixed_s, per_kv_token_s)``: a step of ``num_seqs`` decodes whose total
+        KV length is L lasts ``fixed_s + per_kv_token_s * L`` (``step_time``, up to
+        rounding: only decode attention depends on L, and linearly)."""
+        line = self._decode_lines.get(num_seqs)
+        if line is None:
+            line = (self.step_time(num_seqs, num_seqs, num_seqs, 0),
+                    self.layers * self._decode_attention(1))
+            self._decode_lines[num_seqs] = line
+        return line
 
     def _decode_attention(self, ctx_sum: int) -> float:
         o = self.ops

@@ -25,6 +25,7 @@ from cluster.config import (
     RouterSpec,
     SchedulerSpec,
 )
+from sim.control import ControlPlane
 from sim.hardware import canonical_gpu_name
 from sim.latency import sim_dtype
 from sim.metrics import SLO
@@ -61,6 +62,7 @@ class SimSpec:
     memory_utilization: float = 0.9  # share of GPU memory for weights + KV (kv_from=memory)
     link_bandwidth: float | None = None  # bytes/s per NIC; None = the GPU's network bandwidth x TP
     link_latency_s: float = 50e-6  # fixed cost per KV transfer
+    control: ControlPlane = field(default_factory=ControlPlane)  # RPC delays (sim.control)
     prefix_caching: bool = False  # BlockManager prefix reuse (Mooncake hash ids)
     fast_forward: bool = True  # decode windows (exact; see sim.workers)
     ranker_noise: float = 0.5  # std-dev of the simulated ranker's log-length error (ltr)

@@ -14,26 +14,39 @@ Lifecycle of a worker (role ``prefill``, ``decode`` or ``mixed``)::
                       prefill worker then hands the request to its decode
                       worker and keeps its blocks until the KV has left)
 
-Fast-forward (``fast_forward=True``): when every running sequence is decoding
-and nothing waits, the planner's next steps are known — one token for each
-running sequence, while the KV cache has room — so the worker runs up to the
-first finish (or the last step before a new KV block would not fit) as one
-window of steps, growing each sequence's blocks with ``BlockManager.append``.
-New work cuts the window at the next step boundary, where the planner takes
-over again. Step times, token times and block counts are identical to
-stepping one by one (``tests/sim/test_fast_forward.py`` checks it).
+Fast-forward (``fast_forward=True``, decode and mixed workers, no prefix
+caching): once every running sequence is decoding, the planner's next steps
+are known — one token for each, while the KV cache has room — so the running
+sequences become a ``DecodeBatch`` (sim.decode_batch) of aggregates:
+
+    nothing waiting -> one ``DecodeWindow`` of steps up to the first finish
+                       (or the last step whose KV blocks fit), timed in closed
+                       form; new work, or requests left waiting at the
+                       controller, cut it at the step in progress
+    prompts waiting -> one step: the planner admits them
+                       (``BatchPlanner.plan_admissions``) beside the batch's
+                       decodes; finished prompts join the batch
+    anything else   -> (KV short, a prompt still prefilling) the members are
+                       written back and ``plan`` runs every step until all
+                       running sequences decode again
+
+Members' KV growth is held as one pooled block table (blocks are
+interchangeable without prefix caching, which is why it is off there), so
+the block manager's free count, and every decision, is the planner's at each
+step. Times agree with stepping one by one up to float rounding
+(``tests/sim/test_fast_forward.py``).
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
+import functools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 from cluster.policies import WorkerView
+from sim.decode_batch import DecodeBatch, DecodeWindow, Member
 from sim.events import Clock, EventKind, EventQueue
 from sim.latency import LatencyModel
 from sim.tracker import Tracker
@@ -67,7 +80,7 @@ class WorkerSpec:
 class WorkerStats:
     busy_s: float = 0.0  # time spent stepping
     steps: int = 0  # engine steps (a window counts each of its steps)
-    planner_calls: int = 0  # BatchPlanner.plan calls
+    planner_calls: int = 0  # BatchPlanner.plan / plan_admissions calls
     windows: int = 0  # fast-forwarded decode windows
     flops: float = 0.0  # useful FLOPs on one shard
     prefill_tokens: int = 0
@@ -82,6 +95,8 @@ class Hooks:
     on_finish: Callable[[Tracker, float], None]  # last token sampled
     on_change: Callable[[], None]  # load changed: the controller may dispatch
     on_plan_prefill_done: Callable[[Tracker, float, float], None]  # (tracker, t0, t1) KV export
+    requests_waiting: Callable[[], bool]  # the controller holds requests: it runs a round
+    #                                       at every step boundary, so no window spans two
 
 
 class SimWorker:
@@ -92,7 +107,8 @@ class SimWorker:
         self.latency = latency
         self.events = events
         self.hooks = hooks
-        self.fast_forward = fast_forward and spec.role != "prefill"
+        self.fast_forward = (fast_forward and spec.role != "prefill"
+                             and not spec.enable_prefix_caching)
         self.blocks = BlockManager(spec.num_kv_blocks, spec.block_size, spec.enable_prefix_caching)
         self.planner = BatchPlanner(spec.batch, self.blocks)
         self.waiting: deque[Sequence] = deque()
@@ -104,16 +120,18 @@ class SimWorker:
         self.backlog = 0  # prompt tokens still to prefill here
         self.state = State.IDLE
         self.stats = WorkerStats()
+        self.batch = DecodeBatch(spec.block_size)  # running sequences kept as aggregates
+        self.steps_done = 0
+        self._newcomers: list[Sequence] = []  # running, not yet in the batch
+        self._pool_id = f"{spec.worker_id}/decode-growth"  # the members' pooled KV growth
+        self._pooled = 0  # blocks in that table
         self._version = 0
         self._wake_pending = False
         self._plan: StepPlan | None = None
         self._step_start = 0.0
-        self._window: list[float] = []  # end time of each step of the window
-        self._window_start = 0.0
-        self._window_ctx = 0  # total KV length of the window's first step
-        self._window_needs: list[int] = []  # blocks taken after k of its steps
-        self._view_step = 0  # window step the cached view was computed at
+        self._window: DecodeWindow | None = None
         self._view: WorkerView | None = None
+        self._view_until = float("-inf")  # the cached view holds while now < this
 
     @property
     def worker_id(self) -> str:
@@ -128,7 +146,7 @@ class SimWorker:
         """A request to prefill here (prefill or mixed worker)."""
         r = tr.req
         seq = Sequence(r.request_id, _prompt_tokens(r, self.spec.block_size),
-                       SamplingParams(max_tokens=r.output_tokens), r.index)
+                       _params(r.output_tokens), r.index)
         tr.seq, tr.prefill_left = seq, r.prompt_tokens
         self.trackers[r.request_id] = tr
         self.backlog += r.prompt_tokens
@@ -137,6 +155,8 @@ class SimWorker:
 
     def reserve(self, tr: Tracker) -> None:
         """Decode worker: hold blocks for the prompt's KV before it is sent."""
+        if self.batch:  # the block manager's free count must be exact
+            self._pool_blocks(self.batch.growth(self._step_in_progress()))
         alloc = self.blocks.allocate(tr.req.request_id, [0] * tr.req.prompt_tokens,
                                      reuse_prefix=False)
         assert alloc is not None, f"{self.worker_id}: router placed {tr.req.request_id} without room"
@@ -144,13 +164,16 @@ class SimWorker:
         self.held += 1
         self._touch()
         if self.state is State.WINDOW:  # fewer free blocks than the window assumed
-            self._cut_window(self.now, before_step_done=False)
+            w = self._window
+            last = self.batch.last_fitting_step(self._step_in_progress(), w.last,
+                                                self.blocks.num_free_blocks + self._pooled)
+            self._end_window_at(last)
 
     def land(self, tr: Tracker) -> None:
         """Decode worker: the KV arrived; the request decodes from its next token."""
         r = tr.req
         seq = Sequence(r.request_id, _prompt_tokens(r, self.spec.block_size),
-                       SamplingParams(max_tokens=r.output_tokens), r.index, output_token_ids=[0])
+                       _params(r.output_tokens), r.index, output_token_ids=[0])
         seq.num_computed_tokens = seq.num_tokens - 1
         seq.status = SequenceStatus.RUNNING
         tr.seq, tr.prefill_left = seq, 0
@@ -158,12 +181,24 @@ class SimWorker:
         self.reserved -= 1
         self._arrive(seq, before_step_done=True)
 
+    def release_reservation(self, tr: Tracker) -> None:
+        """Decode worker: a reserved request that will not decode (one token)."""
+        self.blocks.free(tr.req.request_id)
+        self.reserved -= 1
+        self.held -= 1
+        self._touch()
+
     def release(self, tr: Tracker) -> None:
         """Prefill worker: the KV has left; free its blocks."""
         self.blocks.free(tr.req.request_id)
         self._touch()
         if self.state is State.IDLE and (self.waiting or self.inbox):
             self._schedule_wake(self.now)
+
+    def hold(self) -> None:
+        """Requests wait at the controller: end any window at the step in progress."""
+        if self.state is State.WINDOW:
+            self._end_window_at(self._window.step_at(self.now))
 
     def _arrive(self, seq: Sequence, before_step_done: bool) -> None:
         """``before_step_done``: the caller's event sorts before STEP_DONE at equal
@@ -173,7 +208,7 @@ class SimWorker:
         if self.state is State.IDLE:
             self._schedule_wake(self.now)
         elif self.state is State.WINDOW:
-            self._cut_window(self.now, before_step_done)
+            self._end_window_at(self._window.step_at(self.now, before_step_done))
 
     def _schedule_wake(self, now: float) -> None:
         if not self._wake_pending:
@@ -181,28 +216,36 @@ class SimWorker:
             self.events.push(now, EventKind.WAKE, self._on_wake)
 
     def _touch(self) -> None:
-        self._view = None
+        self._view_until = float("-inf")  # recompute (the old view is reused if equal)
 
     # ----- the load a policy sees ------------------------------------------------------
     def view(self) -> WorkerView:
         """The worker's load now. Inside a decode window the planner would already
         have grown the sequences' blocks for the step in progress: counted here."""
-        step = self._window_step(self.now) if self.state is State.WINDOW else 0
-        if self._view is None or step != self._view_step:
+        v = self._view
+        if v is not None and self.clock.now < self._view_until:
+            return v
+        free, self._view_until = self.blocks.num_free_blocks, float("inf")
+        if self.batch.members:
+            if self.state is State.WINDOW:  # the view holds until the batch next grows
+                w = self._window
+                step = w.step_at(self.clock.now)
+                self._view_until = w.end(self.batch.next_growth(step, w.last) - 1)
+            else:
+                step = self._step_in_progress()
+            free += self._pooled - self.batch.growth(step)
+        if v is None or (v.free_kv_blocks, v.queued_prefill_tokens, v.running) != \
+                (free, self.backlog, self.held):
             s, b = self.spec, self.spec.batch
-            free = self.blocks.num_free_blocks - (self._window_needs[step] if step else 0)
             self._view = WorkerView(s.worker_id, s.role, s.gpu_type, self.backlog, self.held,
                                     free, self.blocks.num_blocks, s.block_size,
                                     b.max_num_batched_tokens, b.max_num_seqs)
-            self._view_step = step
         return self._view
 
-    def _window_step(self, now: float, before_step_done: bool = False) -> int:
-        """The window's step in progress at ``now`` (1-based), as the planner
-        would see it: events sorting before STEP_DONE see a step ending now as
-        not yet ended."""
-        find = bisect.bisect_left if before_step_done else bisect.bisect_right
-        return min(find(self._window, now) + 1, len(self._window))
+    def _step_in_progress(self) -> int:
+        if self.state is State.WINDOW:
+            return self._window.step_at(self.now)
+        return self.steps_done + (self.state is State.STEP)
 
     # ----- stepping -----------------------------------------------------------------------
     def _on_wake(self, _=None) -> None:
@@ -215,13 +258,75 @@ class SimWorker:
         for seq in self.inbox:
             if seq.status is SequenceStatus.RUNNING:
                 self.running.append(seq)
+                self._newcomers.append(seq)
             else:
                 self.waiting.append(seq)
         self.inbox.clear()
 
     def _start_next(self) -> None:
-        if self.fast_forward and self._start_window():
-            return
+        newcomers = self._newcomers if self.batch.members else self.running
+        self._newcomers = []
+        if self.fast_forward and self.running and self._decoding(newcomers):
+            for seq in newcomers:
+                self.batch.join(seq, self.trackers[seq.request_id], self.steps_done,
+                                len(self.blocks.block_table(seq.request_id)))
+            if self._start_batch_step():
+                return
+        self._leave_batch()
+        self._planner_step()
+
+    def _decoding(self, seqs: list[Sequence]) -> bool:
+        """Whether the planner's next step for ``seqs`` is one decode token each."""
+        trackers = self.trackers
+        return len(self.running) <= self.spec.batch.max_num_batched_tokens and all(
+            s.num_uncomputed == 1 and s.num_computed_tokens > 0 and s.boost_steps <= 0
+            and not trackers[s.request_id].prefill_left for s in seqs)
+
+    def _start_batch_step(self) -> bool:
+        """The batch's next step(s); False if the planner must decide (KV short)."""
+        if self.waiting:
+            return self._admission_step()
+        b, first = self.batch, self.steps_done + 1
+        room = self.blocks.num_free_blocks + self._pooled
+        last = first if self.hooks.requests_waiting() else b.next_finish()
+        if b.growth(last) > room:
+            last = b.last_fitting_step(first, last, room)
+            if last < first:
+                return False
+        fixed_s, per_token_s = self.latency.decode_line(len(b))
+        self._window = DecodeWindow(self.now, first, last, fixed_s + per_token_s * b.kv_tokens(first),
+                                    per_token_s * len(b))
+        self._first_gaps(self._window.end(first))
+        self.state = State.WINDOW
+        self._version += 1
+        self._touch()
+        self.events.push(self._window.end(last), EventKind.STEP_DONE, self._on_step_done,
+                         self._version)
+        return True
+
+    def _admission_step(self) -> bool:
+        """One step: the batch decodes, the planner admits waiting prompts beside it."""
+        b, step, n = self.batch, self.steps_done + 1, len(self.batch)
+        if b.growth(step) > self.blocks.num_free_blocks + self._pooled:
+            return False
+        self._pool_blocks(b.growth(step))
+        plan = self.planner.plan_admissions(self.waiting, self.running,
+                                            self.spec.batch.max_num_batched_tokens - n)
+        self.stats.planner_calls += 1
+        tokens, rows, prefill = n, n, []
+        for c in plan.chunks:
+            seq = c.seq
+            tokens += c.num_tokens
+            rows += seq.num_computed_tokens + c.num_tokens == seq.num_tokens
+            prefill.append((c.num_tokens, seq.num_computed_tokens))
+        kv = b.kv_tokens(step)
+        dt = self.latency.step_time(tokens, n + len(plan.chunks), rows, kv, prefill)
+        self.stats.flops += self.latency.model_flops(tokens, kv, prefill)
+        self._first_gaps(self.now + dt)
+        self._begin_step(plan, dt)
+        return True
+
+    def _planner_step(self) -> None:
         plan = self.planner.plan(self.waiting, self.running)
         self.stats.planner_calls += 1
         if plan.preempted:
@@ -230,9 +335,6 @@ class SimWorker:
             self.state = State.IDLE
             self._touch()
             return
-        self._run_step(plan)
-
-    def _run_step(self, plan: StepPlan) -> None:
         tokens = dec_ctx = rows = 0
         prefill = []
         for c in plan.chunks:
@@ -248,13 +350,16 @@ class SimWorker:
                 prefill.append((n, seq.num_computed_tokens))
         dt = self.latency.step_time(tokens, len(plan.chunks), rows, dec_ctx, prefill)
         self.stats.flops += self.latency.model_flops(tokens, dec_ctx, prefill)
+        if self.spec.role == "prefill":
+            self._announce_exports(plan, self.now + dt)
+        self._begin_step(plan, dt)
+
+    def _begin_step(self, plan: StepPlan, dt: float) -> None:
         self._plan, self._step_start = plan, self.now
         self.state = State.STEP
         self._version += 1
-        t_end = self.now + dt
-        if self.spec.role == "prefill":
-            self._announce_exports(plan, t_end)
-        self.events.push(t_end, EventKind.STEP_DONE, self._on_step_done, self._version)
+        self._touch()
+        self.events.push(self.now + dt, EventKind.STEP_DONE, self._on_step_done, self._version)
 
     def _skip_cached(self, seq: Sequence) -> None:
         """Prompt tokens the planner served from the prefix cache leave the backlog."""
@@ -272,7 +377,7 @@ class SimWorker:
         if version != self._version:
             return  # a cut window was rescheduled
         if self.state is State.WINDOW:
-            self._apply_window(len(self._window))
+            self._apply_window()
         else:
             self._apply_step()
         self._flush_inbox()
@@ -282,8 +387,14 @@ class SimWorker:
 
     def _apply_step(self) -> None:
         plan, now = self._plan, self.now
+        self.steps_done += 1
         self.stats.busy_s += now - self._step_start
         self.stats.steps += 1
+        if self.batch:  # an admission step: the batch decoded beside the plan's prompts
+            n = len(self.batch)
+            self.stats.decode_tokens += n
+            self.batch.record_steps(self.steps_done, now - self._step_start)
+            self._finish_members()
         for c in plan.chunks:
             seq, tr = c.seq, self.trackers[c.seq.request_id]
             if tr.prefill_left:
@@ -300,13 +411,15 @@ class SimWorker:
                 self.blocks.commit_full_blocks(seq.request_id, seq.prompt_token_ids)
             if seq.num_computed_tokens == seq.num_tokens:
                 self._sample(seq, tr, now)
+        if self.batch:  # admitted prompts still here join the batch if they decode now
+            self._newcomers += [c.seq for c in plan.chunks if c.seq.request_id in self.trackers]
         self._plan = None
 
     def _sample(self, seq: Sequence, tr: Tracker, now: float) -> None:
         seq.output_token_ids.append(0)
         tr.record_token(now)
         if self.spec.role == "prefill":
-            self.running.remove(seq)  # blocks stay until the KV has left (release)
+            self._remove_running(seq)  # blocks stay until the KV has left (release)
             self.trackers.pop(seq.request_id)
             self.held -= 1
             tr.seq = None
@@ -315,13 +428,20 @@ class SimWorker:
             self._finish(seq, tr, now)
 
     def _finish(self, seq: Sequence, tr: Tracker, now: float) -> None:
-        self.running.remove(seq)
+        self._remove_running(seq)
         self.blocks.free(seq.request_id)
         del self.trackers[seq.request_id]
         self.held -= 1
         tr.seq = None
         tr.finish_s = now
         self.hooks.on_finish(tr, now)
+
+    def _remove_running(self, seq: Sequence) -> None:
+        # by identity: Sequence's dataclass __eq__ compares every field
+        for i, s in enumerate(self.running):
+            if s is seq:
+                del self.running[i]
+                return
 
     def _on_preempted(self, plan: StepPlan) -> None:
         for seq in plan.preempted:
@@ -331,83 +451,93 @@ class SimWorker:
             self.backlog += seq.num_tokens - tr.prefill_left
             tr.prefill_left = seq.num_tokens
 
-    # ----- fast-forwarded decode windows ---------------------------------------------------------
-    def _start_window(self) -> bool:
-        running, bs = self.running, self.spec.block_size
-        if self.waiting or not running or len(running) > self.spec.batch.max_num_batched_tokens:
-            return False
-        trackers = self.trackers
-        left = min(trackers[s.request_id].req.output_tokens - len(s.output_token_ids)
-                   for s in running)
-        if left < 2 or any(s.num_uncomputed != 1 or trackers[s.request_id].prefill_left
-                           for s in running):
-            return False  # someone is (re-)prefilling: the planner decides
-        needs = self._block_needs(left, bs)
-        steps = bisect.bisect_right(needs, self.blocks.num_free_blocks) - 1
-        if steps < 2:
-            return False
-        n = len(running)
-        ctx = sum(s.num_tokens for s in running)
-        t, ends = self.now, []
-        for j in range(steps):
-            t += self.latency.step_time(n, n, n, ctx + j * n, ())
-            ends.append(t)
-        self._window, self._window_start, self._window_ctx = ends, self.now, ctx
-        self._window_needs = needs
-        self.state = State.WINDOW
-        self._version += 1
-        self.events.push(ends[-1], EventKind.STEP_DONE, self._on_step_done, self._version)
-        return True
-
-    def _block_needs(self, limit: int, bs: int) -> list[int]:
-        """``needs[k]``: new KV blocks the running sequences take over k more decode
-        steps (k <= limit); a sequence with c computed tokens in b blocks takes one
-        at step b*bs - c + 1, then every ``bs`` steps."""
-        diff = [0] * (limit + 1)
-        for s in self.running:
-            j = len(self.blocks.block_table(s.request_id)) * bs - s.num_computed_tokens + 1
-            while j <= limit:
-                diff[j] += 1
-                j += bs
-        return list(itertools.accumulate(diff))
-
-    def _cut_window(self, now: float, before_step_done: bool) -> None:
-        """New work: stop the window at the end of the step running at ``now``
-        (as the planner would see it at that step boundary)."""
-        k = self._window_step(now, before_step_done)
-        if k >= len(self._window):
-            return
-        del self._window[k:]
-        self._version += 1
-        self.events.push(self._window[-1], EventKind.STEP_DONE, self._on_step_done, self._version)
-
-    def _apply_window(self, k: int) -> None:
-        ends, n = self._window, len(self.running)
-        self.stats.busy_s += ends[k - 1] - self._window_start
-        self.stats.steps += k
+    # ----- the decode batch -----------------------------------------------------------------
+    def _apply_window(self) -> None:
+        w, b = self._window, self.batch
+        steps, n = w.last - w.first + 1, len(b)
+        self.steps_done = w.last
+        self.stats.busy_s += w.end(w.last) - w.start_s
+        self.stats.steps += steps
         self.stats.windows += 1
-        self.stats.decode_tokens += k * n
-        self.stats.flops += self.latency.model_flops(k * n, k * self._window_ctx + n * k * (k - 1) // 2)
-        worst = max((ends[j] - ends[j - 1] for j in range(1, k)), default=0.0)
-        first, last, bs, blocks = ends[0], ends[k - 1], self.spec.block_size, self.blocks
-        finished, pad = [], [0] * k
+        self.stats.decode_tokens += steps * n
+        self.stats.flops += self.latency.model_flops(steps * n, b.kv_tokens_over(w.first, w.last))
+        b.record_steps(w.last, w.duration(w.last))
+        self._window = None
+        self._finish_members()
+
+    def _end_window_at(self, last: int) -> None:
+        """Stop the window after step ``last`` (new work, or fewer free blocks)."""
+        w = self._window
+        if last >= w.last:
+            return
+        w.last = last
+        self._version += 1
+        self.events.push(w.end(last), EventKind.STEP_DONE, self._on_step_done, self._version)
+
+    def _first_gaps(self, first_end_s: float) -> None:
+        """Members joined at this boundary sample their next token at ``first_end_s``."""
+        for m in self.batch.joined:
+            tr = m.tracker
+            tr.max_gap_s = max(tr.max_gap_s, first_end_s - tr.last_token_s)
+        self.batch.joined.clear()
+
+    def _finish_members(self) -> None:
+        b, now, k = self.batch, self.now, self.steps_done
+        finished = b.pop_finished(k)
+        for m in finished:
+            seq, tr = m.seq, m.tracker
+            tr.max_gap_s = max(tr.max_gap_s, b.longest_step_since(m.gaps_from))
+            tr.last_token_s = tr.finish_s = now
+            self.blocks.free(seq.request_id)
+            del self.trackers[seq.request_id]
+            self.held -= 1
+            tr.seq = None
+        if finished:
+            gone = {m.seq.request_id for m in finished}
+            self.running = [s for s in self.running if s.request_id not in gone]
+            for m in finished:
+                self.hooks.on_finish(m.tracker, now)
+
+    def _leave_batch(self) -> None:
+        """Write every member's progress back; the planner takes over."""
+        self._pool_blocks(0)
+        if not self.batch:
+            return
+        k, members = self.steps_done, self.batch.members
         for seq in self.running:
-            rid = seq.request_id
-            tr = self.trackers[rid]
-            tokens = seq.num_computed_tokens + k
-            if len(blocks.block_table(rid)) * bs < tokens:  # the planner would have appended
-                assert blocks.append(rid, tokens)
-            seq.num_computed_tokens = tokens
-            seq.output_token_ids += pad
-            gap = first - tr.last_token_s
-            tr.max_gap_s = max(tr.max_gap_s, gap, worst)
-            tr.last_token_s = last
-            if len(seq.output_token_ids) >= tr.req.output_tokens:
-                finished.append((seq, tr))
-        for seq, tr in finished:
-            self._finish(seq, tr, ends[k - 1])
-        self._window = []
-        self._window_needs = []
+            m = members.get(seq.request_id)
+            if m is not None:
+                self._write_back(m, k)
+        self.batch.clear()
+
+    def _write_back(self, m: Member, k: int) -> None:
+        seq, tr = m.seq, m.tracker
+        seq.num_computed_tokens = m.computed(k)
+        seq.output_token_ids += [0] * (m.output_tokens(k) - len(seq.output_token_ids))
+        assert self.blocks.append(seq.request_id, seq.num_computed_tokens)
+        if k > m.joined_at:
+            tr.max_gap_s = max(tr.max_gap_s, self.batch.longest_step_since(m.gaps_from))
+            tr.last_token_s = self.now
+
+    def _pool_blocks(self, blocks: int) -> None:
+        """Make the pooled table (the members' KV growth since they joined) hold
+        ``blocks`` blocks."""
+        if blocks == self._pooled:
+            return
+        bs = self.spec.block_size
+        if not self.blocks.has(self._pool_id):
+            assert self.blocks.allocate(self._pool_id, [0] * (blocks * bs), reuse_prefix=False)
+        elif blocks > self._pooled:
+            assert self.blocks.append(self._pool_id, blocks * bs)
+        else:
+            self.blocks.truncate(self._pool_id, blocks * bs)
+        self._pooled = blocks
+
+
+@functools.cache
+def _params(max_tokens: int) -> SamplingParams:
+    """Frozen, so one per output length serves every sequence of that length."""
+    return SamplingParams(max_tokens=max_tokens)
 
 
 def _prompt_tokens(r, block_size: int) -> list[int]:

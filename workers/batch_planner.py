@@ -4,10 +4,13 @@ Pure Python (no torch): the simulator's workers batch with this very planner.
 
 Lifecycle of one ``plan`` call:
 
-1. running sequences, in priority order: a decode needs 1 token, a partly
-   prefilled sequence its next chunk; when the KV cache cannot grow, the
-   lowest-priority running sequence (the last one) is preempted — its blocks
-   freed, its progress reset so it re-prefills prompt + output later;
+1. running sequences, in priority order (boosted first, then higher
+   ``priority``, then admission order: a stable sort, so equal priorities
+   keep admission order): a decode needs 1 token, a partly prefilled
+   sequence its next chunk; when the KV cache cannot grow, the
+   lowest-ranked running sequence (the last one) is preempted — its blocks
+   freed, its progress reset so it re-prefills prompt + output later (the
+   same tokens: sampling is seeded per position);
 2. waiting sequences, in queue order, are admitted while the token budget,
    ``max_num_seqs`` and the KV cache allow (prefix blocks reused), each with
    its first chunk of at most ``prefill_chunk_size`` tokens.
@@ -50,6 +53,11 @@ class StepPlan:
         return sum(c.num_tokens for c in self.chunks)
 
 
+def rank_key(seq: Sequence) -> tuple[bool, float]:
+    """Sort key of running sequences: best-ranked first, preemption victim last."""
+    return (seq.boost_steps <= 0, -seq.priority)
+
+
 class BatchPlanner:
     def __init__(self, config: BatchConfig, blocks: BlockManager):
         self.config = config
@@ -57,8 +65,25 @@ class BatchPlanner:
 
     def plan(self, waiting: deque[Sequence], running: list[Sequence]) -> StepPlan:
         plan = StepPlan()
+        running.sort(key=rank_key)
         budget = self._plan_running(running, waiting, plan)
         self._admit(waiting, running, plan, budget)
+        for c in plan.chunks:
+            if c.seq.boost_steps > 0:
+                c.seq.boost_steps -= 1
+        return plan
+
+    def plan_admissions(self, waiting: deque[Sequence], running: list[Sequence],
+                        budget: int) -> StepPlan:
+        """Step 2 of ``plan`` alone, for a caller that knows step 1's outcome: every
+        running sequence decodes one token, its KV blocks already appended, and
+        ``budget`` tokens are left (the simulator's fast-forwarded decode batch).
+        The plan holds the admitted sequences' chunks only."""
+        plan = StepPlan()
+        self._admit(waiting, running, plan, budget)
+        for c in plan.chunks:
+            if c.seq.boost_steps > 0:
+                c.seq.boost_steps -= 1
         return plan
 
     def _plan_running(self, running, waiting, plan: StepPlan) -> int:

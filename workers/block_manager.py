@@ -12,12 +12,16 @@ Lifecycle of a block::
 Prefix reuse: a *full* block is named by a chained hash
 ``h_i = H(h_{i-1}, tokens of block i)``, so equal hashes mean equal prefixes.
 Out of memory is a value (``None`` / ``False``), never an exception.
+
+The free queue is a list read from a head index, so a prompt's fresh blocks
+are one slice (the simulator allocates millions); a cached block revived
+from the middle of the queue leaves a stale entry behind, skipped when the
+head reaches it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass
 
 
@@ -47,12 +51,6 @@ class Allocation:
     num_cached_tokens: int  # leading tokens whose KV is already in those blocks
 
 
-@dataclass
-class _Block:
-    ref_count: int = 0
-    block_hash: int | None = None  # set once the block is full and hashed
-
-
 class BlockManager:
     """Allocates fixed-size KV blocks to sequences, with prefix reuse."""
 
@@ -62,8 +60,14 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self._blocks = [_Block() for _ in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._ref = [0] * num_blocks  # block id -> sequences holding it
+        self._hash: list[int | None] = [None] * num_blocks  # set once full and hashed
+        self._queue = list(range(num_blocks))  # free ids from _head on, least recently freed first
+        self._head = 0
+        self._base = 0  # position of _queue[0] since the start (the queue is trimmed)
+        self._queued_at = list(range(num_blocks))  # block id -> position of its live entry
+        self._num_free = num_blocks
+        self._stale = 0  # entries of revived blocks still in the queue
         self._cached: dict[int, int] = {}  # block hash -> block id
         self._tables: dict[str, list[int]] = {}  # seq id -> block ids
         self._hashed: dict[str, int] = {}  # seq id -> number of its blocks already hashed
@@ -73,7 +77,7 @@ class BlockManager:
     # ----- queries -------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     def block_table(self, seq_id: str) -> list[int]:
         return self._tables[seq_id]
@@ -102,7 +106,7 @@ class BlockManager:
 
     def _fits(self, num_tokens: int, hits: list[int]) -> bool:
         """Free blocks suffice for the fresh blocks plus cached hits to revive."""
-        revived = sum(1 for b in hits if self._blocks[b].ref_count == 0)
+        revived = sum(1 for b in hits if self._ref[b] == 0)
         return self.blocks_needed(num_tokens) - len(hits) + revived <= self.num_free_blocks
 
     # ----- mutations -----------------------------------------------------
@@ -121,7 +125,7 @@ class BlockManager:
         self.prefix_hits += len(hits)
         for b in hits:
             self._take(b)
-        fresh = [self._take_fresh() for _ in range(self.blocks_needed(len(token_ids)) - len(hits))]
+        fresh = self._take_fresh(self.blocks_needed(len(token_ids)) - len(hits))
         self._tables[seq_id] = hits + fresh
         self._hashed[seq_id] = len(hits)
         return Allocation(tuple(hits + fresh), len(hits) * self.block_size)
@@ -136,8 +140,7 @@ class BlockManager:
         if not self.can_append(seq_id, num_tokens):
             return False
         table = self._tables[seq_id]
-        while len(table) < self.blocks_needed(num_tokens):
-            table.append(self._take_fresh())
+        table += self._take_fresh(self.blocks_needed(num_tokens) - len(table))
         return True
 
     def commit_full_blocks(self, seq_id: str, token_ids: list[int]) -> None:
@@ -152,9 +155,8 @@ class BlockManager:
             return
         hashes = block_hashes(token_ids[:full * self.block_size], self.block_size)
         for i in range(done, full):
-            block = self._blocks[table[i]]
             if hashes[i] not in self._cached:
-                block.block_hash = hashes[i]
+                self._hash[table[i]] = hashes[i]
                 self._cached[hashes[i]] = table[i]
         self._hashed[seq_id] = full
 
@@ -163,8 +165,7 @@ class BlockManager:
         blocks past the end are freed, a partial tail block loses its hash."""
         table = self._tables[seq_id]
         keep = self.blocks_needed(num_tokens)
-        for b in reversed(table[keep:]):
-            self._release(b)
+        self._release(reversed(table[keep:]))
         del table[keep:]
         full = num_tokens // self.block_size
         if self._hashed[seq_id] > full:
@@ -174,32 +175,77 @@ class BlockManager:
 
     def free(self, seq_id: str) -> None:
         """Release a sequence's blocks; hashed ones stay reusable until evicted."""
-        for b in reversed(self._tables.pop(seq_id)):
-            self._release(b)
+        self._release(reversed(self._tables.pop(seq_id)))
         self._hashed.pop(seq_id)
 
     # ----- internals -----------------------------------------------------
     def _take(self, block_id: int) -> None:
-        block = self._blocks[block_id]
-        if block.ref_count == 0:
-            del self._free[block_id]
-        block.ref_count += 1
+        if self._ref[block_id] == 0:  # a cached block revived from the free queue
+            self._queued_at[block_id] = -1
+            self._num_free -= 1
+            self._stale += 1
+        self._ref[block_id] += 1
 
-    def _take_fresh(self) -> int:
-        block_id, _ = self._free.popitem(last=False)  # least recently freed
-        self._unhash(block_id)
-        self._blocks[block_id].ref_count = 1
-        return block_id
+    def _take_fresh(self, n: int) -> list[int]:
+        """The ``n`` least recently freed blocks (their cached hashes evicted)."""
+        if n <= 0:
+            return []
+        head = self._head
+        if self._stale:
+            ids, self._head = self._live_entries(head, n)
+        else:
+            ids, self._head = self._queue[head:head + n], head + n
+        self._num_free -= n
+        ref = self._ref
+        for b in ids:
+            ref[b] = 1
+        if self._cached:
+            for b in ids:
+                self._unhash(b)
+        if self._head > 1024 and 2 * self._head > len(self._queue):
+            del self._queue[:self._head]
+            self._base += self._head
+            self._head = 0
+        return ids
+
+    def _live_entries(self, head: int, n: int) -> tuple[list[int], int]:
+        """``n`` free blocks from queue position ``head``, dropping stale entries."""
+        queue, queued_at, base = self._queue, self._queued_at, self._base
+        ids: list[int] = []
+        while len(ids) < n:
+            b = queue[head]
+            if queued_at[b] == base + head:
+                ids.append(b)
+            else:
+                self._stale -= 1
+            head += 1
+        return ids, head
 
     def _unhash(self, block_id: int) -> None:
-        block = self._blocks[block_id]
-        if block.block_hash is not None and self._cached.get(block.block_hash) == block_id:
-            del self._cached[block.block_hash]
-        block.block_hash = None
+        h = self._hash[block_id]
+        if h is not None:
+            if self._cached.get(h) == block_id:
+                del self._cached[h]
+            self._hash[block_id] = None
 
-    def _release(self, block_id: int) -> None:
-        block = self._blocks[block_id]
-        assert block.ref_count > 0, f"block {block_id} freed twice"
-        block.ref_count -= 1
-        if block.ref_count == 0:
-            self._free[block_id] = None
+    def _release(self, block_ids) -> None:
+        """Drop one reference to each block, in order; unreferenced ones join the
+        back of the free queue."""
+        ref, queue = self._ref, self._queue
+        if not self.enable_prefix_caching:  # no sharing, no revival: one owner per block
+            ids = list(block_ids)
+            assert all(map(ref.__getitem__, ids)), "a block freed twice"
+            for b in ids:
+                ref[b] = 0
+            queue += ids
+            self._num_free += len(ids)
+            return
+        queued_at = self._queued_at
+        for b in block_ids:
+            n = ref[b]
+            assert n > 0, f"block {b} freed twice"
+            ref[b] = n - 1
+            if n == 1:
+                queued_at[b] = self._base + len(queue)
+                queue.append(b)
+                self._num_free += 1

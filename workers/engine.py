@@ -46,6 +46,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's own limit
     seed: int = 0  # dummy weights and unseeded sampling
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's setting
+    # CPU: most memory for the contiguous copy of decoding sequences' KV that decode
+    # attention reads (workers.kv_cache.DecodeKVBuffer); past it, or 0, it gathers paged blocks
+    decode_buffer_bytes: int = 512 << 20
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -56,6 +59,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be > 0")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads={self.num_threads} must be > 0")
+        if self.decode_buffer_bytes < 0:
+            raise ValueError(f"decode_buffer_bytes={self.decode_buffer_bytes} must be >= 0")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len={self.max_model_len} must be > 0")
         torch_dtype(self.dtype)  # validates the name
@@ -127,7 +132,7 @@ class LLMEngine:
         self.planner = BatchPlanner(BatchConfig(
             self.config.max_num_seqs, self.config.max_num_batched_tokens,
             self.config.prefill_chunk_size), self.blocks)
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache)
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.config.decode_buffer_bytes)
         self.sampler = Sampler(self.config.seed)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -156,7 +161,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | None = None, *,
                     output_token_ids: list[int] | None = None, export_kv: bool = False,
-                    handoff: bool = False) -> None:
+                    handoff: bool = False, priority: float = 0.0, boost_steps: int = 0) -> None:
         """Queue a request; bad input raises ValueError and changes nothing.
 
         ``output_token_ids``: tokens already streamed to the client (a request
@@ -164,12 +169,13 @@ class LLMEngine:
         towards ``max_tokens``. ``export_kv``: call ``on_prefill_layer`` for it.
         ``handoff``: reaching ``max_tokens`` here hands the request to another
         engine (prefill -> decode), so held-back text is not flushed.
+        ``priority`` / ``boost_steps``: its rank under KV pressure (Sequence).
         """
         params = params or SamplingParams()
         outputs = list(output_token_ids or [])
         token_ids = self._check_new(request_id, prompt, params, outputs)
         seq = Sequence(request_id, token_ids, params, arrival=self._arrivals,
-                       output_token_ids=outputs)
+                       output_token_ids=outputs, priority=priority, boost_steps=boost_steps)
         self._arrivals += 1
         self._requests[request_id] = self._new_request(seq)
         self._requests[request_id].handoff = handoff
@@ -225,13 +231,15 @@ class LLMEngine:
         return True
 
     def admit_prefilled(self, request_id: str, prompt_token_ids: list[int],
-                        output_token_ids: list[int], params: SamplingParams) -> None:
+                        output_token_ids: list[int], params: SamplingParams,
+                        priority: float = 0.0, boost_steps: int = 0) -> None:
         """Start decoding a request whose KV (all tokens but the last output)
         has landed in its reserved blocks."""
         if request_id not in self._reserved:
             raise ValueError(f"request {request_id!r} has no KV reservation")
         seq = Sequence(request_id, list(prompt_token_ids), params, arrival=self._arrivals,
-                       output_token_ids=list(output_token_ids))
+                       output_token_ids=list(output_token_ids), priority=priority,
+                       boost_steps=boost_steps)
         self._arrivals += 1
         seq.num_computed_tokens = seq.num_tokens - 1
         seq.status = SequenceStatus.RUNNING
@@ -253,6 +261,7 @@ class LLMEngine:
             self.waiting.remove(seq)
         if self.blocks.has(request_id):
             self.blocks.free(request_id)
+        self.runner.forget(request_id)
         self._exporting.discard(request_id)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.ABORT
         return True
@@ -266,6 +275,8 @@ class LLMEngine:
     # ----- the step ------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         plan = self.planner.plan(self.waiting, self.running)
+        for seq in plan.preempted:  # their blocks were freed
+            self.runner.forget(seq.request_id)
         if not plan.chunks:
             return []
         items = [self._run_item(c) for c in plan.chunks]
@@ -290,7 +301,8 @@ class LLMEngine:
         start = seq.num_computed_tokens
         done = start + chunk.num_tokens == seq.num_tokens
         return RunItem(seq.token_ids[start:start + chunk.num_tokens], start,
-                       list(self.blocks.block_table(seq.request_id)), "last" if done else "none")
+                       list(self.blocks.block_table(seq.request_id)), "last" if done else "none",
+                       seq.request_id)
 
     def _postprocess(self, chunks: list[Chunk], logits) -> list[RequestOutput]:
         sampled = [(c.seq, lg[-1]) for c, lg in zip(chunks, logits) if lg is not None]
@@ -342,6 +354,7 @@ class LLMEngine:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
+        self.runner.forget(seq.request_id)
         del self._requests[seq.request_id]
         self._exporting.discard(seq.request_id)
 
@@ -358,7 +371,7 @@ class LLMEngine:
         tokens = seq.token_ids[start:] + list(draft)
         if not self.blocks.append(request_id, start + len(tokens)):
             raise RuntimeError("KV cache is full: no room to verify the draft")
-        item = RunItem(tokens, start, self.blocks.block_table(request_id), "all")
+        item = RunItem(tokens, start, list(self.blocks.block_table(request_id)), "all", request_id)
         return self.runner.run([item])[0]
 
     def accept(self, request_id: str, tokens: list[int]) -> list[RequestOutput]:

@@ -6,6 +6,10 @@ Lifecycle::
        ^                                        |
        +------ preempted (blocks freed) --------+
 
+Priority: under KV pressure the batch planner preempts the running
+sequence with the lowest ``(boost_steps > 0, priority)``, the latest
+admitted among equals; all-default priorities give plain arrival order.
+
 A step computes tokens ``[num_computed_tokens, num_computed_tokens + n)`` of
 ``token_ids``. When a step reaches the end of ``token_ids`` the engine samples
 the next token, so prefill chunks, decodes and re-prefill after preemption are
@@ -44,6 +48,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     first_scheduled_s: float | None = None  # perf_counter time its first chunk ran
+    priority: float = 0.0  # higher = preempted later when KV runs short (the ranker's score)
+    boost_steps: int = 0  # steps left in which it outranks unboosted sequences (starvation quantum)
 
     @property
     def token_ids(self) -> list[int]:

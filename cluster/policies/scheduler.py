@@ -1,22 +1,42 @@
-"""Queue-ordering policies: in which order waiting requests are dispatched.
+"""Queue-ordering policies: in which order waiting requests are dispatched,
+and how strongly a dispatched request holds its place on its decode worker.
 
 Lifecycle: the controller (or simulator) calls ``order(round)`` at every
 dispatch opportunity with the waiting requests; it dispatches from the front
 while the router finds room, and increments ``waited_rounds`` of the rest.
+For each request it dispatches it asks ``placement(request, now)`` for the
+decode-side priority and boost, which the decode worker's batch planner uses
+to pick a preemption victim when KV memory runs short (lowest first).
 
-Starvation guard (Fu et al., "Efficient LLM Scheduling by Learning to Rank"):
-a request passed over for ``starvation_rounds`` rounds, or waiting longer
-than ``max_wait_s``, is promoted ahead of every other request until it is
-dispatched; promoted requests keep arrival order. ``quantum_rounds`` is how
-long a promoted request keeps its boost once running (decode-side priority).
+Starvation guard (Fu et al., "Efficient LLM Scheduling by Learning to Rank",
+NeurIPS 2024, Sec. 4: a request starved for a threshold number of rounds is
+promoted for a quantum, then falls back to its rank): a request passed over
+for ``starvation_rounds`` rounds is promoted ahead of every other request for
+the next ``quantum_rounds`` rounds; if it is still waiting after that, its
+count starts again (``waited_rounds`` modulo ``starvation_rounds +
+quantum_rounds``), so a burst of requests starving together does not turn
+the whole queue into first-come-first-served. A request waiting longer than
+``max_wait_s`` is promoted until it is dispatched (a hard wall-clock bound).
+Promoted requests keep arrival order among themselves. A request dispatched
+while promoted runs with a boost of ``quantum_rounds`` engine steps during
+which no unboosted request outranks it for preemption.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
 from cluster.policies.types import RequestView, SchedulingRound
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a dispatched request ranks on its decode worker."""
+
+    priority: float  # higher = preempted later when KV runs short
+    boost_steps: int  # engine steps it outranks every unboosted request (starvation quantum)
 
 
 class SchedulerPolicy(ABC):
@@ -24,24 +44,41 @@ class SchedulerPolicy(ABC):
 
     def __init__(self, starvation_rounds: int = 200, quantum_rounds: int = 10,
                  max_wait_s: float | None = None):
+        if starvation_rounds <= 0 or quantum_rounds <= 0:
+            raise ValueError(f"starvation_rounds={starvation_rounds} and quantum_rounds="
+                             f"{quantum_rounds} must be > 0")
+        if max_wait_s is not None and max_wait_s <= 0:
+            raise ValueError(f"max_wait_s={max_wait_s} must be > 0 (or None for no bound)")
         self.starvation_rounds = starvation_rounds
         self.quantum_rounds = quantum_rounds
         self.max_wait_s = max_wait_s
 
     def order(self, rnd: SchedulingRound) -> list[RequestView]:
         """Waiting requests, first to dispatch first."""
-        promoted = [r for r in rnd.waiting if self._starving(r, rnd.now_s)]
-        rest = [r for r in rnd.waiting if not self._starving(r, rnd.now_s)]
+        promoted = [r for r in rnd.waiting if self.starving(r, rnd.now_s)]
+        rest = [r for r in rnd.waiting if not self.starving(r, rnd.now_s)]
         promoted.sort(key=lambda r: (r.arrival_s, r.request_id))
         return promoted + sorted(rest, key=self.key)
 
-    def _starving(self, r: RequestView, now_s: float) -> bool:
-        by_time = self.max_wait_s is not None and now_s - r.arrival_s >= self.max_wait_s
-        return r.waited_rounds >= self.starvation_rounds or by_time
+    def starving(self, r: RequestView, now_s: float) -> bool:
+        """Promoted now: in a quantum, or past the wall-clock bound."""
+        if self.max_wait_s is not None and now_s - r.arrival_s >= self.max_wait_s:
+            return True
+        cycle = self.starvation_rounds + self.quantum_rounds
+        return r.waited_rounds % cycle >= self.starvation_rounds
+
+    def placement(self, r: RequestView, now_s: float) -> Placement:
+        """Decode-side rank of a request being dispatched now."""
+        boost = self.quantum_rounds if self.starving(r, now_s) else 0
+        return Placement(self.priority(r), boost)
 
     @abstractmethod
     def key(self, r: RequestView) -> tuple:
         """Sort key among non-promoted requests; smaller goes first."""
+
+    def priority(self, r: RequestView) -> float:
+        """Decode-side priority; equal priorities keep arrival order."""
+        return 0.0
 
 
 class FCFS(SchedulerPolicy):
@@ -57,16 +94,26 @@ class SJFOracle(SchedulerPolicy):
     name = "sjf-oracle"
 
     def key(self, r: RequestView) -> tuple:
+        return (self._length(r), r.arrival_s, r.request_id)
+
+    def priority(self, r: RequestView) -> float:
+        return -float(self._length(r))
+
+    @staticmethod
+    def _length(r: RequestView) -> int:
         if r.true_output_tokens is None:
             raise ValueError(f"sjf-oracle needs the true output length of {r.request_id!r}")
-        return (r.true_output_tokens, r.arrival_s, r.request_id)
+        return r.true_output_tokens
 
 
 class LearnedRank(SchedulerPolicy):
-    """Shortest expected job first by the ranker's score (higher = shorter)."""
+    """Shortest expected job first by the ranker's score (higher = shorter);
+    a request not scored yet goes after every scored one."""
 
     name = "ltr"
 
     def key(self, r: RequestView) -> tuple:
-        score = float("-inf") if r.score is None else r.score
-        return (-score, r.arrival_s, r.request_id)
+        return (-self.priority(r), r.arrival_s, r.request_id)
+
+    def priority(self, r: RequestView) -> float:
+        return float("-inf") if r.score is None else r.score

@@ -48,8 +48,11 @@ def test_ltr_orders_by_score_descending():
 
 def test_starvation_guard_promotes_after_n_rounds_in_arrival_order():
     reqs = [req("long1", 1, out=900, waited=200), req("short", 2, out=1),
-            req("long2", 0.5, out=800, waited=250)]
+            req("long2", 0.5, out=800, waited=205)]
     assert order("sjf-oracle", reqs, starvation_rounds=200) == ["long2", "long1", "short"]
+    # after its quantum (10 rounds) a request falls back to its rank and counts again
+    reqs[2] = req("long2", 0.5, out=800, waited=210)
+    assert order("sjf-oracle", reqs, starvation_rounds=200) == ["long1", "short", "long2"]
 
 
 def test_wall_clock_bound_promotes_too():

@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +31,20 @@ def test_bad_flags_exit_2(capsys):
     assert "'V100' is not in the catalog" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", "--request-rate", "-1"])
+
+
+def test_fp8_runs_on_gpus_with_and_without_fp8_tensor_cores(capsys):
+    for gpu in ("H100", "A100"):  # A100: weight-only FP8 at the bf16 rate
+        assert main(["run", "--dtype", "fp8", "--gpu", gpu, "--request-rate", "2",
+                     "--num-requests", "10", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["extra"]["dtype"] == "fp8" and out["completed"] == 10
+
+
+def test_the_simulator_does_not_import_torch():
+    code = ("import sys, sim.cli, sim.runner, sim.planner, sim.calibration; "
+            "sim.cli.main(['run', '--request-rate', '2', '--num-requests', '5', '--json']); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.strip().endswith("False")

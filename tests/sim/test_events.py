@@ -7,7 +7,7 @@ def test_ties_break_by_time_then_kind_then_push_order():
     q.push(1.0, EventKind.ARRIVAL, seen.append, "arrival@1 first")
     q.push(0.5, EventKind.DISPATCH, seen.append, "dispatch@0.5")
     q.push(1.0, EventKind.ARRIVAL, seen.append, "arrival@1 second")
-    q.push(1.0, EventKind.TRANSFER_DONE, seen.append, "transfer@1")
+    q.push(1.0, EventKind.LANDED, seen.append, "transfer@1")
     q.push(1.0, EventKind.STEP_DONE, seen.append, "step@1")
     while q:
         _, fn, arg = q.pop()

@@ -1,7 +1,15 @@
 import pytest
 
 from sim.hardware import get_gpu
-from sim.latency import EfficiencyProfile, LatencyModel, kv_blocks_from_memory, profile_for
+from sim.latency import (
+    EfficiencyProfile,
+    LatencyModel,
+    kv_blocks_from_memory,
+    kv_bytes_per_token,
+    profile_for,
+    sim_dtype,
+    weight_bytes_per_gpu,
+)
 from sim.models import get_model
 
 FLAT = EfficiencyProfile("flat", 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)
@@ -34,9 +42,19 @@ def test_tensor_parallelism_shrinks_compute_bound_steps():
     assert t8 < t2 / 2
 
 
-def test_fp8_needs_hardware_support():
-    with pytest.raises(ValueError, match="A100-80GB has no 'fp8'"):
-        LatencyModel(get_model("llama-3.1-8b"), get_gpu("A100"), 1, "fp8", FLAT)
+def test_fp8_is_one_byte_per_weight_and_kv_element():
+    m = get_model("llama-3.1-8b")
+    assert kv_bytes_per_token(m, 1, "fp8") * 2 == kv_bytes_per_token(m, 1, "bf16") == 131072
+    assert weight_bytes_per_gpu(m, 1, "fp8") * 2 == weight_bytes_per_gpu(m, 1, "bf16")
+    assert sim_dtype("float8_e4m3fn") == "fp8"
+    for gpu in ("H100", "A100"):  # A100 has no FP8 tensor cores: weight-only W8A16
+        fp8, bf16 = (LatencyModel(m, get_gpu(gpu), 1, d, FLAT) for d in ("fp8", "bf16"))
+        # batch one is the weight read: half the bytes
+        assert fp8.step_time(1, 1, 1, 1, ()) == pytest.approx(bf16.step_time(1, 1, 1, 1, ()) / 2,
+                                                              rel=0.02)
+    h100, a100 = get_gpu("H100"), get_gpu("A100")
+    assert h100.peak_flops("fp8") == 1978.9e12  # FP8 tensor cores
+    assert a100.peak_flops("fp8") == a100.peak_flops("bf16")
 
 
 def test_kv_capacity_from_memory_and_models_that_do_not_fit():

@@ -20,13 +20,16 @@ BURST = WorkloadSpec(arrival="closed", concurrency=10, num_requests=10, lengths=
                      data_dir=Path(__file__).parent / "no-shared-data")
 
 
-def run(policy: str):
-    cfg = ClusterConfig.from_dict({**CONFIG, "scheduler": {"policy": policy}})
+def run(policy: str, starvation_rounds: int = 200):
+    cfg = ClusterConfig.from_dict({**CONFIG, "scheduler": {"policy": policy,
+                                                           "starvation_rounds": starvation_rounds}})
     return simulate(spec_from_cluster_config(cfg), BURST)
 
 
 def test_scheduler_policy_by_name_changes_the_schedule():
-    fcfs, sjf = run("fcfs"), run("sjf-oracle")
+    # a round runs at every engine step while requests wait: with the default
+    # guard (200 rounds) the longest ones would be promoted before their turn
+    fcfs, sjf = run("fcfs"), run("sjf-oracle", starvation_rounds=100_000)
     reqs = [t.req for t in fcfs.trackers]
     assert fcfs.dispatch_order == [f"r{i}" for i in range(10)]
     by_length = sorted(reqs, key=lambda r: (r.output_tokens, r.arrival_s, r.request_id))
@@ -41,3 +44,11 @@ def test_learned_rank_policy_runs_on_simulated_scores():
     ltr = run("ltr")
     assert sorted(ltr.dispatch_order) == sorted(f"r{i}" for i in range(10))
     assert ltr.summary.completed == 10
+
+
+def test_starvation_guard_promotes_a_long_request_passed_over_for_200_rounds():
+    sjf = run("sjf-oracle")
+    by_length = sorted((t.req for t in sjf.trackers), key=lambda r: r.output_tokens)
+    # r0 (396 tokens) waited 200 rounds behind shorter ones: dispatched before r2 (217)
+    assert [r.request_id for r in by_length][5:7] == ["r2", "r0"]
+    assert sjf.dispatch_order[5:7] == ["r0", "r2"]

