@@ -72,6 +72,7 @@ class LocalCluster:
         self.config = None
         self._redis = self._deployment = None
         self._owns_ray = False
+        self._rng = random.Random(0)  # prompt tokens: never the same prompt twice (prefix cache)
 
     def start(self) -> LocalCluster:
         import ray
@@ -106,11 +107,10 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def run(self, requests: list[Request], seed: int = 0) -> list[ClusterRun]:
+    def run(self, requests: list[Request]) -> list[ClusterRun]:
         """Submit every request at its arrival time (seconds after the first);
-        random prompt tokens, greedy, EOS ignored, exactly ``output_tokens``."""
-        rng = random.Random(seed)
-        prompts = {r.request_id: [rng.randrange(256) for _ in range(r.prompt_tokens)]
+        fresh random prompt tokens, greedy, EOS ignored, exactly ``output_tokens``."""
+        prompts = {r.request_id: [self._rng.randrange(256) for _ in range(r.prompt_tokens)]
                    for r in requests}
         return asyncio.run(self._run_all(requests, prompts))
 
@@ -182,6 +182,7 @@ def calibrate_cluster(cluster: LocalCluster, quick: bool = False):
     prompts = (32, 256, 512) if quick else (32, 128, 256, 384, 512)
     batches = (1, 4, 8) if quick else (1, 2, 4, 8, 16)
     reps = 2 if quick else 3
+    cluster.run([Request(0, 0.0, 64, 8)])  # warm-up: first calls pay for imports and caches
     probes = [p for n in prompts for p in cluster.probe([Request(0, 0.0, n, 16)] * reps)]
     samples = [StepSample(p.run.request.prompt_tokens, 1, 1, 0,
                           ((p.run.request.prompt_tokens, 0),), p.run.timing["prefill_s"],

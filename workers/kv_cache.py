@@ -17,7 +17,9 @@ Layout::
 ``DecodeKVBuffer`` (CPU only) keeps a second, contiguous copy of the KV of
 the sequences that decode, so that decode attention reads (B, KVH, L, D)
 views instead of gathering every sequence's blocks in every layer and step.
-The paged cache stays the source of truth; see the class docstring.
+Sequences are grouped by context length (buckets of doubling capacity) so a
+long context does not make every short one read padding. The paged cache
+stays the source of truth; see the class docstring.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ class KVCache:
         return self.data.numel() * self.data.element_size()
 
 
+MIN_BUCKET_TOKENS = 64  # capacity of the smallest decode bucket; each next one doubles
+
+
+def bucket_capacity(context_len: int) -> int:
+    """The decode bucket a context of ``context_len`` tokens lives in."""
+    return max(MIN_BUCKET_TOKENS, 1 << (context_len - 1).bit_length())
+
+
 @dataclass
 class _Mirrored:
     """One sequence held in the decode buffer."""
@@ -60,66 +70,113 @@ class _Mirrored:
     seq_id: str
     length: int  # leading positions whose KV the buffer holds (positions past it are zero)
     blocks: tuple[int, ...]  # the sequence's block table when it last decoded
+    slot: int = 0  # its row in the bucket (set by _Bucket.add)
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Consecutive decode rows whose sequences share a bucket: one attention call."""
+
+    rows: int  # how many rows (they follow the previous group's); slots 0..rows-1
+    write_index: torch.Tensor  # (rows * KVH,) int64: new K/V row in a layer's (S*KVH*C, D) view
+    context_len: int  # L: the group's longest context, new token included
+    mask: torch.Tensor | None  # (rows, 1, 1, L) additive 0/-inf; None when all rows have L
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (S, KVH, C, D) keys, values
 
 
 @dataclass(frozen=True)
 class DecodeStep:
-    """Where this step's decode rows live in the buffer: row i is slot i."""
+    """Where this step's decode rows live in the buffer."""
 
-    order: list[int]  # caller's decode rows, sorted by slot
-    write_index: torch.Tensor  # (B * KVH,) int64: new K/V row in a layer's (S*KVH*C, D) view
-    context_len: int  # L: the longest context of the step, new token included
-    mask: torch.Tensor | None  # (B, 1, 1, L) additive 0/-inf; None when every row has L tokens
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (S, KVH, C, D) keys, values
+    order: list[int]  # caller's decode rows, group after group
+    groups: list[DecodeGroup]
+
+
+class _Bucket:
+    """Sequences whose context fits ``capacity`` tokens. Slot s of ``data``
+    (num_layers, 2, S, KVH, capacity, D) holds ``entries[s]``; slots stay
+    dense (the last one moves into a hole). Positions at or past an entry's
+    ``length``, and whole unused slots, are zero."""
+
+    def __init__(self, like: torch.Tensor, capacity: int):
+        layers, _, _, _, kv_heads, head_dim = like.shape
+        self.capacity = capacity
+        self.data = like.new_zeros((layers, 2, 0, kv_heads, capacity, head_dim))
+        self.entries: list[_Mirrored] = []
+
+    @property
+    def slots(self) -> int:
+        return self.data.shape[2]
+
+    def reserve(self, slots: int) -> None:
+        if slots > self.slots:
+            data = self.data.new_zeros((*self.data.shape[:2], slots, *self.data.shape[3:]))
+            data[:, :, :self.slots] = self.data
+            self.data = data
+
+    def add(self, entry: _Mirrored) -> None:
+        assert len(self.entries) < self.slots, "reserve before add"
+        entry.slot = len(self.entries)
+        self.entries.append(entry)
+
+    def remove(self, entry: _Mirrored) -> None:
+        last = self.entries.pop()
+        if last is not entry:
+            self.data[:, :, entry.slot] = self.data[:, :, last.slot]
+            self.entries[entry.slot] = last
+            last.slot, entry.slot = entry.slot, last.slot
+        self.zero(entry.slot, 0)
+
+    def zero(self, slot: int, first: int) -> None:
+        self.data[:, :, slot, :, first:] = 0
 
 
 class DecodeKVBuffer:
     """A contiguous copy of the decoding sequences' KV (CPU decode fast path).
 
-    Layout: ``data`` (num_layers, 2, S, KVH, C, D): slot s holds one sequence,
-    position p of its context at [:, :, s, :, p]; S and C grow on demand
-    (geometrically) within ``budget_bytes``. Invariant: positions at or past a
-    slot's ``length`` are zero, so stale memory never meets a zero softmax
-    weight.
+    Layout: buckets of capacity 64, 128, 256, ... tokens; a sequence lives in
+    the smallest bucket its context fits (moving up, one copy, when it
+    outgrows it), at some slot s: position p of its context is at
+    ``bucket.data[:, :, s, :, p]``. Each bucket is one attention call over
+    its own longest context, so padding stays within a bucket's spread.
+    Memory grows on demand within ``budget_bytes``.
 
     Lifecycle, driven by the model runner once per step with decode rows:
 
     1. ``place(seq_ids, starts, tables)``: sequences not decoding this step
-       leave (the last slot moves into each hole, so slots stay 0..B-1);
-       new ones take the next slots; positions a sequence has not mirrored
-       yet (it just finished its prefill, verified a draft, or its blocks
-       changed) are copied once from the paged cache. Returns a
-       ``DecodeStep``, or None when S x C would exceed the budget (then the
-       buffer empties and attention gathers from the paged cache).
-    2. attention writes each layer's new K/V at ``write_index`` (and into the
-       paged cache as always) and reads ``[:B, :, :L]`` views.
+       leave; the others settle in their bucket; positions a sequence has
+       not mirrored yet (it just finished its prefill, verified a draft, or
+       its blocks changed) are copied once from the paged cache. Returns a
+       ``DecodeStep``, or None when the memory would exceed the budget (then
+       the buffer empties and attention gathers from the paged cache).
+    2. attention writes each layer's new K/V at each group's
+       ``write_index`` (and into the paged cache as always) and reads
+       ``[:rows, :, :L]`` views of the group's bucket.
 
     Its tensors are inference tensors: every public method runs under
     ``torch.inference_mode``. Anything else that writes a sequence's paged
-    KV must tell the buffer:
-    ``truncate(seq_id, n)`` (the runner does so for prefill and verify
-    chunks starting at n), ``forget(seq_id)`` (the engine does so when a
-    sequence's blocks are freed: finish, abort, preemption).
+    KV must tell the buffer: ``truncate(seq_id, n)`` (the runner does so for
+    prefill and verify chunks starting at n), ``forget(seq_id)`` (the engine
+    does so when a sequence's blocks are freed: finish, abort, preemption).
     """
 
     def __init__(self, cache: KVCache, budget_bytes: int):
         self.cache, self.budget_bytes = cache, budget_bytes
-        _, _, _, self.block_size, self.num_kv_heads, self.head_dim = cache.data.shape
-        self.data = cache.data.new_zeros((cache.data.shape[0], 2, 0, self.num_kv_heads, 0,
-                                          self.head_dim))
-        self._slots: list[_Mirrored] = []
-        self._index: dict[str, int] = {}  # seq id -> slot
-
-    @property
-    def bytes_per_slot_token(self) -> int:
-        layers = self.data.shape[0]
-        return layers * 2 * self.num_kv_heads * self.head_dim * self.data.element_size()
+        self.block_size = cache.block_size
+        layers, _, _, _, kv_heads, head_dim = cache.data.shape
+        self.bytes_per_token = layers * 2 * kv_heads * head_dim * cache.data.element_size()
+        self._buckets: dict[int, _Bucket] = {}  # capacity -> bucket
+        self._where: dict[str, tuple[_Bucket, _Mirrored]] = {}
 
     def __contains__(self, seq_id: str) -> bool:
-        return seq_id in self._index
+        return seq_id in self._where
 
     def length(self, seq_id: str) -> int:
-        return self._slots[self._index[seq_id]].length
+        return self._where[seq_id][1].length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.slots * b.capacity for b in self._buckets.values()) * self.bytes_per_token
 
     # ----- the step ------------------------------------------------------
     @torch.inference_mode()
@@ -128,110 +185,133 @@ class DecodeKVBuffer:
         """Slots for this step's decode rows (row r: ``starts[r]`` tokens
         cached, its new token at that position); None = use the paged cache."""
         live = set(seq_ids)
-        for seq_id in [s.seq_id for s in self._slots if s.seq_id not in live]:
+        for seq_id in [s for s in self._where if s not in live]:
             self.forget(seq_id)
-        for seq_id in seq_ids:
-            if seq_id not in self._index:
-                self._index[seq_id] = len(self._slots)
-                self._slots.append(_Mirrored(seq_id, 0, ()))
-        context_len = max(starts) + 1
-        if not self._reserve(len(seq_ids), context_len):
+        targets = [bucket_capacity(start + 1) for start in starts]
+        if not self._reserve(seq_ids, targets):
             self.clear()
             return None
-        for seq_id, start, table in zip(seq_ids, starts, tables):
-            self._catch_up(self._index[seq_id], start, table)
-        return self._step(seq_ids, starts, context_len)
+        for seq_id, start, table, capacity in zip(seq_ids, starts, tables, targets):
+            self._settle(seq_id, start, table, self._buckets[capacity])
+        self._buckets = {c: b for c, b in self._buckets.items() if b.entries}
+        return self._step(seq_ids, starts)
 
-    def _catch_up(self, slot: int, start: int, table: list[int]) -> None:
-        """Make the slot hold positions [0, start) of the paged KV; then
-        count the new token (written by attention this step) as held."""
-        entry = self._slots[slot]
-        kept = -(-entry.length // self.block_size)
-        if tuple(table[:kept]) != entry.blocks[:kept]:  # blocks reallocated: trust nothing
-            self._zero(slot, 0)
-            entry.length = 0
-        elif entry.length > start:
-            self.truncate(entry.seq_id, start)
+    def _settle(self, seq_id: str, start: int, table: list[int], target: _Bucket) -> None:
+        """Hold positions [0, start) of the sequence in ``target``, then count
+        the new token (attention writes it this step) as held."""
+        bucket, entry = self._where.get(seq_id, (None, None))
+        if entry is not None:
+            self._trust(bucket, entry, start, table)
+        if bucket is not target:
+            entry = self._move(entry, bucket, target) if entry else self._add(seq_id, target)
         if entry.length < start:
-            self._copy_from_paged(slot, entry.length, start, table)
+            self._copy_from_paged(target, entry, start, table)
         entry.length, entry.blocks = start + 1, tuple(table)
 
-    def _copy_from_paged(self, slot: int, first: int, end: int, table: list[int]) -> None:
-        bs = self.block_size
+    def _trust(self, bucket: _Bucket, entry: _Mirrored, start: int, table: list[int]) -> None:
+        """Keep what still matches the paged cache: nothing if the blocks
+        changed under it, else positions before ``start``."""
+        kept = -(-entry.length // self.block_size)
+        if tuple(table[:kept]) != entry.blocks[:kept]:
+            bucket.zero(entry.slot, 0)
+            entry.length = 0
+        elif entry.length > start:
+            bucket.zero(entry.slot, start)
+            entry.length = start
+
+    def _add(self, seq_id: str, target: _Bucket) -> _Mirrored:
+        entry = _Mirrored(seq_id, 0, ())
+        target.add(entry)
+        self._where[seq_id] = (target, entry)
+        return entry
+
+    def _move(self, entry: _Mirrored, source: _Bucket, target: _Bucket) -> _Mirrored:
+        moved = self._add(entry.seq_id, target)
+        moved.length, moved.blocks, n = entry.length, entry.blocks, entry.length
+        target.data[:, :, moved.slot, :, :n] = source.data[:, :, entry.slot, :, :n]
+        source.remove(entry)
+        return moved
+
+    def _copy_from_paged(self, bucket: _Bucket, entry: _Mirrored, end: int,
+                         table: list[int]) -> None:
+        bs, first = self.block_size, entry.length
         blocks = torch.tensor(table[first // bs: -(-end // bs)], dtype=torch.int64)
         src = self.cache.data.index_select(2, blocks)  # (layers, 2, n, bs, KVH, D)
         src = src.flatten(2, 3)[:, :, first % bs: first % bs + end - first]  # (layers, 2, len, KVH, D)
-        self.data[:, :, slot, :, first:end] = src.transpose(2, 3)  # (layers, 2, KVH, len, D)
+        bucket.data[:, :, entry.slot, :, first:end] = src.transpose(2, 3)  # (layers, 2, KVH, len, D)
 
-    def _step(self, seq_ids: list[str], starts: list[int], context_len: int) -> DecodeStep:
-        slots = [self._index[s] for s in seq_ids]
-        order = sorted(range(len(seq_ids)), key=slots.__getitem__)
-        pos = torch.tensor([starts[r] for r in order], dtype=torch.int64)  # (B,)
-        batch, capacity = len(order), self.data.shape[4]
-        heads = torch.arange(self.num_kv_heads)  # (KVH,)
-        rows = torch.arange(batch)[:, None] * self.num_kv_heads + heads[None, :]  # (B, KVH)
-        write_index = (rows * capacity + pos[:, None]).reshape(-1)  # (B * KVH,)
-        mask = None
-        if min(starts) + 1 != context_len:
-            beyond = torch.arange(context_len)[None, :] > pos[:, None]  # (B, L)
-            mask = torch.zeros(batch, 1, 1, context_len, dtype=self.data.dtype)
-            mask.masked_fill_(beyond[:, None, None, :], float("-inf"))  # (B, 1, 1, L)
-        layers = [(self.data[i, 0], self.data[i, 1]) for i in range(self.data.shape[0])]
-        return DecodeStep(order, write_index, context_len, mask, layers)
+    def _step(self, seq_ids: list[str], starts: list[int]) -> DecodeStep:
+        """Rows grouped by bucket, in slot order: every entry of every bucket
+        decodes this step, so a group's rows are its bucket's slots 0..n-1."""
+        where = [self._where[s] for s in seq_ids]
+        order = sorted(range(len(seq_ids)), key=lambda r: (where[r][0].capacity, where[r][1].slot))
+        groups = []
+        for bucket in sorted(self._buckets.values(), key=lambda b: b.capacity):
+            rows = order[sum(g.rows for g in groups):][:len(bucket.entries)]
+            groups.append(_group(bucket, [starts[r] for r in rows]))
+        return DecodeStep(order, groups)
 
     # ----- membership ----------------------------------------------------
     @torch.inference_mode()
     def truncate(self, seq_id: str, num_tokens: int) -> None:
         """The sequence's paged KV from ``num_tokens`` on is being rewritten."""
-        slot = self._index.get(seq_id)
-        if slot is not None and self._slots[slot].length > num_tokens:
-            self._zero(slot, num_tokens)
-            self._slots[slot].length = num_tokens
+        bucket, entry = self._where.get(seq_id, (None, None))
+        if entry is not None and entry.length > num_tokens:
+            bucket.zero(entry.slot, num_tokens)
+            entry.length = num_tokens
 
     @torch.inference_mode()
     def forget(self, seq_id: str) -> None:
-        """Drop a sequence; the last slot moves into its place."""
-        slot = self._index.pop(seq_id, None)
-        if slot is None:
-            return
-        last = self._slots.pop()
-        if last.seq_id != seq_id:
-            self.data[:, :, slot] = self.data[:, :, len(self._slots)]
-            self._slots[slot] = last
-            self._index[last.seq_id] = slot
-        self._zero(len(self._slots), 0)
+        """Drop a sequence (its blocks were freed); an emptied bucket's memory goes."""
+        bucket, entry = self._where.pop(seq_id, (None, None))
+        if entry is not None:
+            bucket.remove(entry)
+            if not bucket.entries:
+                del self._buckets[bucket.capacity]
 
     @torch.inference_mode()
     def clear(self) -> None:
         """Drop every sequence and release the memory."""
-        self._slots.clear()
-        self._index.clear()
-        self.data = self.data.new_zeros((*self.data.shape[:2], 0, self.num_kv_heads, 0,
-                                         self.head_dim))
+        self._buckets.clear()
+        self._where.clear()
 
     # ----- memory --------------------------------------------------------
-    def _reserve(self, num_slots: int, context_len: int) -> bool:
-        """Grow to at least (num_slots, context_len) within the budget;
-        geometric steps, so joining sequences and growing contexts rarely copy."""
-        slots, capacity = self.data.shape[2], self.data.shape[4]
-        if num_slots <= slots and context_len <= capacity:
-            return True
-        roomy = (_grow(num_slots, slots, 8), _grow(context_len, capacity, 64))
-        exact = (max(num_slots, slots), max(context_len, capacity))
-        for new_slots, new_capacity in (roomy, exact):
-            if new_slots * new_capacity * self.bytes_per_slot_token <= self.budget_bytes:
+    def _reserve(self, seq_ids: list[str], targets: list[int]) -> bool:
+        """Grow each bucket for the sequences that will be in it (movers are
+        counted in both buckets, briefly true), within the budget."""
+        need = {c: len(b.entries) for c, b in self._buckets.items()}
+        for seq_id, capacity in zip(seq_ids, targets):
+            bucket = self._where.get(seq_id, (None,))[0]
+            if bucket is None or bucket.capacity != capacity:
+                need[capacity] = need.get(capacity, 0) + 1
+        have = {c: self._buckets[c].slots if c in self._buckets else 0 for c in need}
+        roomy = {c: _grow(n, have[c], 4) for c, n in need.items()}
+        exact = {c: max(n, have[c]) for c, n in need.items()}
+        for plan in (roomy, exact):
+            if sum(c * n for c, n in plan.items()) * self.bytes_per_token <= self.budget_bytes:
                 break
         else:
             return False
-        data = self.data.new_zeros((*self.data.shape[:2], new_slots, self.num_kv_heads,
-                                    new_capacity, self.head_dim))
-        data[:, :, :slots, :, :capacity] = self.data
-        self.data = data
+        for capacity, slots in plan.items():
+            if capacity not in self._buckets:
+                self._buckets[capacity] = _Bucket(self.cache.data, capacity)
+            self._buckets[capacity].reserve(slots)
         return True
 
-    def _zero(self, slot: int, first: int) -> None:
-        if slot < self.data.shape[2]:
-            self.data[:, :, slot, :, first:] = 0
+
+def _group(bucket: _Bucket, starts: list[int]) -> DecodeGroup:
+    batch, kv_heads = len(starts), bucket.data.shape[3]
+    pos = torch.tensor(starts, dtype=torch.int64)  # (n,)
+    rows = torch.arange(batch)[:, None] * kv_heads + torch.arange(kv_heads)[None, :]  # (n, KVH)
+    write_index = (rows * bucket.capacity + pos[:, None]).reshape(-1)  # (n * KVH,)
+    context_len = max(starts) + 1
+    mask = None
+    if min(starts) + 1 != context_len:
+        beyond = torch.arange(context_len)[None, :] > pos[:, None]  # (n, L)
+        mask = torch.zeros(batch, 1, 1, context_len, dtype=bucket.data.dtype)
+        mask.masked_fill_(beyond[:, None, None, :], float("-inf"))  # (n, 1, 1, L)
+    layers = [(bucket.data[i, 0], bucket.data[i, 1]) for i in range(bucket.data.shape[0])]
+    return DecodeGroup(batch, write_index, context_len, mask, layers)
 
 
 def _grow(need: int, have: int, multiple: int) -> int:

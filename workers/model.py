@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import decode_attention, paged_decode_attention_out
-from workers.kv_cache import DecodeStep
+from workers.kv_cache import DecodeGroup, DecodeStep
 from workers.model_config import ModelConfig, RopeScaling
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, signed sin), each (T, 1, D)
@@ -208,12 +208,20 @@ class Attention(nn.Module):
         if step is None:
             return paged_decode_attention_out(
                 q, *kv_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale)
-        k_buf, v_buf = step.layers[self.layer_idx]  # each (S, KVH, C, D)
-        k_buf.view(-1, self.head_dim).index_copy_(0, step.write_index, k.reshape(-1, self.head_dim))
-        v_buf.view(-1, self.head_dim).index_copy_(0, step.write_index, v.reshape(-1, self.head_dim))
-        rows, length = q.shape[0], step.context_len
-        return decode_attention(q, k_buf[:rows, :, :length], v_buf[:rows, :, :length],
-                                step.mask, self.scale)  # (B, H, D)
+        outs, first = [], 0
+        for group in step.groups:  # rows [first, first + group.rows) share a bucket
+            rows = slice(first, first + group.rows)
+            first += group.rows
+            outs.append(self._decode_group(q[rows], k[rows], v[rows], group))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)  # (B, H, D)
+
+    def _decode_group(self, q, k, v, group: DecodeGroup) -> torch.Tensor:
+        D, n, length = self.head_dim, group.rows, group.context_len
+        k_buf, v_buf = group.layers[self.layer_idx]  # each (S, KVH, C, D)
+        k_buf.view(-1, D).index_copy_(0, group.write_index, k.reshape(-1, D))
+        v_buf.view(-1, D).index_copy_(0, group.write_index, v.reshape(-1, D))
+        return decode_attention(q, k_buf[:n, :, :length], v_buf[:n, :, :length],
+                                group.mask, self.scale)  # (n, H, D)
 
     def _prefill_segment(self, q, k, v, seg: PrefillSegment, k_cache, v_cache):
         n, ctx = seg.num_tokens, seg.context_len

@@ -15,7 +15,6 @@ pasted text ("summarize the above").
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,8 +136,8 @@ def bert_layer(x: torch.Tensor, bias: torch.Tensor, w: dict[str, torch.Tensor], 
         return _lin(x, w, p + f"attention.self.{name}").view(B, T, nh, hd).transpose(1, 2)
 
     q, k, v = heads("query"), heads("key"), heads("value")  # (B, nh, T, hd)
-    att = (q @ k.transpose(-1, -2)) / math.sqrt(hd) + bias  # (B, nh, T, T)
-    ctx = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H)  # (B, T, H)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nh, T, hd)
+    ctx = ctx.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
     x = _ln(x + _lin(ctx, w, p + "attention.output.dense"), w, p + "attention.output.LayerNorm",
             cfg.eps)
     ff = F.gelu(_lin(x, w, p + "intermediate.dense"))  # (B, T, 1536)

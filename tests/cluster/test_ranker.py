@@ -112,28 +112,50 @@ def test_unscored_requests_go_after_scored_ones():
     assert [r.request_id for r in order] == ["a", "b", "unscored"]
 
 
-def _adversarial_wait(starvation_rounds: int, rounds: int, max_wait_s=None) -> int | None:
-    """One long request, then a new short job every round and one dispatch per
-    round (the controller's loop, in miniature). Rounds the long one waited,
-    or None if it was never dispatched."""
+def _adversarial_waits(starvation_rounds: int, rounds: int, longs: int = 1,
+                       max_wait_s=None) -> list[int | None]:
+    """``longs`` long requests at t=0, then a new short job every round and one
+    dispatch per round (the controller's loop, in miniature). Rounds each long
+    request waited before dispatch (None: never dispatched)."""
     policy = make_scheduler("ltr", starvation_rounds=starvation_rounds, max_wait_s=max_wait_s)
-    waiting = [_view("long", 0.0, 1000, score=-10.0)]
+    waiting = [_view(f"long{i}", 0.0, 1000, score=-10.0) for i in range(longs)]
+    waited: dict[str, int | None] = {r.request_id: None for r in waiting}
     for t in range(rounds):
         waiting.append(_view(f"short{t}", float(t), 1, score=5.0))
         first = policy.order(SchedulingRound(float(t), t, tuple(waiting)))[0]
-        if first.request_id == "long":
-            return t
+        if first.request_id in waited:
+            waited[first.request_id] = t
         waiting = [RequestView(r.request_id, r.prompt_tokens, r.max_tokens, r.arrival_s,
                                r.waited_rounds + 1, r.score, r.true_output_tokens)
                    for r in waiting if r is not first]
-    return None
+    return list(waited.values())
 
 
-def test_starvation_guard_bounds_the_wait_of_a_long_request():
-    assert _adversarial_wait(starvation_rounds=200, rounds=1000) == 200
-    assert _adversarial_wait(starvation_rounds=7, rounds=1000) == 7
-    assert _adversarial_wait(starvation_rounds=10**9, rounds=1000) is None  # without the guard
-    assert _adversarial_wait(starvation_rounds=10**9, rounds=1000, max_wait_s=30.0) == 30
+def test_starvation_guard_bounds_the_wait_of_long_requests():
+    assert _adversarial_waits(starvation_rounds=200, rounds=1000) == [200]
+    assert _adversarial_waits(starvation_rounds=7, rounds=1000) == [7]
+    # five long ones starve together: promoted in arrival order, all within the quantum
+    assert _adversarial_waits(starvation_rounds=200, rounds=1000, longs=5) == [
+        200, 201, 202, 203, 204]
+    assert _adversarial_waits(starvation_rounds=10**9, rounds=1000) == [None]  # no guard
+    assert _adversarial_waits(starvation_rounds=10**9, rounds=1000, max_wait_s=30.0) == [30]
+
+
+def test_a_burst_starving_together_falls_back_to_rank_after_its_quantum():
+    burst = [_view(f"r{i}", i * 0.01, 10 + i, score=float(i)) for i in range(30)]
+
+    def first_five(waited: int) -> list[str]:
+        views = [RequestView(r.request_id, 10, r.max_tokens, r.arrival_s, waited, r.score,
+                             r.true_output_tokens) for r in burst]
+        order = make_scheduler("ltr", starvation_rounds=200, quantum_rounds=10).order(
+            SchedulingRound(1.0, 0, tuple(views)))
+        return [r.request_id for r in order[:5]]
+
+    assert first_five(199) == ["r29", "r28", "r27", "r26", "r25"]  # by rank
+    assert first_five(200) == ["r0", "r1", "r2", "r3", "r4"]  # promoted: arrival order
+    assert first_five(209) == ["r0", "r1", "r2", "r3", "r4"]
+    assert first_five(210) == ["r29", "r28", "r27", "r26", "r25"]  # quantum over: rank again
+    assert first_five(410) == ["r0", "r1", "r2", "r3", "r4"]  # next cycle
 
 
 def test_promoted_request_gets_a_quantum_and_others_their_rank():

@@ -226,3 +226,109 @@ def test_duplicate_request_id_is_rejected(make_engine):
     engine.add_request("x", [1, 2], GREEDY)
     with pytest.raises(ValueError, match="request_id 'x' is already in use"):
         engine.add_request("x", [3], GREEDY)
+
+
+# ----- the CPU decode buffer (workers.kv_cache.DecodeKVBuffer) --------------
+def test_decode_buffer_equals_paged_decode_across_bucket_moves(make_engine):
+    # contexts cross the 64 / 128 / 256-token bucket boundaries while decoding
+    prompts = prompts_of([50, 60, 120, 250, 7], seed=10)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    paged = make_engine(decode_buffer_bytes=0, prefill_chunk_size=64)
+    buffered = make_engine(prefill_chunk_size=64)
+    spies = LogitSpy(paged), LogitSpy(buffered)
+    ref = paged.generate(prompts, params)
+    got = buffered.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    for a, b in zip(ref, got):
+        rows_a = torch.stack(spies[0].rows[a.request_id])
+        rows_b = torch.stack(spies[1].rows[b.request_id])
+        assert torch.allclose(rows_a, rows_b, atol=1e-5, rtol=0)
+    assert buffered.runner.decode_buffer.nbytes == 0  # everyone finished: buckets dropped
+
+
+def test_decode_buffer_over_budget_falls_back_to_paged(make_engine):
+    prompts = prompts_of([30, 90], seed=11)
+    ref = make_engine(decode_buffer_bytes=0).generate(prompts, GREEDY)
+    small = make_engine(decode_buffer_bytes=1024)  # not one 64-token slot
+    assert [o.token_ids for o in small.generate(prompts, GREEDY)] == [o.token_ids for o in ref]
+    assert small.runner.decode_buffer.nbytes == 0
+
+
+def test_verify_after_buffered_decodes_then_partial_accept(make_engine, tiny_model):
+    prompt = prompts_of([61], seed=12)[0]
+    ref_tokens, _ = naive_greedy(tiny_model.model, prompt, 14)
+    engine = make_engine()
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=14, ignore_eos=True))
+    for _ in range(4):  # prefill + 3 buffered decodes (context crosses 64)
+        engine.step()
+    assert engine.runner.decode_buffer.length("r") == 64
+    draft = ref_tokens[4:6] + [(ref_tokens[6] + 1) % 256]  # third draft token is wrong
+    logits = engine.verify("r", draft)
+    assert [int(t) for t in logits.argmax(-1)[:3]] == ref_tokens[4:7]
+    engine.accept("r", ref_tokens[4:7])  # two accepted + the target's own token
+    rest = [t for o in engine.stream() for t in o.new_token_ids]
+    assert ref_tokens[:7] + rest == ref_tokens
+
+
+def _buffer_case(budget: int = 1 << 30):
+    from workers.kv_cache import DecodeKVBuffer, KVCache
+    from workers.model_config import tiny_config
+
+    cache = KVCache(tiny_config(), num_blocks=40, block_size=16, dtype=torch.float32)
+    cache.data.copy_(torch.randn(cache.data.shape, generator=torch.Generator().manual_seed(0)))
+    return cache, DecodeKVBuffer(cache, budget)
+
+
+def _held(buf, cache, seq_id: str, table: list[int], n: int) -> bool:
+    """The buffer holds the paged KV of positions [0, n) of the sequence."""
+    bucket, entry = buf._where[seq_id]
+    paged = cache.data[:, :, table].flatten(2, 3)[:, :, :n].transpose(2, 3)
+    return torch.equal(bucket.data[:, :, entry.slot, :, :n], paged)
+
+
+def test_decode_buffer_groups_rows_by_bucket_and_compacts_on_forget():
+    cache, buf = _buffer_case()
+    tables = {"a": [0, 1, 2, 3, 4], "b": [5, 6], "c": [7, 8, 9, 10, 11, 12, 13, 14, 15]}
+    starts = {"a": 70, "b": 20, "c": 130}  # buckets 128, 64, 256
+    step = buf.place(list(tables), [starts[s] for s in tables], list(tables.values()))
+    assert step.order == [1, 0, 2]  # b (64), a (128), c (256)
+    assert [(g.rows, g.context_len) for g in step.groups] == [(1, 21), (1, 71), (1, 131)]
+    assert all(_held(buf, cache, s, tables[s], starts[s]) for s in tables)
+    step = buf.place(["a", "b"], [71, 21], [tables["a"], tables["b"]])  # c left
+    assert "c" not in buf and [g.rows for g in step.groups] == [1, 1]
+    buf.place(["a", "b", "d"], [72, 22, 30], [tables["a"], tables["b"], [16, 17]])
+    assert buf._where["d"][1].slot == 1 and buf.length("d") == 31
+    buf.forget("b")  # d moves into b's slot; its KV moves with it
+    assert buf._where["d"][1].slot == 0 and _held(buf, cache, "d", [16, 17], 30)
+    bucket = buf._where["d"][0]
+    assert torch.count_nonzero(bucket.data[:, :, 1]) == 0  # the freed slot is zero
+
+
+def test_decode_buffer_recopies_when_blocks_change_or_kv_is_rewritten():
+    cache, buf = _buffer_case()
+    buf.place(["a"], [40], [[0, 1, 2]])
+    buf.place(["a"], [41], [[0, 1, 2]])
+    assert buf.length("a") == 42
+    buf.place(["a"], [41], [[3, 4, 5]])  # same id, other blocks (e.g. after re-admission)
+    assert _held(buf, cache, "a", [3, 4, 5], 41)
+    buf.truncate("a", 20)  # a chunk rewrote positions 20.. in the paged cache
+    assert buf.length("a") == 20
+    cache.data[:, :, 4].add_(1.0)  # positions 16..31 of "a" change in the paged cache
+    buf.place(["a"], [41], [[3, 4, 5]])
+    assert _held(buf, cache, "a", [3, 4, 5], 20)  # kept positions < 20 from before
+    assert _held(buf, cache, "a", [3, 4, 5], 41) is False  # 16..19 predate the rewrite
+
+
+def test_decode_buffer_beyond_budget_returns_none_and_empties():
+    cache, buf = _buffer_case(budget=200 * 64 * buf_bytes_per_token())
+    tables = [[i] for i in range(9)]
+    assert buf.place([f"s{i}" for i in range(4)], [10] * 4, tables[:4]) is not None
+    assert buf.place([f"s{i}" for i in range(9)], [300] * 9, tables) is None
+    assert buf.nbytes == 0 and "s0" not in buf
+
+
+def buf_bytes_per_token() -> int:
+    from workers.model_config import tiny_config
+
+    cfg = tiny_config()
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
