@@ -11,7 +11,8 @@ once, greedy, EOS ignored, fp32, ``--output-len`` N tokens each):
 Each engine runs in its own subprocess (``benchmarks/peers/*_peer.py``), one
 after the other, so only one engine uses the cores at a time; each peer loads
 its engine once, then per batch does one warm-up and ``--reps`` timed
-repetitions and keeps the medians (see ``benchmarks/peers/common.py``).
+repetitions (see ``benchmarks/peers/common.py``). With ``--rounds R`` the
+engines take turns R times and the medians pool every round's repetitions.
 
 Prompts are token ids, drawn once with a fixed seed: lengths uniform in
 16..256 (tiny) or 32..512 (llama-60m), ids uniform over the 256 byte tokens;
@@ -24,6 +25,10 @@ Baton's when HF is not run): sequences whose first 8 tokens match, whose N
 tokens all match, and the mean common-prefix length. Random-weight models
 have close logits; fp32 rounding differences (padding, fused matmuls) can
 flip a near-tie, after which a sequence diverges: reported, not failed.
+
+Threads: Baton and HF run with the same intra-op thread count, ``--threads``
+(default: torch's default, all cores); the table names it per row ("bind=..."
+for vLLM, whose OpenMP binding is its own).
 
 Usage::
 
@@ -99,6 +104,7 @@ def peer_spec(engine: str, model_dir: Path, prompts: list[list[int]], args) -> d
     spec = {
         "model_dir": str(model_dir), "dtype": args.dtype, "output_len": args.output_len,
         "reps": args.reps, "warmup": args.warmup, "pad_token_id": PAD_TOKEN_ID,
+        "threads": args.threads,
         "cases": [{"prompts": prompts[:b]} for b in args.batches],
         "baton": {"max_num_batched_tokens": args.baton_max_batched_tokens,
                   "prefill_chunk_size": args.baton_prefill_chunk},
@@ -212,6 +218,7 @@ def run_peer(engine: str, cmd: list[str], spec: dict, log_path: Path, bar, timeo
                 ev = json.loads(line[len(PREFIX):])
                 if ev["event"] == "loaded":
                     info["load_s"], info["versions"] = ev["load_s"], ev.get("versions", {})
+                    info["threads"] = ev.get("threads")
                     bar.update(1)
                 elif ev["event"] == "progress":
                     bar.update(1)
@@ -234,6 +241,23 @@ def run_peer(engine: str, cmd: list[str], spec: dict, log_path: Path, bar, timeo
 
 
 # ----- analysis ------------------------------------------------------------
+def merge_rounds(infos: list[dict]) -> dict:
+    """One engine's rounds as one peer: per batch, the medians over every
+    timed repetition of every round (tokens from the last round)."""
+    merged = dict(infos[-1], results=[])
+    for result in infos[-1]["results"]:
+        same = [r for info in infos for r in info["results"] if r["batch"] == result["batch"]]
+        prefill_all = [x for r in same for x in r["prefill_s_all"]]
+        total_all = [x for r in same for x in r["total_s_all"]]
+        p, t = statistics.median(prefill_all), statistics.median(total_all)
+        decode_tokens = result["batch"] * (result["output_len"] - 1)
+        merged["results"].append(dict(
+            result, prefill_s=p, total_s=t, prefill_s_all=prefill_all, total_s_all=total_all,
+            prefill_tok_s=result["prompt_tokens"] / p,
+            decode_tok_s=decode_tokens / (t - p) if t > p and decode_tokens else None))
+    return merged
+
+
 def agreement(tokens: list[list[int]], ref: list[list[int]], first: int) -> dict:
     def prefix(a, b):
         n = 0
@@ -255,6 +279,7 @@ def agreement(tokens: list[list[int]], ref: list[list[int]], first: int) -> dict
 
 def build_rows(model: str, peers: list[dict]) -> list[dict]:
     by_engine = {p["engine"]: {r["batch"]: r for r in p["results"]} for p in peers}
+    threads = {p["engine"]: p.get("threads") for p in peers}
     ref_engine = "hf" if by_engine.get("hf") else "baton"
     rows = []
     batches = sorted({b for res in by_engine.values() for b in res})
@@ -269,7 +294,7 @@ def build_rows(model: str, peers: list[dict]) -> list[dict]:
                                      "total_s", "prefill_tok_s", "decode_tok_s",
                                      "prefill_s_all", "total_s_all")}
             row.update(model=model, engine=engine, prefill_x_hf=None, decode_x_hf=None,
-                       agreement=None, agreement_ref=ref_engine)
+                       agreement=None, agreement_ref=ref_engine, threads=threads.get(engine))
             if hf is not None:
                 row["prefill_x_hf"] = r["prefill_tok_s"] / hf["prefill_tok_s"]
                 if r["decode_tok_s"] and hf["decode_tok_s"]:
@@ -296,11 +321,12 @@ def markdown(report: dict) -> str:
         f"wall {report['wall_s'] / 60:.1f} min.",
         f"Workload: prompts as token ids, lengths uniform per model ({ranges}), "
         f"seed {a['seed']}; {a['output_len']} output tokens, greedy, EOS ignored, {a['dtype']}; "
-        f"1 warm-up + median of {a['reps']}.",
+        f"1 warm-up + median of {a['reps']} per peer process, "
+        f"{a.get('rounds', 1)} alternating round(s) pooled.",
         "",
-        "| model | batch | prompt tok | engine | prefill tok/s | decode tok/s "
+        "| model | batch | prompt tok | engine | threads | prefill tok/s | decode tok/s "
         f"| prefill ×{ref} | decode ×{ref} | greedy vs {ref}: first {AGREE_FIRST} / all |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---|",
     ]
     for r in report["rows"]:
         ag = r["agreement"]
@@ -310,7 +336,7 @@ def markdown(report: dict) -> str:
             f" (prefix {ag['mean_common_prefix']:.1f})")
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['prompt_tokens']:,} | {r['engine']} "
-            f"| {_f(r['prefill_tok_s'])} | {_f(r['decode_tok_s'])} "
+            f"| {r.get('threads') or '—'} | {_f(r['prefill_tok_s'])} | {_f(r['decode_tok_s'])} "
             f"| {_f(r['prefill_x_hf'], '{:.2f}x')} | {_f(r['decode_x_hf'], '{:.2f}x')} | {agree} |")
     lines.append("")
     lines += targets_lines(report["rows"])
@@ -321,7 +347,8 @@ def markdown(report: dict) -> str:
         fc = p.get("foreign_cores")
         err = f" — FAILED: {p['error'].splitlines()[0]}" if p.get("error") else ""
         lines.append(
-            f"- {p['model']}/{p['engine']}: load {p['loadavg_1m'][0]:.2f}→{p['loadavg_1m'][1]:.2f}, "
+            f"- {p['model']}/{p['engine']} (round {p.get('round', 1)}, threads "
+            f"{p.get('threads') or '—'}): load {p['loadavg_1m'][0]:.2f}→{p['loadavg_1m'][1]:.2f}, "
             f"other processes {_f(fc, '{:.2f}')} cores, wall {p['wall_s']:.0f}s"
             f"{', versions ' + json.dumps(p['versions']) if p.get('versions') else ''}{err}")
     for s in report.get("skipped", []):
@@ -355,9 +382,16 @@ def parse_args(argv=None):
     p.add_argument("--peers", type=csv, default=["hf", "vllm"],
                    help="engines besides Baton: hf, vllm, vllm@<cpus> (e.g. vllm@0-1)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median kept)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every engine this many times, alternating (baton, hf, ..., baton, "
+                        "hf, ...), and keep the medians over all rounds: spreads the noise of a "
+                        "shared machine evenly over the engines")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads for Baton and HF alike (default: torch's, i.e. all "
+                        "cores); vLLM keeps its own OpenMP binding")
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     p.add_argument("--markdown", metavar="PATH", help="also write the markdown report here")
     p.add_argument("--model-cache", type=Path, default=OUT_DIR / "models")
@@ -373,8 +407,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.output_len < 2:
         p.error("--output-len must be >= 2 (decode is measured after the first token)")
-    if args.reps < 1:
-        p.error("--reps must be >= 1")
+    if args.reps < 1 or args.rounds < 1:
+        p.error("--reps and --rounds must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     return args
 
 
@@ -409,26 +445,29 @@ def main(argv=None) -> dict:
                 f"{engine}: {args.vllm_python} not found (run bash benchmarks/setup_vllm_cpu.sh)")
         else:
             runnable.append((engine, cmd))
-    total = len(args.models) * len(runnable) * (1 + len(args.batches) * args.reps)
+    total = len(args.models) * len(runnable) * args.rounds * (1 + len(args.batches) * args.reps)
     with tqdm(total=total, desc="engine throughput", unit="step", file=sys.stderr) as bar:
         for model in args.models:
             model_dir = ensure_model(model, args.model_cache)
             lens = PROMPT_LENS.get(model, DEFAULT_PROMPT_LENS)
             prompts = make_prompts(model, max(args.batches), args.seed, lens)
-            peers = []
-            for engine, cmd in runnable:
-                if args.quiet_wait > 0:
-                    bar.set_description(f"{model}/{engine} (waiting for a quiet machine)")
-                    wait_for_quiet(args.quiet_wait)
-                bar.set_description(f"{model}/{engine}")
-                spec = peer_spec(engine, model_dir, prompts, args)
-                log = args.log_dir / f"{model}-{engine.replace('@', '_')}.log"
-                info = run_peer(engine, cmd, spec, log, bar, args.peer_timeout)
-                info["model"] = model
-                if info["error"]:
-                    tqdm.write(f"[{model}/{engine}] FAILED: {info['error']}", file=sys.stderr)
-                peers.append(info)
-            report["peers"] += [{k: v for k, v in p.items() if k != "results"} for p in peers]
+            rounds: dict[str, list[dict]] = {engine: [] for engine, _ in runnable}
+            for r in range(args.rounds):
+                for engine, cmd in runnable:
+                    if args.quiet_wait > 0:
+                        bar.set_description(f"{model}/{engine} (waiting for a quiet machine)")
+                        wait_for_quiet(args.quiet_wait)
+                    bar.set_description(f"{model}/{engine} round {r + 1}/{args.rounds}")
+                    spec = peer_spec(engine, model_dir, prompts, args)
+                    log = args.log_dir / f"{model}-{engine.replace('@', '_')}.log"
+                    info = run_peer(engine, cmd, spec, log, bar, args.peer_timeout)
+                    info.update(model=model, round=r + 1)
+                    if info["error"]:
+                        tqdm.write(f"[{model}/{engine}] FAILED: {info['error']}", file=sys.stderr)
+                    rounds[engine].append(info)
+            report["peers"] += [{k: v for k, v in p.items() if k != "results"}
+                                for infos in rounds.values() for p in infos]
+            peers = [merge_rounds(infos) for infos in rounds.values()]
             report["rows"] += build_rows(model, peers)
             report.setdefault("token_ids", {})[model] = {
                 p["engine"]: {r["batch"]: r["token_ids"] for r in p["results"]} for p in peers}

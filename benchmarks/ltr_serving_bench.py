@@ -131,6 +131,7 @@ async def run_policy(cfg, prompts, lengths, offsets) -> dict:
     makespan = max(r["end_s"] for r in runs) - t0
     after = await ctl.ranker_report.remote()
     for r, want in zip(runs, lengths, strict=True):
+        r["end_s"] -= t0
         if r["tokens"] != want:
             raise RuntimeError(f"{cfg.name} {r['id']}: {r['tokens']} tokens, want {want}")
     del ray
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         f"tau {quality.kendall_tau:.3f}, pairwise {quality.pairwise_accuracy:.3f}")
     policies = args.policies.split(",")
     tag = str(os.getpid())
-    rows, cfgs = [], {}
+    rows, cfgs, per_request = [], {}, {}
     with RedisServer() as redis_server:
         ray.init(address="local", num_cpus=2, resources={"gpu_type:H100": 4},
                  object_store_memory=256 * MIB, include_dashboard=False, log_to_driver=False,
@@ -262,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     dep.shutdown()
                 rows.append(summarize(policy, res, lengths))
+                per_request[policy] = [
+                    {"id": r["id"], "output_tokens": n, "e2e_s": round(r["e2e_s"], 3),
+                     "end_s": round(r["end_s"], 3),
+                     **{k: round(v, 4) for k, v in r["timing"].items()
+                        if k in ("queue_s", "rank_s", "ttft_s")}}
+                    for r, n in zip(res["runs"], lengths, strict=True)]
                 say(f"  {policy}: mean e2e {rows[-1]['e2e_mean_s']:.1f} s, p90 "
                     f"{rows[-1]['e2e_p90_s']:.1f} s, makespan {res['makespan_s']:.0f} s")
         finally:
@@ -292,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         report["sim"] = {"ranker_noise": noise, "rows": srows, "fcfs_over_ltr_mean": simr,
                          "relative_error": abs(simr - real) / real}
     report["wall_s"] = time.perf_counter() - t_start
+    report["per_request"] = per_request
     emit_report(report, args.json, print_tables)
     return 0
 

@@ -3,8 +3,11 @@
 1. Start the tiny disaggregated cluster (``cluster/examples/tiny-disagg.yaml``:
    one prefill worker, one decode worker, KV over gRPC, the controller, a
    throw-away redis-server) on a local Ray cluster (``sim.cluster_probe``).
-2. Calibrate on it, as ``baton sim calibrate --target cluster`` does: engine
-   steps (prompts alone, batches decoding together) for the ``cpu``
+2. Calibrate on it, as ``baton sim calibrate --target cluster`` does, on a
+   calibration sample of the same load (``--calibration-requests`` requests,
+   seed 1; half run just before the measured workload, half just after, as
+   the shared machine's background load drifts): engine steps (each prompt's
+   prefill, each request's time per token at its mean batch) for the ``cpu``
    efficiency profile, the KV link, and the control plane's delays.
 3. Run the same workload on the real cluster (timestamps at the controller:
    arrival, each token) and in the simulator (the same config on ``cpu``
@@ -18,7 +21,7 @@
 Usage::
 
     .venv/bin/python benchmarks/sim_vs_cluster.py                 # calibrate + 200 requests
-    .venv/bin/python benchmarks/sim_vs_cluster.py --requests 20 --quick-calibrate   # smoke
+    .venv/bin/python benchmarks/sim_vs_cluster.py --requests 20 --calibration-requests 10
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sim.cluster_probe import LocalCluster, calibrate_cluster, cluster_timings  # noqa: E402
+from sim.cluster_probe import LocalCluster, cluster_timings, fit_cluster, load_samples  # noqa: E402
 from sim.control import cluster_options, save_cluster  # noqa: E402
 from sim.engine_profile import compare, sim_timings  # noqa: E402
 from sim.latency import PROFILES_PATH, load_profiles, save_profile  # noqa: E402
@@ -44,14 +48,21 @@ from sim.workload import WorkloadSpec, build_workload  # noqa: E402
 TARGETS = {"p50": 15.0, "p90": 25.0}  # max |error| in percent
 
 
+def breakdown(runs) -> dict:
+    """p50 of the controller's per-request timing fields (where the time went)."""
+    import statistics
+    keys = ("queue_s", "prefill_queue_s", "prefill_s", "kv_transfer_s")
+    return {k: round(statistics.median(r.timing[k] for r in runs) * 1e3, 2) for k in keys}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--rate", type=float, default=2.0, help="req/s (the cluster must keep up)")
+    ap.add_argument("--rate", type=float, default=1.0, help="req/s (the cluster must keep up)")
     ap.add_argument("--max-prompt", type=int, default=512)
     ap.add_argument("--max-output", type=int, default=64)
     ap.add_argument("--skip-calibrate", action="store_true", help="use the stored cpu profile")
-    ap.add_argument("--quick-calibrate", action="store_true")
+    ap.add_argument("--calibration-requests", type=int, default=40)
     ap.add_argument("--profiles", type=Path, default=PROFILES_PATH)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -59,23 +70,37 @@ def main() -> int:
     wl = WorkloadSpec(arrival="poisson", rate=args.rate, num_requests=args.requests,
                       lengths="azure-conv", max_prompt_tokens=args.max_prompt,
                       max_output_tokens=args.max_output, seed=0)
+    sample = build_workload(replace(wl, num_requests=args.calibration_requests, seed=1)).initial()
+    half = len(sample) // 2
     with LocalCluster() as cluster:
-        if not args.skip_calibrate:
-            t0 = time.time()
-            profile, options, report = calibrate_cluster(cluster, quick=args.quick_calibrate)
-            save_profile(profile, args.profiles, report)
-            save_cluster("cpu", options["control"], options["link_bandwidth"],
-                         options["link_latency_s"], report, args.profiles)
-            out["calibration"] = {**report, "wall_s": round(time.time() - t0, 1)}
-            out["load_avg"]["calibrated"] = os.getloadavg()
+        calibrate = not args.skip_calibrate
+        if calibrate:
+            cluster.run(build_workload(replace(wl, num_requests=2)).initial())  # warm-up
+            before = cluster.probe(sample[:half], alone=False)
+            out["load_avg"]["calibrated_before"] = os.getloadavg()
         t0 = time.time()
         real = cluster.run(build_workload(wl).initial())
         out["cluster_wall_s"] = round(time.time() - t0, 1)
+        out["load_avg"]["run"] = os.getloadavg()
+        if calibrate:
+            first = sample[half].arrival_s
+            after = cluster.probe([replace(r, arrival_s=r.arrival_s - first)
+                                   for r in sample[half:]], alone=False)
         config = cluster.config
     out["load_avg"]["end"] = os.getloadavg()
+    if calibrate:
+        probes = before + after
+        profile, options, report = fit_cluster(probes, load_samples([p.run for p in probes]),
+                                               config, f"a {len(sample)}-request load")
+        save_profile(profile, args.profiles, report)
+        save_cluster("cpu", options, report, args.profiles)
+        out["calibration"] = report
     spec = spec_from_cluster_config(config, hardware="cpu", **cluster_options("cpu", args.profiles))
     res = simulate(spec, wl, profiles=load_profiles(args.profiles))
     out["comparison"] = compare(cluster_timings(real), sim_timings(res))
+    out["real_breakdown_p50_ms"] = breakdown(real)
+    out["sim_busy"] = {w.worker_id: round(w.stats.busy_s / res.summary.duration_s, 3)
+                       for w in res.workers}
     out["met"] = {k: abs(v["error_pct"]) <= TARGETS[k.split("_")[1]]
                   for k, v in out["comparison"].items()}
     out["workload"] = {"requests": args.requests, "rate": args.rate, "seed": 0,

@@ -96,6 +96,9 @@ class _Worker:
     kv_endpoint: str = ""
     cursor: int = 0  # decode event cursor
     outstanding_prefill: int = 0  # prompt tokens dispatched, not yet prefilled
+    # dispatches its last polled load may not count yet -> when their call returned
+    # (inf while in flight); dropped by the first poll issued after that
+    in_transit: dict[object, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -431,7 +434,10 @@ class Controller:
         load = w.load
         # A prefill worker's own count lags its queue; what was dispatched to it is exact.
         queued = w.outstanding_prefill if w.role == "prefill" else load.queued_prefill_tokens
-        return WorkerView(w.worker_id, w.role, w.gpu_type, queued, load.running,
+        # Requests sent but not yet in its polled load hold batch slots too (a
+        # burst would otherwise overshoot max_num_seqs into the worker's FIFO queue).
+        running = load.running + len(w.in_transit)
+        return WorkerView(w.worker_id, w.role, w.gpu_type, queued, running,
                           load.free_kv_blocks, load.total_kv_blocks, load.block_size,
                           load.max_num_batched_tokens, load.max_num_seqs, w.alive)
 
@@ -459,6 +465,8 @@ class Controller:
         self._spawn(self._run(req, route, req.generation))
 
     async def _run(self, req: _Request, route: Route, gen: int) -> None:
+        transit, token = self.workers[route.decode_worker].in_transit, object()
+        transit[token] = float("inf")
         try:
             await self.store.journal_route(req.request_id, route.prefill_worker,
                                            route.decode_worker)
@@ -480,6 +488,8 @@ class Controller:
                 log.warning("request %s aborted: %s", req.request_id, exc)
                 req.timing["error"] = str(exc)
                 await self._finish(req, "abort")
+        finally:
+            transit[token] = time.monotonic()
 
     async def _run_disaggregated(self, req: _Request, route: Route, gen: int) -> None:
         p, d = self.workers[route.prefill_worker], self.workers[route.decode_worker]
@@ -540,11 +550,14 @@ class Controller:
         """Deliver a decode worker's token events until it dies; a failure in
         delivery is logged and the loop goes on (its requests must not stall)."""
         while w.alive:
+            issued = time.monotonic()
             try:
                 events, w.cursor, w.load = await w.handle.next_outputs.remote(w.cursor, 1.0)
             except RayActorError:
                 await self._mark_dead(w)
                 return
+            for k in [k for k, t in w.in_transit.items() if t < issued]:
+                del w.in_transit[k]
             mine = [e for e in events if self._owned_by(e.request_id, w.worker_id)]
             try:
                 if mine:

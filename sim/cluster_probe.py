@@ -114,19 +114,19 @@ class LocalCluster:
                    for r in requests}
         return asyncio.run(self._run_all(requests, prompts))
 
-    def probe(self, requests: list[Request]) -> list[Probe]:
-        """Each request alone (sent when the previous one finished), with the
-        workers' per-layer KV times."""
+    def probe(self, requests: list[Request], alone: bool = True) -> list[Probe]:
+        """Runs with the workers' per-layer KV times: each request alone (sent
+        when the previous one finished), or all at their arrival times."""
+        runs = ([self.run([replace(r, arrival_s=0.0)])[0] for r in requests] if alone
+                else self.run(requests))
+        return [self._timelines(run) for run in runs]
+
+    def _timelines(self, run: ClusterRun) -> Probe:
         import ray
-        out = []
-        for r in requests:
-            run = self.run([replace(r, arrival_s=0.0)])[0]
-            times = {role: [t for _, (rl, _, h) in self._deployment.workers.items() if rl == role
-                            for t in [ray.get(getattr(h, method).remote(run.request_id))] if t]
-                     for role, method in (("prefill", "layer_timeline"),
-                                          ("decode", "receive_timeline"))}
-            out.append(Probe(run, tuple(times["prefill"][0]), tuple(times["decode"][0])))
-        return out
+        times = {role: [t for _, (rl, _, h) in self._deployment.workers.items() if rl == role
+                        for t in [ray.get(getattr(h, method).remote(run.request_id))] if t]
+                 for role, method in (("prefill", "layer_timeline"), ("decode", "receive_timeline"))}
+        return Probe(run, tuple(times["prefill"][0]), tuple(times["decode"][0]))
 
     async def _run_all(self, requests: list[Request], prompts: dict) -> list[ClusterRun]:
         from cluster.ray_client import ClusterClient
@@ -162,13 +162,17 @@ class Probe:
     layers_landed_s: tuple[float, ...]  # decode worker: each layer verified
 
 
-def calibrate_cluster(cluster: LocalCluster, quick: bool = False):
+def calibrate_cluster(cluster: LocalCluster, quick: bool = False,
+                      workload: list[Request] | None = None):
     """Measure, on the running cluster, what the simulator models of it:
 
-    - engine steps: prompts of several lengths one at a time (a prefill step
-      each: ``prefill_s``), and batches of b requests decoding together (the
-      controller's gaps between tokens while all b decode: one decode step);
-      the ``cpu`` efficiency profile is fitted on them (sim.calibration);
+    - engine steps: with ``workload`` (a sample of the load to be simulated),
+      each of its prompts' prefill (``prefill_s``) and each request's time per
+      token at the mean number of requests decoding beside it: the steps
+      under that load, CPU contention between the workers included (they
+      share this machine's cores; GPUs would not). Without: prompts of several
+      lengths one at a time and batches of b requests decoding together.
+      The ``cpu`` efficiency profile is fitted on them (sim.calibration);
     - the KV link: from each prompt's last layer handed over (prefill worker)
       to its last layer verified (decode worker), against its bytes;
     - the control plane (sim.control): KV verified -> first token at the
@@ -176,32 +180,79 @@ def calibrate_cluster(cluster: LocalCluster, quick: bool = False):
       (``admit_s``); the rest of time-to-first-token (``dispatch_s``).
 
     Returns (EfficiencyProfile, SimSpec options, report)."""
-    from sim.calibration import CPU_PARAMS, StepSample, ape, fit_profile, predict
+    from sim.calibration import StepSample
+
+    cluster.run([Request(0, 0.0, 64, 8)])  # warm-up: first calls pay for imports and caches
+    if workload:
+        probes = cluster.probe(workload, alone=False)
+        return fit_cluster(probes, _workload_samples([p.run for p in probes], StepSample),
+                           cluster.config, f"a {len(workload)}-request load")
+    probes, samples = _shape_probes(cluster, quick, StepSample)
+    return fit_cluster(probes, samples, cluster.config, "probes one shape at a time")
+
+
+def fit_cluster(probes: list[Probe], samples: list, config, what: str):
+    """The ``cpu`` profile fitted on step ``samples``; link and control plane
+    from ``probes``. Returns (EfficiencyProfile, SimSpec options, report)."""
+    from sim.calibration import CPU_PARAMS, ape, fit_profile, predict
     from sim.latency import sim_dtype
 
+    model, dtype = config.model.source, sim_dtype(config.model.dtype)
+    # robust: on a shared machine some steps are slowed many times by other processes
+    profile = fit_profile(samples, model, "cpu", dtype, CPU_PARAMS, loss="soft_l1",
+                          fitted_on=f"the local Baton cluster ({model}): {len(samples)} step "
+                                    f"samples of {what}")
+    options, report = _fit_control(probes, model)
+    for kind in ("prompt", "token"):
+        chosen = [s for s in samples if s.kind == kind]
+        predicted = predict(chosen, model, "cpu", dtype, profile)
+        err = ape(predicted, [s.seconds for s in chosen])
+        report[f"{kind}_step_mdape_fit"] = round(float(sorted(err)[len(err) // 2]), 2)
+        if kind == "prompt":
+            options["prefill_step_noise"] = tuple(sorted(
+                round(s.seconds / float(t), 4) for s, t in zip(chosen, predicted, strict=True)))
+    report["samples"] = len(samples)
+    return profile, options, report
+
+
+def _shape_probes(cluster: LocalCluster, quick: bool, StepSample) -> tuple[list[Probe], list]:
     prompts = (32, 256, 512) if quick else (32, 128, 256, 384, 512)
     batches = (1, 4, 8) if quick else (1, 2, 4, 8, 16)
     reps = 2 if quick else 3
-    cluster.run([Request(0, 0.0, 64, 8)])  # warm-up: first calls pay for imports and caches
     probes = [p for n in prompts for p in cluster.probe([Request(0, 0.0, n, 16)] * reps)]
     samples = [StepSample(p.run.request.prompt_tokens, 1, 1, 0,
                           ((p.run.request.prompt_tokens, 0),), p.run.timing["prefill_s"],
                           "prompt", 1, f"p{p.run.request.prompt_tokens}") for p in probes]
     for b in batches:
         for _ in range(reps):
-            runs = cluster.run([Request(i, 0.0, 32, 64) for i in range(b)])
-            step, ctx = _batch_step(runs)
+            step, ctx = _batch_step(cluster.run([Request(i, 0.0, 32, 64) for i in range(b)]))
             samples.append(StepSample(b, b, b, ctx, (), step, "token", 1, f"b{b}"))
-    model, dtype = cluster.config.model.source, sim_dtype(cluster.config.model.dtype)
-    profile = fit_profile(samples, model, "cpu", dtype, CPU_PARAMS,
-                          fitted_on=f"the local Baton cluster ({model}), {len(samples)} probes")
-    options, report = _fit_control(probes, model)
-    for kind in ("prompt", "token"):
-        chosen = [s for s in samples if s.kind == kind]
-        err = ape(predict(chosen, model, "cpu", dtype, profile), [s.seconds for s in chosen])
-        report[f"{kind}_step_mdape_fit"] = round(float(sorted(err)[len(err) // 2]), 2)
-    report["samples"] = len(samples)
-    return profile, options, report
+    return probes, samples
+
+
+def load_samples(runs: list[ClusterRun]) -> list:
+    """Step samples (sim.calibration.StepSample) of runs under a load."""
+    from sim.calibration import StepSample
+    return _workload_samples(runs, StepSample)
+
+
+def _workload_samples(runs: list[ClusterRun], StepSample) -> list:
+    """A prefill step per prompt; per request, its time per token at the mean
+    number of requests decoding beside it (from the overlap of their tokens)."""
+    spans = [(r.token_times[1], r.token_times[-1], r) for r in runs if len(r.token_times) > 2]
+    out = [StepSample(r.request.prompt_tokens, 1, 1, 0, ((r.request.prompt_tokens, 0),),
+                      r.timing["prefill_s"], "prompt", 1, f"w{r.request_id}") for r in runs]
+    for a, b, r in spans:
+        if b <= a:
+            continue
+        beside = [((min(b, b2) - max(a, a2)) / (b - a), r2) for a2, b2, r2 in spans
+                  if r2 is not r and min(b, b2) > max(a, a2)]
+        batch = 1 + sum(w for w, _ in beside)
+        kv = (r.request.prompt_tokens + r.request.output_tokens // 2) + sum(
+            w * (r2.request.prompt_tokens + r2.request.output_tokens // 2) for w, r2 in beside)
+        out.append(StepSample(round(batch), round(batch), round(batch), round(kv), (),
+                              _decode_step(r), "token", 1, f"w{r.request_id}"))
+    return out
 
 
 def _batch_step(runs: list[ClusterRun]) -> tuple[float, int]:
@@ -237,12 +288,21 @@ def _fit_control(probes: list[Probe], model: str) -> tuple[dict, dict]:
     result = [p.run.token_times[0] - p.layers_landed_s[-1] for p in probes]
     exposed = [max(0.0, p.layers_landed_s[-1] - p.layers_done_s[-1]) for p in probes]
     kv_bytes = np.array([p.run.timing["kv_bytes"] for p in probes], dtype=float)
-    # exposed = latency + last layer's bytes / bandwidth (the layers before it overlap the step)
-    slope, latency = np.polyfit(kv_bytes / layers, exposed, 1)
-    latency, bandwidth = max(latency, 0.0), 1.0 / slope if slope > 1e-12 else 1e12
+    # exposed = latency + last layer's bytes / bandwidth (the layers before it overlap
+    # the step); Theil-Sen (median slope and intercept): some transfers stall for
+    # tens of ms when another process holds the core
+    x, y = kv_bytes / layers, np.array(exposed)
+    slopes = [(y[j] - y[i]) / (x[j] - x[i]) for i in range(len(x)) for j in range(i + 1, len(x))
+              if x[j] != x[i]]
+    slope = max(med(slopes), 0.0) if slopes else 0.0
+    latency = max(med(y - slope * x), 0.0)
+    bandwidth = 1.0 / slope if slope > 1e-12 else 1e12
     gaps = [p.run.token_times[1] - p.run.token_times[0] - _decode_step(p.run) for p in probes]
-    rest = [p.run.ttft_s - p.run.timing["prefill_s"] - r - e
-            for p, r, e in zip(probes, result, exposed, strict=True)]
+    # queueing at the controller and the prefill worker is simulated; their idle
+    # floor (polling, wake-ups) is control-plane delay
+    waits = [p.run.timing["queue_s"] + p.run.timing["prefill_queue_s"] for p in probes]
+    rest = [p.run.ttft_s - p.run.timing["prefill_s"] - r - e - (w - min(waits))
+            for p, r, e, w in zip(probes, result, exposed, waits, strict=True)]
     control = ControlPlane(dispatch_s=max(0.0, med(rest)), result_s=max(0.0, med(result)),
                            admit_s=max(0.0, med(gaps)), first_token_waits_for_kv=True)
     report = {"probes": len(probes), "ttft_p50_ms": round(med([p.run.ttft_s for p in probes]) * 1e3, 2),

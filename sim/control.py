@@ -16,6 +16,11 @@ Where each delay sits in a disaggregated request (cluster/controller.py)::
                controller (the prefill RPC returns)               (result_s)
     admit      -> decode.admit RPC -> the decode worker holds it  (admit_s)
 
+On a machine shared with other processes (the local CPU cluster), steps
+are slowed at random: the calibration keeps the measured / modelled time of
+its prefill steps, and the simulation draws one per prefill step
+(``SimSpec.prefill_step_noise``).
+
 Baton's controller delivers a request's first token with the prefill
 result, i.e. only once its KV is verified at the decode worker
 (``first_token_waits_for_kv``); the published disaggregated systems the
@@ -44,17 +49,18 @@ class ControlPlane:
                 raise ValueError(f"{f}={getattr(self, f)} must be >= 0")
 
 
-def save_cluster(name: str, control: ControlPlane, link_bandwidth: float, link_latency_s: float,
-                 report: dict, path: Path = PROFILES_PATH) -> None:
+def save_cluster(name: str, options: dict, report: dict, path: Path = PROFILES_PATH) -> None:
+    """``options``: the ``SimSpec`` fields ``cluster_options`` gives back."""
     data = json.loads(path.read_text()) if path.exists() else {"profiles": {}, "reports": {}}
     data.setdefault("clusters", {})[name] = {
-        **asdict(control), "link_bandwidth": link_bandwidth, "link_latency_s": link_latency_s,
-        "report": report}
+        **asdict(options["control"]), "link_bandwidth": options["link_bandwidth"],
+        "link_latency_s": options["link_latency_s"],
+        "prefill_step_noise": list(options["prefill_step_noise"]), "report": report}
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def cluster_options(name: str, path: Path = PROFILES_PATH) -> dict:
-    """``SimSpec`` fields (control, link_bandwidth, link_latency_s) of a measured cluster."""
+    """``SimSpec`` fields (control, link, prefill step noise) of a measured cluster."""
     data = json.loads(path.read_text()).get("clusters", {})
     if name not in data:
         raise ValueError(f"no measured cluster {name!r} in {path}; have: {', '.join(data) or 'none'} "
@@ -62,4 +68,5 @@ def cluster_options(name: str, path: Path = PROFILES_PATH) -> dict:
     c = data[name]
     control = ControlPlane(**{f.name: c[f.name] for f in fields(ControlPlane)})
     return {"control": control, "link_bandwidth": c["link_bandwidth"],
-            "link_latency_s": c["link_latency_s"]}
+            "link_latency_s": c["link_latency_s"],
+            "prefill_step_noise": tuple(c.get("prefill_step_noise", ()))}

@@ -83,7 +83,8 @@ class Simulation:
         blocks = self._kv_blocks(p, gpu)
         batch = BatchConfig(p.max_num_seqs, p.max_num_batched_tokens, p.prefill_chunk_size)
         return [SimWorker(WorkerSpec(f"{p.name}-{i}", p.role, gpu.name, p.tensor_parallel, batch,
-                                     blocks, p.block_size, self.spec.prefix_caching),
+                                     blocks, p.block_size, self.spec.prefix_caching,
+                                     self.spec.prefill_step_noise, self.spec.seed + i),
                           latency, self.events, self.clock, self.hooks, self.spec.fast_forward)
                 for i in range(p.replicas)]
 

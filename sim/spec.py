@@ -63,6 +63,8 @@ class SimSpec:
     link_bandwidth: float | None = None  # bytes/s per NIC; None = the GPU's network bandwidth x TP
     link_latency_s: float = 50e-6  # fixed cost per KV transfer
     control: ControlPlane = field(default_factory=ControlPlane)  # RPC delays (sim.control)
+    prefill_step_noise: tuple[float, ...] = ()  # measured/modelled prefill step times to draw
+    #   from per step (a shared machine's interference; sim.control); empty: none
     prefix_caching: bool = False  # BlockManager prefix reuse (Mooncake hash ids)
     fast_forward: bool = True  # decode windows (exact; see sim.workers)
     ranker_noise: float = 0.5  # std-dev of the simulated ranker's log-length error (ltr)

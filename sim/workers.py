@@ -40,6 +40,7 @@ step. Times agree with stepping one by one up to float rounding
 from __future__ import annotations
 
 import functools
+import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,6 +75,9 @@ class WorkerSpec:
     num_kv_blocks: int  # KV capacity
     block_size: int  # tokens per KV block
     enable_prefix_caching: bool  # BlockManager prefix reuse (traces with hash ids)
+    prefill_step_noise: tuple[float, ...] = ()  # prefill worker: a step lasts the model's time
+    #   times one of these, drawn per step (measured on a shared machine; empty: exactly)
+    seed: int = 0  # of that draw
 
 
 @dataclass
@@ -110,6 +114,7 @@ class SimWorker:
         self.fast_forward = (fast_forward and spec.role != "prefill"
                              and not spec.enable_prefix_caching)
         self.blocks = BlockManager(spec.num_kv_blocks, spec.block_size, spec.enable_prefix_caching)
+        self._noise = random.Random(spec.seed) if spec.prefill_step_noise else None
         self.planner = BatchPlanner(spec.batch, self.blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -349,6 +354,8 @@ class SimWorker:
             else:
                 prefill.append((n, seq.num_computed_tokens))
         dt = self.latency.step_time(tokens, len(plan.chunks), rows, dec_ctx, prefill)
+        if self._noise is not None and self.spec.role == "prefill":
+            dt *= self._noise.choice(self.spec.prefill_step_noise)
         self.stats.flops += self.latency.model_flops(tokens, dec_ctx, prefill)
         if self.spec.role == "prefill":
             self._announce_exports(plan, self.now + dt)

@@ -17,7 +17,7 @@ Layout::
 ``DecodeKVBuffer`` (CPU only) keeps a second, contiguous copy of the KV of
 the sequences that decode, so that decode attention reads (B, KVH, L, D)
 views instead of gathering every sequence's blocks in every layer and step.
-Sequences are grouped by context length (buckets of doubling capacity) so a
+Sequences are grouped by context length (buckets of doubling limits) so a
 long context does not make every short one read padding. The paged cache
 stays the source of truth; see the class docstring.
 """
@@ -55,11 +55,12 @@ class KVCache:
         return self.data.numel() * self.data.element_size()
 
 
-MIN_BUCKET_TOKENS = 64  # capacity of the smallest decode bucket; each next one doubles
+MIN_BUCKET_TOKENS = 64  # longest context of the smallest decode bucket; each next one doubles
 
 
-def bucket_capacity(context_len: int) -> int:
-    """The decode bucket a context of ``context_len`` tokens lives in."""
+def bucket_limit(context_len: int) -> int:
+    """The decode bucket a context of ``context_len`` tokens lives in, named
+    by the longest context it takes (64, 128, 256, ...)."""
     return max(MIN_BUCKET_TOKENS, 1 << (context_len - 1).bit_length())
 
 
@@ -78,7 +79,8 @@ class DecodeGroup:
     """Consecutive decode rows whose sequences share a bucket: one attention call."""
 
     rows: int  # how many rows (they follow the previous group's); slots 0..rows-1
-    write_index: torch.Tensor  # (rows * KVH,) int64: new K/V row in a layer's (S*KVH*C, D) view
+    slots: torch.Tensor  # (rows,) int64: 0..rows-1, where each row's new K/V goes
+    positions: torch.Tensor  # (rows,) int64: ... and at which position
     context_len: int  # L: the group's longest context, new token included
     mask: torch.Tensor | None  # (rows, 1, 1, L) additive 0/-inf; None when all rows have L
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (S, KVH, C, D) keys, values
@@ -93,26 +95,36 @@ class DecodeStep:
 
 
 class _Bucket:
-    """Sequences whose context fits ``capacity`` tokens. Slot s of ``data``
-    (num_layers, 2, S, KVH, capacity, D) holds ``entries[s]``; slots stay
-    dense (the last one moves into a hole). Positions at or past an entry's
-    ``length``, and whole unused slots, are zero."""
+    """Sequences whose context fits ``limit`` tokens. Slot s of ``data``
+    (num_layers, 2, S, KVH, C, D) holds ``entries[s]``; slots stay dense (the
+    last one moves into a hole); S and C (<= limit) grow on demand. Positions
+    at or past an entry's ``length``, and whole unused slots, are zero."""
 
-    def __init__(self, like: torch.Tensor, capacity: int):
+    def __init__(self, like: torch.Tensor, limit: int):
         layers, _, _, _, kv_heads, head_dim = like.shape
-        self.capacity = capacity
-        self.data = like.new_zeros((layers, 2, 0, kv_heads, capacity, head_dim))
+        self.limit = limit
         self.entries: list[_Mirrored] = []
+        self._set_data(like.new_zeros((layers, 2, 0, kv_heads, 0, head_dim)))
+
+    def _set_data(self, data: torch.Tensor) -> None:
+        self.data = data
+        self.layers = [(data[i, 0], data[i, 1]) for i in range(data.shape[0])]  # (S, KVH, C, D)
 
     @property
     def slots(self) -> int:
         return self.data.shape[2]
 
-    def reserve(self, slots: int) -> None:
-        if slots > self.slots:
-            data = self.data.new_zeros((*self.data.shape[:2], slots, *self.data.shape[3:]))
-            data[:, :, :self.slots] = self.data
-            self.data = data
+    @property
+    def tokens(self) -> int:
+        return self.data.shape[4]
+
+    def reserve(self, slots: int, tokens: int) -> None:
+        if slots > self.slots or tokens > self.tokens:
+            shape = list(self.data.shape)
+            shape[2], shape[4] = max(slots, self.slots), max(tokens, self.tokens)
+            data = self.data.new_zeros(shape)
+            data[:, :, :self.slots, :, :self.tokens] = self.data
+            self._set_data(data)
 
     def add(self, entry: _Mirrored) -> None:
         assert len(self.entries) < self.slots, "reserve before add"
@@ -134,12 +146,12 @@ class _Bucket:
 class DecodeKVBuffer:
     """A contiguous copy of the decoding sequences' KV (CPU decode fast path).
 
-    Layout: buckets of capacity 64, 128, 256, ... tokens; a sequence lives in
-    the smallest bucket its context fits (moving up, one copy, when it
-    outgrows it), at some slot s: position p of its context is at
-    ``bucket.data[:, :, s, :, p]``. Each bucket is one attention call over
+    Layout: buckets for contexts of up to 64, 128, 256, ... tokens; a
+    sequence lives in the smallest bucket its context fits (moving up, one
+    copy, when it outgrows it), at some slot s: position p of its context is
+    at ``bucket.data[:, :, s, :, p]``. Each bucket is one attention call over
     its own longest context, so padding stays within a bucket's spread.
-    Memory grows on demand within ``budget_bytes``.
+    Memory grows on demand (slots and positions) within ``budget_bytes``.
 
     Lifecycle, driven by the model runner once per step with decode rows:
 
@@ -149,8 +161,8 @@ class DecodeKVBuffer:
        its blocks changed) are copied once from the paged cache. Returns a
        ``DecodeStep``, or None when the memory would exceed the budget (then
        the buffer empties and attention gathers from the paged cache).
-    2. attention writes each layer's new K/V at each group's
-       ``write_index`` (and into the paged cache as always) and reads
+    2. attention writes each layer's new K/V at each group's (slot,
+       position) pairs (and into the paged cache as always) and reads
        ``[:rows, :, :L]`` views of the group's bucket.
 
     Its tensors are inference tensors: every public method runs under
@@ -165,7 +177,7 @@ class DecodeKVBuffer:
         self.block_size = cache.block_size
         layers, _, _, _, kv_heads, head_dim = cache.data.shape
         self.bytes_per_token = layers * 2 * kv_heads * head_dim * cache.data.element_size()
-        self._buckets: dict[int, _Bucket] = {}  # capacity -> bucket
+        self._buckets: dict[int, _Bucket] = {}  # limit -> bucket
         self._where: dict[str, tuple[_Bucket, _Mirrored]] = {}
 
     def __contains__(self, seq_id: str) -> bool:
@@ -176,7 +188,7 @@ class DecodeKVBuffer:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.slots * b.capacity for b in self._buckets.values()) * self.bytes_per_token
+        return sum(b.slots * b.tokens for b in self._buckets.values()) * self.bytes_per_token
 
     # ----- the step ------------------------------------------------------
     @torch.inference_mode()
@@ -187,12 +199,13 @@ class DecodeKVBuffer:
         live = set(seq_ids)
         for seq_id in [s for s in self._where if s not in live]:
             self.forget(seq_id)
-        targets = [bucket_capacity(start + 1) for start in starts]
-        if not self._reserve(seq_ids, targets):
+        targets = [bucket_limit(start + 1) for start in starts]
+        if not self._in_place(seq_ids, starts, targets) and not self._reserve(
+                seq_ids, starts, targets):
             self.clear()
             return None
-        for seq_id, start, table, capacity in zip(seq_ids, starts, tables, targets):
-            self._settle(seq_id, start, table, self._buckets[capacity])
+        for seq_id, start, table, limit in zip(seq_ids, starts, tables, targets):
+            self._settle(seq_id, start, table, self._buckets[limit])
         self._buckets = {c: b for c, b in self._buckets.items() if b.entries}
         return self._step(seq_ids, starts)
 
@@ -203,7 +216,8 @@ class DecodeKVBuffer:
         if entry is not None:
             self._trust(bucket, entry, start, table)
         if bucket is not target:
-            entry = self._move(entry, bucket, target) if entry else self._add(seq_id, target)
+            entry = (self._add(seq_id, target) if entry is None
+                     else self._move(entry, bucket, target))
         if entry.length < start:
             self._copy_from_paged(target, entry, start, table)
         entry.length, entry.blocks = start + 1, tuple(table)
@@ -244,11 +258,12 @@ class DecodeKVBuffer:
         """Rows grouped by bucket, in slot order: every entry of every bucket
         decodes this step, so a group's rows are its bucket's slots 0..n-1."""
         where = [self._where[s] for s in seq_ids]
-        order = sorted(range(len(seq_ids)), key=lambda r: (where[r][0].capacity, where[r][1].slot))
-        groups = []
-        for bucket in sorted(self._buckets.values(), key=lambda b: b.capacity):
-            rows = order[sum(g.rows for g in groups):][:len(bucket.entries)]
+        order = sorted(range(len(seq_ids)), key=lambda r: (where[r][0].limit, where[r][1].slot))
+        groups, first = [], 0
+        for bucket in sorted(self._buckets.values(), key=lambda b: b.limit):
+            rows = order[first:first + len(bucket.entries)]
             groups.append(_group(bucket, [starts[r] for r in rows]))
+            first += len(rows)
         return DecodeStep(order, groups)
 
     # ----- membership ----------------------------------------------------
@@ -267,7 +282,7 @@ class DecodeKVBuffer:
         if entry is not None:
             bucket.remove(entry)
             if not bucket.entries:
-                del self._buckets[bucket.capacity]
+                del self._buckets[bucket.limit]
 
     @torch.inference_mode()
     def clear(self) -> None:
@@ -276,42 +291,53 @@ class DecodeKVBuffer:
         self._where.clear()
 
     # ----- memory --------------------------------------------------------
-    def _reserve(self, seq_ids: list[str], targets: list[int]) -> bool:
-        """Grow each bucket for the sequences that will be in it (movers are
-        counted in both buckets, briefly true), within the budget."""
-        need = {c: len(b.entries) for c, b in self._buckets.items()}
-        for seq_id, capacity in zip(seq_ids, targets):
+    def _in_place(self, seq_ids: list[str], starts: list[int], targets: list[int]) -> bool:
+        """Every sequence already sits in its bucket, with room for its new token."""
+        for seq_id, start, limit in zip(seq_ids, starts, targets):
             bucket = self._where.get(seq_id, (None,))[0]
-            if bucket is None or bucket.capacity != capacity:
-                need[capacity] = need.get(capacity, 0) + 1
-        have = {c: self._buckets[c].slots if c in self._buckets else 0 for c in need}
-        roomy = {c: _grow(n, have[c], 4) for c, n in need.items()}
-        exact = {c: max(n, have[c]) for c, n in need.items()}
+            if bucket is None or bucket.limit != limit or bucket.tokens <= start:
+                return False
+        return True
+
+    def _reserve(self, seq_ids: list[str], starts: list[int], targets: list[int]) -> bool:
+        """Grow each bucket for the sequences that will be in it (movers are
+        counted in both buckets, briefly true) and their contexts, within
+        the budget."""
+        slots = {c: len(b.entries) for c, b in self._buckets.items()}
+        tokens = {c: 0 for c in self._buckets}
+        for seq_id, start, limit in zip(seq_ids, starts, targets):
+            bucket = self._where.get(seq_id, (None,))[0]
+            if bucket is None or bucket.limit != limit:
+                slots[limit] = slots.get(limit, 0) + 1
+            tokens[limit] = max(tokens.get(limit, 0), start + 1)
+        have = {c: (b.slots, b.tokens) for c, b in self._buckets.items()}
+        roomy, exact = {}, {}
+        for c in slots:
+            have_slots, have_tokens = have.get(c, (0, 0))
+            roomy[c] = (_grow(slots[c], have_slots, 4), min(c, _grow(tokens[c], have_tokens, 64)))
+            exact[c] = (max(slots[c], have_slots), max(tokens[c], have_tokens))
         for plan in (roomy, exact):
-            if sum(c * n for c, n in plan.items()) * self.bytes_per_token <= self.budget_bytes:
+            if sum(n * t for n, t in plan.values()) * self.bytes_per_token <= self.budget_bytes:
                 break
         else:
             return False
-        for capacity, slots in plan.items():
-            if capacity not in self._buckets:
-                self._buckets[capacity] = _Bucket(self.cache.data, capacity)
-            self._buckets[capacity].reserve(slots)
+        for limit, (n, t) in plan.items():
+            if limit not in self._buckets:
+                self._buckets[limit] = _Bucket(self.cache.data, limit)
+            self._buckets[limit].reserve(n, t)
         return True
 
 
 def _group(bucket: _Bucket, starts: list[int]) -> DecodeGroup:
-    batch, kv_heads = len(starts), bucket.data.shape[3]
+    batch = len(starts)
     pos = torch.tensor(starts, dtype=torch.int64)  # (n,)
-    rows = torch.arange(batch)[:, None] * kv_heads + torch.arange(kv_heads)[None, :]  # (n, KVH)
-    write_index = (rows * bucket.capacity + pos[:, None]).reshape(-1)  # (n * KVH,)
     context_len = max(starts) + 1
     mask = None
     if min(starts) + 1 != context_len:
         beyond = torch.arange(context_len)[None, :] > pos[:, None]  # (n, L)
         mask = torch.zeros(batch, 1, 1, context_len, dtype=bucket.data.dtype)
         mask.masked_fill_(beyond[:, None, None, :], float("-inf"))  # (n, 1, 1, L)
-    layers = [(bucket.data[i, 0], bucket.data[i, 1]) for i in range(bucket.data.shape[0])]
-    return DecodeGroup(batch, write_index, context_len, mask, layers)
+    return DecodeGroup(batch, torch.arange(batch), pos, context_len, mask, bucket.layers)
 
 
 def _grow(need: int, have: int, multiple: int) -> int:

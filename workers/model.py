@@ -216,10 +216,10 @@ class Attention(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs)  # (B, H, D)
 
     def _decode_group(self, q, k, v, group: DecodeGroup) -> torch.Tensor:
-        D, n, length = self.head_dim, group.rows, group.context_len
+        n, length, at = group.rows, group.context_len, (group.slots, group.positions)
         k_buf, v_buf = group.layers[self.layer_idx]  # each (S, KVH, C, D)
-        k_buf.view(-1, D).index_copy_(0, group.write_index, k.reshape(-1, D))
-        v_buf.view(-1, D).index_copy_(0, group.write_index, v.reshape(-1, D))
+        k_buf.transpose(1, 2).index_put_(at, k)  # (S, C, KVH, D)[slot, pos] = (n, KVH, D)
+        v_buf.transpose(1, 2).index_put_(at, v)
         return decode_attention(q, k_buf[:n, :, :length], v_buf[:n, :, :length],
                                 group.mask, self.scale)  # (n, H, D)
 

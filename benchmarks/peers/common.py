@@ -9,6 +9,8 @@ peer loads its engine once, then per batch runs ``measure`` and prints one
 line ``@@BENCH {json}`` per event on stdout (``progress`` lines while it
 works, one ``result`` line per batch, ``done`` at the end): engines log
 freely to stdout/stderr, so the parent only reads lines with that prefix.
+``spec["threads"]`` (when set) is the intra-op thread count Baton and HF
+must use, so both run with the same number in a row.
 
 Timing of one batch (all prompts submitted at once, greedy, EOS ignored):
 - a run with ``max_tokens=1`` lasts the time to the first token of the whole
@@ -99,11 +101,15 @@ def versions(packages: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def main(engine: str, load: Callable[[dict], RunFn], packages: tuple[str, ...] = ("torch",)) -> None:
+def main(engine: str, load: Callable[[dict], RunFn], packages: tuple[str, ...] = ("torch",),
+         threads: Callable[[], str] | None = None) -> None:
+    """``threads()`` (called after ``load``) says what compute threads the
+    engine runs with, for the report."""
     spec = load_spec()
     t0 = time.perf_counter()
     run = load(spec)
-    emit("loaded", engine=engine, load_s=time.perf_counter() - t0, versions=versions(packages))
+    emit("loaded", engine=engine, load_s=time.perf_counter() - t0, versions=versions(packages),
+         threads=threads() if threads else None)
     for case in spec["cases"]:
         batch = len(case["prompts"])
         result = measure(run, case["prompts"], spec["output_len"], spec["reps"],

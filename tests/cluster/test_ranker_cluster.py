@@ -18,7 +18,7 @@ from cluster.ranker.ranker import DEFAULT_HEAD
 from cluster.ray_client import ClusterClient
 from workers.sampling import SamplingParams
 
-GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PARAMS = [SamplingParams(temperature=0, max_tokens=4 + i % 9, ignore_eos=True) for i in range(24)]
 TEXTS = [f"Question {i}: " + ("explain in detail " * (i % 5)) + "why is the sky blue?"
          for i in range(24)]
 
@@ -26,14 +26,14 @@ TEXTS = [f"Question {i}: " + ("explain in detail " * (i % 5)) + "why is the sky 
 @pytest.mark.slow
 def test_ltr_cluster_scores_logs_and_hot_swaps_without_dropping(deploy, redis_server):
     prompts = [[256, *t.encode()] for t in TEXTS]  # byte tokenizer: BOS + UTF-8
-    ref = reference(prompts, GREEDY)
+    ref = reference(prompts, PARAMS)
     dep = deploy("tiny-colocated", scheduler=SchedulerSpec(policy="ltr"),
                  ranker=RankerSpec(log_completions=True, log_prompts="features"))
     client = ClusterClient(dep.config.name)
 
     async def one(i: int) -> list[int]:
         tokens = []
-        async for chunk in client.generate(prompts[i], GREEDY, request_id=f"r{i}"):
+        async for chunk in client.generate(prompts[i], PARAMS[i], request_id=f"r{i}"):
             tokens += chunk.token_ids
         return tokens
 
@@ -61,7 +61,7 @@ def test_ltr_cluster_scores_logs_and_hot_swaps_without_dropping(deploy, redis_se
     assert report["online_tau"] is not None
     assert len(rows) == len(prompts)
     assert all(set(row) == {"id", "output_tokens", "score", "features"} for row in rows)
-    assert sorted(row["output_tokens"] for row in rows) == [12] * len(prompts)
+    assert sorted(row["output_tokens"] for row in rows) == sorted(p.max_tokens for p in PARAMS)
 
 
 def test_ranker_is_not_loaded_for_fcfs(deploy):

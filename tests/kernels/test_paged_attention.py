@@ -147,3 +147,37 @@ def test_output_only_fast_path_equals_reference():
     ref, _ = paged_decode_attention_ref(q, kc, vc, tables, lens, 0.2)
     out = paged_decode_attention_out(q, kc, vc, tables, lens, 0.2, impl="torch")
     assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_contiguous_decode_attention_equals_reference(shape):
+    from kernels import decode_attention
+
+    num_heads, num_kv_heads, head_dim, block_size = shape
+    case = make_paged_case(CONTEXT_LENS, num_heads, num_kv_heads, head_dim, block_size, seed=8)
+    out_ref, _ = paged_decode_attention_ref(*case.args())
+    longest = max(CONTEXT_LENS)
+    # a decode buffer: (slots, KVH, capacity, D) with garbage past each context
+    k_buf = torch.randn(6, num_kv_heads, longest + 9, head_dim)
+    v_buf = torch.randn(6, num_kv_heads, longest + 9, head_dim)
+    for b, n in enumerate(CONTEXT_LENS):
+        blocks = case.block_tables[b, :-(-n // block_size)].long()
+        for buf, cache in ((k_buf, case.k_cache), (v_buf, case.v_cache)):
+            buf[b, :, :n] = cache[blocks].flatten(0, 1)[:n].transpose(0, 1)
+    beyond = torch.arange(longest)[None, :] >= torch.tensor(CONTEXT_LENS)[:, None]
+    mask = torch.zeros(len(CONTEXT_LENS), 1, 1, longest).masked_fill_(
+        beyond[:, None, None, :], float("-inf"))
+    rows = len(CONTEXT_LENS)
+    out = decode_attention(case.q, k_buf[:rows, :, :longest], v_buf[:rows, :, :longest], mask,
+                           case.scale)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_output_only_fast_path_ignores_nan_past_the_context():
+    case = make_paged_case([5, 30], num_heads=8, num_kv_heads=2, head_dim=16, block_size=16,
+                           seed=9)  # unowned slots hold NaN keys and values
+    from kernels import paged_decode_attention_out
+
+    out = paged_decode_attention_out(*case.args(), impl="torch")
+    out_ref, _ = paged_decode_attention_ref(*case.args())
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)

@@ -31,7 +31,8 @@ def test_control_plane_and_link_recovered_from_exact_timings():
         kv, prefill = 2048 * n, 0.02 + n * 1e-4
         done = 0.005 + prefill - 0.001  # last layer handed over 1 ms before sampling
         landed = done + 2e-4 + kv / 4 / 1e9
-        r = run(i, n, 16, landed + 0.003, 0.006, admit_s=0.002, prefill_s=prefill, kv_bytes=kv)
+        r = run(i, n, 16, landed + 0.003, 0.006, admit_s=0.002, prefill_s=prefill, kv_bytes=kv,
+                queue_s=0.001, prefill_queue_s=0.0)
         probes.append(Probe(r, (done - 0.002, done), (landed - 0.001, landed)))
     options, report = _fit_control(probes, "tiny")
     c = options["control"]
