@@ -177,7 +177,8 @@ def calibrate_cluster(cluster: LocalCluster, quick: bool = False,
       to its last layer verified (decode worker), against its bytes;
     - the control plane (sim.control): KV verified -> first token at the
       controller (``result_s``); first -> second token beyond one decode step
-      (``admit_s``); the rest of time-to-first-token (``dispatch_s``).
+      (``admit_s``); the rest of time-to-first-token (``dispatch_s``);
+    - each prefill step's measured / modelled time (``prefill_step_noise``).
 
     Returns (EfficiencyProfile, SimSpec options, report)."""
     from sim.calibration import StepSample

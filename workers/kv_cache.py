@@ -96,14 +96,16 @@ class DecodeStep:
 
 class _Bucket:
     """Sequences whose context fits ``limit`` tokens. Slot s of ``data``
-    (num_layers, 2, S, KVH, C, D) holds ``entries[s]``; slots stay dense (the
-    last one moves into a hole); S and C (<= limit) grow on demand. Positions
-    at or past an entry's ``length``, and whole unused slots, are zero."""
+    (num_layers, 2, S, KVH, C, D) holds ``entries[s]``; S and C (<= limit)
+    grow on demand. A removed entry leaves a hole (None) until ``compact``
+    moves the last entries into the holes, so that a step's rows are slots
+    0..n-1. Positions at or past a held entry's ``length`` are zero."""
 
     def __init__(self, like: torch.Tensor, limit: int):
         layers, _, _, _, kv_heads, head_dim = like.shape
         self.limit = limit
-        self.entries: list[_Mirrored] = []
+        self.entries: list[_Mirrored | None] = []
+        self.held = 0  # entries that are not holes
         self._set_data(like.new_zeros((layers, 2, 0, kv_heads, 0, head_dim)))
 
     def _set_data(self, data: torch.Tensor) -> None:
@@ -126,18 +128,32 @@ class _Bucket:
             data[:, :, :self.slots, :, :self.tokens] = self.data
             self._set_data(data)
 
-    def add(self, entry: _Mirrored) -> None:
+    def add(self, entry: _Mirrored, first_zero: int) -> None:
+        """Take the next slot; positions from ``first_zero`` on are zeroed
+        (the caller writes the ones before)."""
         assert len(self.entries) < self.slots, "reserve before add"
         entry.slot = len(self.entries)
         self.entries.append(entry)
+        self.held += 1
+        self.zero(entry.slot, first_zero)
 
     def remove(self, entry: _Mirrored) -> None:
-        last = self.entries.pop()
-        if last is not entry:
-            self.data[:, :, entry.slot] = self.data[:, :, last.slot]
-            self.entries[entry.slot] = last
-            last.slot, entry.slot = entry.slot, last.slot
-        self.zero(entry.slot, 0)
+        self.entries[entry.slot] = None
+        self.held -= 1
+
+    def compact(self) -> None:
+        """Move the last entries into the holes (one slot copy each)."""
+        for slot in range(self.held):
+            if self.entries[slot] is None:
+                last = self._pop_last()
+                self.data[:, :, slot] = self.data[:, :, last.slot]
+                self.entries[slot], last.slot = last, slot
+        del self.entries[self.held:]
+
+    def _pop_last(self) -> _Mirrored:
+        while self.entries[-1] is None:
+            self.entries.pop()
+        return self.entries.pop()
 
     def zero(self, slot: int, first: int) -> None:
         self.data[:, :, slot, :, first:] = 0
@@ -156,7 +172,8 @@ class DecodeKVBuffer:
     Lifecycle, driven by the model runner once per step with decode rows:
 
     1. ``place(seq_ids, starts, tables)``: sequences not decoding this step
-       leave; the others settle in their bucket; positions a sequence has
+       leave (holes are filled by the last slots, one copy each); the others
+       settle in their bucket; positions a sequence has
        not mirrored yet (it just finished its prefill, verified a draft, or
        its blocks changed) are copied once from the paged cache. Returns a
        ``DecodeStep``, or None when the memory would exceed the budget (then
@@ -199,6 +216,8 @@ class DecodeKVBuffer:
         live = set(seq_ids)
         for seq_id in [s for s in self._where if s not in live]:
             self.forget(seq_id)
+        for bucket in self._buckets.values():
+            bucket.compact()
         targets = [bucket_limit(start + 1) for start in starts]
         if not self._in_place(seq_ids, starts, targets) and not self._reserve(
                 seq_ids, starts, targets):
@@ -206,7 +225,9 @@ class DecodeKVBuffer:
             return None
         for seq_id, start, table, limit in zip(seq_ids, starts, tables, targets):
             self._settle(seq_id, start, table, self._buckets[limit])
-        self._buckets = {c: b for c, b in self._buckets.items() if b.entries}
+        self._buckets = {c: b for c, b in self._buckets.items() if b.held}
+        for bucket in self._buckets.values():  # fill the holes movers left
+            bucket.compact()
         return self._step(seq_ids, starts)
 
     def _settle(self, seq_id: str, start: int, table: list[int], target: _Bucket) -> None:
@@ -216,8 +237,8 @@ class DecodeKVBuffer:
         if entry is not None:
             self._trust(bucket, entry, start, table)
         if bucket is not target:
-            entry = (self._add(seq_id, target) if entry is None
-                     else self._move(entry, bucket, target))
+            entry = (self._add(seq_id, target, start) if entry is None
+                     else self._move(entry, bucket, target, start))
         if entry.length < start:
             self._copy_from_paged(target, entry, start, table)
         entry.length, entry.blocks = start + 1, tuple(table)
@@ -233,14 +254,15 @@ class DecodeKVBuffer:
             bucket.zero(entry.slot, start)
             entry.length = start
 
-    def _add(self, seq_id: str, target: _Bucket) -> _Mirrored:
+    def _add(self, seq_id: str, target: _Bucket, start: int) -> _Mirrored:
+        """A new entry: positions before ``start`` get copied in, the rest zeroed."""
         entry = _Mirrored(seq_id, 0, ())
-        target.add(entry)
+        target.add(entry, start)
         self._where[seq_id] = (target, entry)
         return entry
 
-    def _move(self, entry: _Mirrored, source: _Bucket, target: _Bucket) -> _Mirrored:
-        moved = self._add(entry.seq_id, target)
+    def _move(self, entry: _Mirrored, source: _Bucket, target: _Bucket, start: int) -> _Mirrored:
+        moved = self._add(entry.seq_id, target, start)
         moved.length, moved.blocks, n = entry.length, entry.blocks, entry.length
         target.data[:, :, moved.slot, :, :n] = source.data[:, :, entry.slot, :, :n]
         source.remove(entry)
@@ -261,7 +283,7 @@ class DecodeKVBuffer:
         order = sorted(range(len(seq_ids)), key=lambda r: (where[r][0].limit, where[r][1].slot))
         groups, first = [], 0
         for bucket in sorted(self._buckets.values(), key=lambda b: b.limit):
-            rows = order[first:first + len(bucket.entries)]
+            rows = order[first:first + bucket.held]
             groups.append(_group(bucket, [starts[r] for r in rows]))
             first += len(rows)
         return DecodeStep(order, groups)
@@ -281,7 +303,7 @@ class DecodeKVBuffer:
         bucket, entry = self._where.pop(seq_id, (None, None))
         if entry is not None:
             bucket.remove(entry)
-            if not bucket.entries:
+            if not bucket.held:
                 del self._buckets[bucket.limit]
 
     @torch.inference_mode()
@@ -303,7 +325,7 @@ class DecodeKVBuffer:
         """Grow each bucket for the sequences that will be in it (movers are
         counted in both buckets, briefly true) and their contexts, within
         the budget."""
-        slots = {c: len(b.entries) for c, b in self._buckets.items()}
+        slots = {c: b.held for c, b in self._buckets.items()}
         tokens = {c: 0 for c in self._buckets}
         for seq_id, start, limit in zip(seq_ids, starts, targets):
             bucket = self._where.get(seq_id, (None,))[0]
@@ -314,7 +336,8 @@ class DecodeKVBuffer:
         roomy, exact = {}, {}
         for c in slots:
             have_slots, have_tokens = have.get(c, (0, 0))
-            roomy[c] = (_grow(slots[c], have_slots, 4), min(c, _grow(tokens[c], have_tokens, 64)))
+            roomy[c] = (_grow(slots[c], have_slots, 8, 2.0),
+                        min(c, _grow(tokens[c], have_tokens, 64, 1.25)))
             exact[c] = (max(slots[c], have_slots), max(tokens[c], have_tokens))
         for plan in (roomy, exact):
             if sum(n * t for n, t in plan.values()) * self.bytes_per_token <= self.budget_bytes:
@@ -340,10 +363,10 @@ def _group(bucket: _Bucket, starts: list[int]) -> DecodeGroup:
     return DecodeGroup(batch, torch.arange(batch), pos, context_len, mask, bucket.layers)
 
 
-def _grow(need: int, have: int, multiple: int) -> int:
-    """``have`` if enough, else at least ``need`` and 25% more than ``have``,
-    rounded up to ``multiple``."""
+def _grow(need: int, have: int, multiple: int, factor: float) -> int:
+    """``have`` if enough, else at least ``need`` and ``factor`` x ``have``,
+    rounded up to ``multiple`` (each growth copies the bucket)."""
     if need <= have:
         return have
-    want = max(need, have + have // 4)
+    want = max(need, int(have * factor))
     return -(-want // multiple) * multiple

@@ -286,7 +286,7 @@ def _held(buf, cache, seq_id: str, table: list[int], n: int) -> bool:
     return torch.equal(bucket.data[:, :, entry.slot, :, :n], paged)
 
 
-def test_decode_buffer_groups_rows_by_bucket_and_compacts_on_forget():
+def test_decode_buffer_groups_rows_by_bucket_and_fills_holes():
     cache, buf = _buffer_case()
     tables = {"a": [0, 1, 2, 3, 4], "b": [5, 6], "c": [7, 8, 9, 10, 11, 12, 13, 14, 15]}
     starts = {"a": 70, "b": 20, "c": 130}  # buckets 128, 64, 256
@@ -298,10 +298,12 @@ def test_decode_buffer_groups_rows_by_bucket_and_compacts_on_forget():
     assert "c" not in buf and [g.rows for g in step.groups] == [1, 1]
     buf.place(["a", "b", "d"], [72, 22, 30], [tables["a"], tables["b"], [16, 17]])
     assert buf._where["d"][1].slot == 1 and buf.length("d") == 31
-    buf.forget("b")  # d moves into b's slot; its KV moves with it
+    buf.forget("b")  # leaves a hole; the next step moves d (the last slot) into it
+    step = buf.place(["a", "d"], [73, 31], [tables["a"], [16, 17]])
     assert buf._where["d"][1].slot == 0 and _held(buf, cache, "d", [16, 17], 30)
+    assert [(g.rows, g.context_len) for g in step.groups] == [(1, 32), (1, 74)]
     bucket = buf._where["d"][0]
-    assert torch.count_nonzero(bucket.data[:, :, 1]) == 0  # the freed slot is zero
+    assert torch.count_nonzero(bucket.data[:, :, 0, :, 32:]) == 0  # past d's new token
 
 
 def test_decode_buffer_recopies_when_blocks_change_or_kv_is_rewritten():
