@@ -113,22 +113,27 @@ class _StubWorker:
 
 
 class StubDecode(_StubWorker):
+    """The decode worker's batched methods (as ``workers.decode_worker``)."""
+
     role = "decode"
 
     async def kv_endpoint(self) -> str:
         return "127.0.0.1:1"
 
-    async def reserve(self, request_id: str, token_ids: list[int]) -> list[int]:
-        return list(range(-(-len(token_ids) // self.block_size)))
+    async def reserve_batch(self, items) -> list[list[int]]:
+        return [list(range(-(-len(it.token_ids) // self.block_size))) for it in items]
 
-    async def release(self, request_id: str) -> bool:
-        return True
+    async def release_batch(self, request_ids: list[str]) -> list[bool]:
+        return [True] * len(request_ids)
+
+    async def admit_batch(self, items, timeout_s: float = 60.0) -> list[str]:
+        return ["admitted"] * len(items)
+
+    async def submit_batch(self, items) -> list[str]:
+        return [""] * len(items)
 
     async def abort(self, request_id: str) -> bool:
         return True
-
-    async def admit(self, request_id, prompt, outputs, params, timeout_s: float = 60.0) -> str:
-        return "admitted"
 
     async def next_outputs(self, cursor: int, timeout_s: float = 1.0):
         await asyncio.sleep(timeout_s)  # an idle decode worker: no events
@@ -136,56 +141,98 @@ class StubDecode(_StubWorker):
 
 
 class StubPrefill(_StubWorker):
+    """The prefill worker's batched methods (as ``workers.prefill_worker``):
+    every job's result is ready at once and waits for ``next_results``."""
+
     role = "prefill"
 
-    async def prefill(self, job):
+    def __init__(self, *args):
+        from workers.mailbox import Mailbox
+
+        super().__init__(*args)
+        self._results = Mailbox()
+
+    async def submit_prefills(self, jobs) -> list[str]:
         from workers.messages import PrefillResult
 
-        return PrefillResult(job.request_id, 1, "a", "length", True, 1, 0, 0.0, 0.0, 0.0)
+        self._results.put([PrefillResult(j.request_id, 1, "a", "length", True, 1, 0, 0.0, 0.0,
+                                         0.0, generation=j.generation) for j in jobs])
+        return [""] * len(jobs)
+
+    async def next_results(self, cursor: int, timeout_s: float = 1.0):
+        results, end = await self._results.since(cursor, timeout_s)
+        return results, end, self._load
 
     async def abort(self, request_id: str) -> bool:
         return True
 
 
 class FloorController:
-    """Peer (benchmark-only): the least a controller must do per request —
-    the same Ray calls to the same stubs (submit in, reserve, prefill,
-    release out) and, with ``with_redis``, the same journal writes through
-    the same ``StateStore`` — with no queue, scheduler, router or bookkeeping."""
+    """Peer (benchmark-only): the least a controller must do per request, with
+    the same batching — ``submit_many`` in; per batch one ``reserve_batch``,
+    one ``submit_prefills``, the results through the ``next_results``
+    long-poll, one ``release_batch``; with ``with_redis``, the same journal
+    writes through the same ``JournalBatcher`` — and no queue, scheduler,
+    router or bookkeeping."""
 
     def __init__(self, workers: dict, redis_url: str, namespace: str, with_redis: bool):
-        from cluster.state import StateStore
+        from cluster.state import JournalBatcher, StateStore
 
         self.p = next(h for role, _, h in workers.values() if role == "prefill")
         self.d = next(h for role, _, h in workers.values() if role != "prefill")
-        self.store = StateStore(redis_url, namespace) if with_redis else None
+        self.journal = JournalBatcher(StateStore(redis_url, namespace)) if with_redis else None
         self.done = 0
+        self._prompts: dict[str, int] = {}
         self._tasks: set = set()
 
     async def pid(self) -> int:
         return os.getpid()
 
-    async def submit(self, rid: str, prompt: list[int], params) -> str:
-        if self.store is not None:
-            await self.store.journal_new(rid, prompt, params, time.time())
-        task = asyncio.get_running_loop().create_task(self._run(rid, prompt, params))
+    async def submit_many(self, items) -> list:
+        from cluster.controller import SubmitOutcome
+
+        if self.journal is not None:
+            await asyncio.gather(*(self.journal.new(it.request_id, it.prompt_token_ids,
+                                                    it.params, time.time()) for it in items))
+        if not self._tasks:
+            self._spawn(self._poll())
+        self._spawn(self._run(items))
+        return [SubmitOutcome(it.request_id) for it in items]
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return rid
 
-    async def _run(self, rid: str, prompt: list[int], params) -> None:
-        from workers.messages import PrefillJob
+    async def _run(self, items) -> None:
+        from workers.messages import PrefillJob, ReserveItem
 
-        if self.store is not None:
-            await self.store.journal_route(rid, "prefill", "decode")
-        await self.d.reserve.remote(rid, prompt)
-        res = await self.p.prefill.remote(PrefillJob(rid, prompt, [], params, "127.0.0.1:1"))
-        if self.store is not None:
-            await self.store.journal_tokens([(rid, [res.token_id], [res.text])])
-            await self.store.journal_finish(rid, "length", {"prompt_tokens": len(prompt),
-                                                            "output_tokens": 1})
-        await self.d.release.remote(rid)
-        self.done += 1
+        if self.journal is not None:
+            for it in items:
+                self.journal.route(it.request_id, "prefill", "decode")
+        for it in items:
+            self._prompts[it.request_id] = len(it.prompt_token_ids)
+        await self.d.reserve_batch.remote([ReserveItem(it.request_id, it.prompt_token_ids)
+                                           for it in items])
+        await self.p.submit_prefills.remote([PrefillJob(it.request_id, it.prompt_token_ids, [],
+                                                        it.params, "127.0.0.1:1")
+                                             for it in items])
+
+    async def _poll(self) -> None:
+        cursor = 0
+        while True:
+            results, cursor, _ = await self.p.next_results.remote(cursor, 1.0)
+            if results:
+                self._spawn(self._finish(results))
+
+    async def _finish(self, results) -> None:
+        if self.journal is not None:
+            self.journal.tokens([(r.request_id, [r.token_id], [r.text]) for r in results])
+            for r in results:
+                self.journal.finish(r.request_id, "length", {
+                    "prompt_tokens": self._prompts.pop(r.request_id, 0), "output_tokens": 1})
+        await self.d.release_batch.remote([r.request_id for r in results])
+        self.done += len(results)
 
     async def count(self) -> int:
         return self.done
@@ -261,13 +308,14 @@ def start_stubs(cfg, name: str) -> tuple[dict, dict]:
     return workers, pids
 
 
-def run_throughput(redis_server, n_main: int, prompt_len: int, window: int, profile_s: float,
-                   py_spy: str, floors: bool, n_floor: int, say) -> dict:
+def run_throughput(redis_server, n_main: int, prompt_len: int, window: int, submit_batch: int,
+                   in_flight: int, profile_s: float, py_spy: str, floors: bool, n_floor: int,
+                   say) -> dict:
     import ray
     import redis
 
     from cluster.config import load_config
-    from cluster.controller import Controller
+    from cluster.controller import Controller, SubmitItem
     from workers.sampling import SamplingParams
 
     rng = random.Random(0)
@@ -279,21 +327,42 @@ def run_throughput(redis_server, n_main: int, prompt_len: int, window: int, prof
         errors: dict[str, int] = {}
 
         async def submit_all(count: int, prefix: str) -> tuple[float, int]:
-            sem = asyncio.Semaphore(window)
+            """``submit_many`` calls of ``submit_batch`` requests, at most
+            ``window`` requests in calls not yet answered and (closed loop,
+            if ``in_flight``) at most ``in_flight`` submitted, not finished."""
+            sem = asyncio.Semaphore(max(1, window // submit_batch))
             ok = 0
+            base = finished()
 
-            async def one(i):
+            async def one(first: int):
                 nonlocal ok
-                async with sem:
-                    try:
-                        await ctl.submit.remote(f"{prefix}-{i}", prompts[i % len(prompts)],
-                                                params)
+                items = [SubmitItem(f"{prefix}-{i}", prompts[i % len(prompts)], params)
+                         for i in range(first, min(first + submit_batch, count))]
+                try:
+                    outcomes = await ctl.submit_many.remote(items)
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    cause = getattr(exc, "cause", None) or exc
+                    errors[type(cause).__name__] = (errors.get(type(cause).__name__, 0)
+                                                    + len(items))
+                    return
+                finally:
+                    sem.release()
+                for o in outcomes:
+                    if o.error:
+                        errors[o.error] = errors.get(o.error, 0) + 1
+                    else:
                         ok += 1
-                    except Exception as exc:  # noqa: BLE001 - counted and reported
-                        cause = getattr(exc, "cause", None) or exc
-                        errors[type(cause).__name__] = errors.get(type(cause).__name__, 0) + 1
+
+            async def room(sent: int) -> None:
+                while in_flight and sent + submit_batch - (finished() - base) > in_flight:
+                    await asyncio.sleep(0.005)
             t0 = time.perf_counter()
-            await asyncio.gather(*(one(i) for i in range(count)))
+            calls = []
+            for first in range(0, count, submit_batch):
+                await room(first)
+                await sem.acquire()
+                calls.append(asyncio.ensure_future(one(first)))
+            await asyncio.gather(*calls)
             return time.perf_counter() - t0, ok
 
         progress: dict = {}
@@ -383,7 +452,8 @@ def run_throughput(redis_server, n_main: int, prompt_len: int, window: int, prof
     return {
         "ray_noop_call": calib,
         "mode": "controller as a Ray actor (as deployed), stub worker actors, real Redis",
-        "requests": n_main, "prompt_len": prompt_len, "window": window, "warmup": warm,
+        "requests": n_main, "prompt_len": prompt_len, "window": window,
+        "submit_batch": submit_batch, "in_flight": in_flight, "warmup": warm,
         **{k: main_row[k] for k in ("submit_s", "total_s", "submitted_per_s", "finished_per_s",
                                     "cpu_s_per_1000")},
         "status_after": main_row.get("status_after"), "paths": rows,
@@ -587,8 +657,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("throughput", "itl"), default=None)
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--window", type=int, default=64,
-                    help="submits outstanding at most (above ~100, Redis pool errors: see docs)")
+    ap.add_argument("--window", type=int, default=256,
+                    help="requests in submit_many calls not yet answered, at most")
+    ap.add_argument("--submit-batch", type=int, default=64,
+                    help="requests per submit_many call")
+    ap.add_argument("--in-flight", type=int, default=1024,
+                    help="closed loop: requests submitted but not finished, at most "
+                         "(the example's admission.max_waiting); 0 = open loop")
     ap.add_argument("--floor-requests", type=int, default=1500,
                     help="requests for each floor peer")
     ap.add_argument("--no-floors", action="store_true",
@@ -622,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"(a) {args.requests} requests through the controller, stub workers ...")
                 report["throughput"] = run_throughput(redis_server, args.requests,
                                                       args.prompt_len, args.window,
+                                                      args.submit_batch, args.in_flight,
                                                       args.profile, args.py_spy,
                                                       not args.no_floors, args.floor_requests,
                                                       say)
@@ -640,7 +716,9 @@ def print_tables(report: dict) -> None:
     t = report.get("throughput")
     if t:
         print(f"\n(a) controller throughput: {t['requests']} requests "
-              f"({t['prompt_len']}-token prompts, max_tokens 1), window {t['window']}; {t['mode']}")
+              f"({t['prompt_len']}-token prompts, max_tokens 1), window {t['window']}, "
+              f"submit_many of {t.get('submit_batch', 1)}, in flight "
+              f"{t.get('in_flight') or 'unbounded'}; {t['mode']}")
         keys = list(t["paths"][0]["cpu_s_per_1000"])
         head = (f"{'path':<34} {'requests':>8} {'submit/s':>8} {'finished/s':>10} "
                 + " ".join(f"{k.replace('stub ', ''):>12}" for k in keys))

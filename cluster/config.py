@@ -23,6 +23,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 SCHEDULERS = ("fcfs", "sjf-oracle", "ltr")
 ROUTERS = ("round-robin", "least-loaded", "prefix-aware")
 EXAMPLES = ("tiny-disagg", "tiny-2p2d", "tiny-colocated")
+SCALERS = ("queue-depth",)
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,26 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class AutoscaleSpec:
+    """Baton scaling a pool's replicas on its queue depth (cluster/autoscaler.py,
+    policy cluster/policies/scaling.py). The pool's ``replicas`` is then the
+    count at start."""
+
+    max_replicas: int  # most replicas (Ray worker actors) of the pool
+    min_replicas: int = 1  # fewest replicas
+    policy: str = "queue-depth"
+    target_waiting_per_replica: float = 4.0  # requests no replica can take, per replica
+    target_kv_usage: float = 0.8  # mean fraction of the pool's KV blocks in use
+    upscale_delay_s: float = 5.0  # a scale-up must be wanted this long (and since the last event)
+    downscale_delay_s: float = 120.0  # likewise for a scale-down
+    max_step: int = 1  # replicas added or removed by one decision
+    interval_s: float = 2.0  # how often the autoscaler reads the pool's load
+    pending_timeout_s: float = 900.0  # a new replica not placed by then is given up
+    drain_timeout_s: float = 120.0  # a retiring replica's requests may finish for this long,
+    # then the rest are re-queued and re-prefilled elsewhere
+
+
+@dataclass(frozen=True)
 class PoolSpec:
     name: str
     role: str  # prefill | decode | mixed
@@ -54,6 +75,7 @@ class PoolSpec:
     prefill_chunk_size: int = 512
     kv_cache_bytes: int = 256 << 20
     block_size: int = 16
+    autoscale: AutoscaleSpec | None = None  # None = a fixed number of replicas
 
 
 @dataclass(frozen=True)
@@ -197,6 +219,8 @@ def _convert(cls, key: str, value: Any, path: str):
         if not isinstance(value, list) or not value:
             raise ConfigError(f"{path}: must be a non-empty list of pools")
         return tuple(_build(PoolSpec, p, f"{path}[{i}]") for i, p in enumerate(value))
+    if cls is PoolSpec and key == "autoscale":
+        return None if value is None else _build(AutoscaleSpec, value, path)
     if key.endswith("_bytes"):
         return _parse_size(value, path)
     expected = {f.name: f.type for f in fields(cls)}[key]
@@ -287,6 +311,31 @@ def _validate_pool(pool: PoolSpec, path: str) -> None:
         raise ConfigError(f"{path}.block_size: {pool.block_size} must be a power of two")
     if pool.gpus_per_replica < 0:
         raise ConfigError(f"{path}.gpus_per_replica: {pool.gpus_per_replica} must be >= 0")
+    if pool.autoscale is not None:
+        _validate_autoscale(pool, f"{path}.autoscale")
+
+
+def _validate_autoscale(pool: PoolSpec, path: str) -> None:
+    a = pool.autoscale
+    if pool.role == "prefill":
+        raise ConfigError(f"{path}: pool role {pool.role!r} cannot be autoscaled; "
+                          "allowed roles: decode, mixed")
+    _one_of(f"{path}.policy", a.policy, SCALERS)
+    if a.min_replicas < 0:
+        raise ConfigError(f"{path}.min_replicas: {a.min_replicas} must be >= 0")
+    if a.max_replicas < max(1, a.min_replicas):
+        raise ConfigError(f"{path}.max_replicas: {a.max_replicas} must be >= 1 and >= "
+                          f"min_replicas ({a.min_replicas})")
+    if not a.min_replicas <= pool.replicas <= a.max_replicas:
+        raise ConfigError(f"{path}: replicas ({pool.replicas}, the count at start) must be in "
+                          f"[min_replicas, max_replicas] = [{a.min_replicas}, {a.max_replicas}]")
+    if not 0 < a.target_kv_usage <= 1:
+        raise ConfigError(f"{path}.target_kv_usage: {a.target_kv_usage} must be in (0, 1]")
+    for key in ("target_waiting_per_replica", "max_step", "interval_s", "pending_timeout_s"):
+        _positive(f"{path}.{key}", getattr(a, key))
+    for key in ("upscale_delay_s", "downscale_delay_s", "drain_timeout_s"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"{path}.{key}: {getattr(a, key)} must be >= 0")
 
 
 def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -12,6 +12,15 @@ Lifecycle of a request (see DESIGN.md, "A request's life")::
                 the decode worker's long-poll loop
     finish      journal closed, completed log appended, blocks freed by workers
 
+Batching: the work of a scheduling round goes out as ONE call per worker
+(``reserve_batch`` per decode worker, then ``submit_prefills`` per prefill
+worker; ``submit_batch`` per mixed worker); prefill results come back through
+each prefill worker's long-poll (``next_results``) and are followed by one
+``admit_batch`` / ``release_batch`` per decode worker. Journal writes go
+through a ``JournalBatcher`` (one Redis pipeline per event-loop tick); a
+submit is acknowledged only once its entry is written. ``submit_many`` takes
+many requests in one call.
+
 Failure handling: a worker call that raises ``RayActorError`` marks the worker
 dead; each of its unfinished requests is re-queued with the tokens already
 streamed and re-prefilled elsewhere (the client's stream continues, no
@@ -29,10 +38,10 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 from ray.exceptions import RayActorError
-from redis.exceptions import RedisError
 
 from cluster.config import ClusterConfig
 from cluster.metrics import ClusterSnapshot, ServingMetrics
@@ -45,10 +54,18 @@ from cluster.policies import (
     make_router,
     make_scheduler,
 )
+from cluster.policies.scaling import PoolLoad, ScalingDecision, measure_pool
 from cluster.policies.scheduler import Placement
-from cluster.state import StateStore, password_from_env
+from cluster.state import JournalBatcher, StateStore, password_from_env
 from workers.block_manager import block_hashes
-from workers.messages import PrefillJob, PrefillResult, TokenEvent, WorkerLoad
+from workers.messages import (
+    AdmitItem,
+    PrefillJob,
+    PrefillResult,
+    ReserveItem,
+    TokenEvent,
+    WorkerLoad,
+)
 from workers.sampling import SamplingParams
 
 
@@ -66,6 +83,24 @@ class Unavailable(RuntimeError):
 
 class WorkerDied(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class SubmitItem:
+    """One request of ``submit_many``."""
+
+    request_id: str | None  # None: the controller names it
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    """What ``submit_many`` answers for one item."""
+
+    request_id: str | None
+    error: str = ""  # "" accepted | "ValueError" | "Overloaded" | "Unavailable"
+    message: str = ""  # why it was refused
 
 
 log = logging.getLogger("baton.controller")
@@ -94,11 +129,12 @@ class _Worker:
     load: WorkerLoad
     alive: bool = True
     kv_endpoint: str = ""
-    cursor: int = 0  # decode event cursor
+    cursor: int = 0  # cursor of its long-poll (token events, or prefill results)
     outstanding_prefill: int = 0  # prompt tokens dispatched, not yet prefilled
-    # dispatches its last polled load may not count yet -> when their call returned
-    # (inf while in flight); dropped by the first poll issued after that
+    # dispatches its last polled load may not count yet -> when they were admitted
+    # (inf until then); dropped by the first poll issued after that
     in_transit: dict[object, float] = field(default_factory=dict)
+    retiring: bool = False  # being drained by retire_worker: routed no new work
 
 
 @dataclass
@@ -121,6 +157,8 @@ class _Request:
     decoding: bool = False  # admitted on its decode worker (prefill no longer needed)
     score: float | None = None  # ranker score on arrival (higher = shorter); None until scored
     placement: Placement = Placement(0.0, 0)  # decode-side rank, set at dispatch
+    prefill_tokens: int = 0  # charged to its prefill worker's queue until the result is in
+    transit: object | None = None  # its key in its decode worker's in_transit
 
     def view(self) -> RequestView:
         left = self.params.max_tokens - len(self.tokens)
@@ -153,14 +191,20 @@ class Controller:
         if redis_password is None:
             redis_password = password_from_env(config.redis.password_env)
         self.store = StateStore(config.redis.url, config.redis.namespace, redis_password)
+        self.journal = JournalBatcher(self.store)  # one Redis pipeline per event-loop tick
         self.workers: dict[str, _Worker] = {}
         self._requests: dict[str, _Request] = {}
         self._waiting: dict[str, _Request] = {}  # insertion-ordered
+        self._admitting: set[str] = set()  # accepted, journal write in flight
+        self._finished_order: deque[_Request] = deque()  # by finished_at, to forget them
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()  # set once workers are connected and the journal replayed
         self._round = 0
         self._tasks: set[asyncio.Task] = set()
         self._ids = itertools.count()
+        # dispatch numbers, increasing across controller restarts: results of a
+        # previous controller's dispatches never pass for current ones
+        self._generations = itertools.count(time.time_ns() // 1000)
         self.block_size = min(p.block_size for p in config.pools)
         self.ranker = None  # cluster.ranker.service.RankerService, loaded in start() if needed
         self.metrics = ServingMetrics(config.transport if config.disaggregated else "none",
@@ -181,14 +225,12 @@ class Controller:
         self.max_model_len, self.vocab_size = info["max_model_len"], info["vocab_size"]
         self.ranker = await asyncio.to_thread(_load_ranker, self.config, self.store.r)
         recovered = await self._recover()
-        for w in self.workers.values():  # skip events of dispatches made before us
-            if w.role != "prefill":
-                _, w.cursor, w.load = await w.handle.next_outputs.remote(1 << 62, 0.0)
+        for w in self.workers.values():  # skip events and results of dispatches before us
+            _, w.cursor, w.load = await getattr(w.handle, _poll_method(w)).remote(1 << 62, 0.0)
         self._spawn(self._schedule_loop())
         self._spawn(self._ticker())
         for w in self.workers.values():
-            if w.role != "prefill":
-                self._spawn(self._poll(w))
+            self._spawn(self._poll(w))
         self._ready.set()
         return recovered
 
@@ -199,10 +241,11 @@ class Controller:
                                    for w in self.workers.values()))
             req = _Request(e.request_id, e.prompt_token_ids, e.params, e.arrival_s,
                            list(e.token_ids), list(e.texts), [time.time()] * len(e.token_ids))
-            req.prefix_hashes = tuple(block_hashes(req.prompt, self.block_size))
+            req.prefix_hashes = self._prefix_hashes(req.prompt)
             self._requests[req.request_id] = req
             self._waiting[req.request_id] = req
-            self._spawn(self._rank(req))
+            if self.ranker is not None:
+                self._spawn(self._rank(req))
         self._wake.set()
         return len(entries)
 
@@ -214,10 +257,40 @@ class Controller:
     # ----- client API -----------------------------------------------------------
     async def submit(self, request_id: str | None, prompt_token_ids: list[int],
                      params: SamplingParams) -> str:
-        """Queue a request; ``ValueError`` for bad input, ``Overloaded`` when full."""
+        """Queue a request; ``ValueError`` for bad input, ``Overloaded`` when full,
+        ``Unavailable`` when it could not be journaled. Returns once journaled
+        (concurrent submits share one Redis pipeline)."""
         await self._ready.wait()
+        req = self._new_request(request_id, prompt_token_ids, params)
+        await self._journal_and_queue([req], [self.journal.new(
+            req.request_id, req.prompt, req.params, req.arrival_s)])
+        return req.request_id
+
+    async def submit_many(self, items: list[SubmitItem]) -> list[SubmitOutcome]:
+        """``submit`` for several requests in one call (one journal pipeline);
+        each item gets its own outcome, a refusal never affects the others."""
+        await self._ready.wait()
+        outcomes, reqs = [], []
+        for it in items:
+            try:
+                reqs.append(self._new_request(it.request_id, it.prompt_token_ids, it.params))
+                outcomes.append(SubmitOutcome(reqs[-1].request_id))
+            except (ValueError, Overloaded) as exc:
+                outcomes.append(SubmitOutcome(it.request_id, type(exc).__name__, str(exc)))
+        futs = [self.journal.new(r.request_id, r.prompt, r.params, r.arrival_s) for r in reqs]
+        try:
+            await self._journal_and_queue(reqs, futs)
+        except Unavailable as exc:
+            return [o if o.error else replace(o, error="Unavailable", message=str(exc))
+                    for o in outcomes]
+        return outcomes
+
+    def _new_request(self, request_id: str | None, prompt_token_ids: list[int],
+                     params: SamplingParams) -> _Request:
+        """Validate and admit (raises ``ValueError`` / ``Overloaded``); the
+        request is reserved until journaled."""
         rid = request_id or f"req-{next(self._ids)}-{int(time.time() * 1e3)}"
-        if rid in self._requests:
+        if rid in self._requests or rid in self._admitting:
             raise ValueError(f"request_id {rid!r} is already in use")
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty")
@@ -227,19 +300,33 @@ class Controller:
                              f"[0, {self.vocab_size})")
         params.validate(len(prompt_token_ids), self.max_model_len)
         req = _Request(rid, list(prompt_token_ids), params, time.time())
-        decision = self.admission.admit(len(self._waiting), req.view())
+        decision = self.admission.admit(len(self._waiting) + len(self._admitting), req.view())
         if not decision.accepted:
             raise Overloaded(decision.reason)
-        req.prefix_hashes = tuple(block_hashes(req.prompt, self.block_size))
+        req.prefix_hashes = self._prefix_hashes(req.prompt)
+        self._admitting.add(rid)
+        return req
+
+    def _prefix_hashes(self, prompt: list[int]) -> tuple[int, ...]:
+        """Block hashes of the prompt, for the prefix-aware router only."""
+        if self.config.router.policy != "prefix-aware":
+            return ()
+        return tuple(block_hashes(prompt, self.block_size))
+
+    async def _journal_and_queue(self, reqs: list[_Request], journaled: list) -> None:
+        """Queue requests once their journal entries are written."""
         try:
-            await self.store.journal_new(rid, req.prompt, params, req.arrival_s)
-        except RedisError as exc:
+            await asyncio.gather(*journaled)
+        except Exception as exc:  # noqa: BLE001 - the journal write failed (Redis away)
             raise Unavailable(f"state store unavailable: {type(exc).__name__}") from None
-        self._requests[rid] = req
-        self._waiting[rid] = req
-        self._spawn(self._rank(req))
+        finally:
+            self._admitting.difference_update(r.request_id for r in reqs)
+        for req in reqs:
+            self._requests[req.request_id] = req
+            self._waiting[req.request_id] = req
+            if self.ranker is not None:
+                self._spawn(self._rank(req))
         self._wake.set()
-        return rid
 
     async def _rank(self, req: _Request) -> None:
         """Score a queued request (batched with others arriving meanwhile);
@@ -290,6 +377,7 @@ class Controller:
                        list(e.token_ids), list(e.texts), finish_reason=e.finish_reason,
                        finished_at=time.time())
         self._requests[request_id] = req
+        self._finished_order.append(req)
         return req
 
     async def cancel(self, request_id: str) -> bool:
@@ -300,7 +388,7 @@ class Controller:
             return False
         self._waiting.pop(request_id, None)
         route = req.route
-        req.generation += 1
+        req.generation = next(self._generations)
         await self._finish(req, "abort")
         if route is not None:
             ids = {route.prefill_worker, route.decode_worker}
@@ -373,6 +461,60 @@ class Controller:
     async def metrics_text(self) -> bytes:
         return self.metrics.exposition()
 
+    # ----- replicas joining and leaving (cluster/autoscaler.py) ---------------------
+    async def add_worker(self, worker_id: str, role: str, gpu_type: str, handle) -> bool:
+        """Start routing to a new, ready worker; False if it is already known."""
+        await self._ready.wait()
+        if worker_id in self.workers:
+            return False
+        w = _Worker(worker_id, role, gpu_type, handle, await handle.load.remote())
+        if role != "prefill":
+            w.kv_endpoint = await handle.kv_endpoint.remote()
+        _, w.cursor, w.load = await getattr(handle, _poll_method(w)).remote(1 << 62, 0.0)
+        self.workers[worker_id] = w
+        self._spawn(self._poll(w))  # token events, or prefill results
+        self._wake.set()
+        return True
+
+    async def retire_worker(self, worker_id: str, drain_timeout_s: float = 120.0) -> int:
+        """Route no new work to a worker, let its requests finish for up to
+        ``drain_timeout_s``, re-queue the rest (re-prefilled elsewhere with the
+        tokens already streamed, as when a worker dies), then forget it; it may
+        be killed after. Returns how many requests were moved."""
+        await self._ready.wait()
+        w = self.workers.get(worker_id)
+        if w is None:
+            return 0
+        w.retiring = True
+        deadline = time.monotonic() + drain_timeout_s
+        while w.alive and self._routed_to(w) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        moved = [r.request_id for r in self._routed_to(w)] if w.alive else []
+        await self._mark_dead(w)  # re-queues what is left; ends its poll loop
+        for rid in moved:  # its events for them are no longer accepted
+            try:
+                await w.handle.abort.remote(rid)
+            except RayActorError:
+                break
+        self.workers.pop(worker_id, None)
+        return len(moved)
+
+    def _routed_to(self, w: _Worker) -> list[_Request]:
+        return [r for r in self._requests.values() if r.finish_reason is None and r.route
+                and (w.worker_id == r.route.decode_worker
+                     or w.worker_id == r.route.prefill_worker and not r.decoding)]
+
+    async def pool_load(self, pool: str) -> PoolLoad:
+        """The autoscaler's input for one pool (workers are named <cluster>/<pool>/<i>)."""
+        mine = [w for w in self.workers.values() if w.worker_id.split("/")[-2] == pool]
+        ready = [self._view(w) for w in mine if w.alive and not w.retiring]
+        return measure_pool(pool, ready, [r.view() for r in self._waiting.values()],
+                            [w.worker_id for w in mine if not w.alive])
+
+    async def observe_scaling(self, decision: ScalingDecision, ready: int, pending: int) -> None:
+        self.metrics.observe_scaling(decision.pool, decision.action, decision.desired_replicas,
+                                     ready, pending)
+
     # ----- scheduling -------------------------------------------------------------
     async def _ticker(self) -> None:
         for tick in itertools.count():
@@ -404,18 +546,18 @@ class Controller:
             r.view() for r in self._waiting.values()))
         self._round += 1
         prefill, decode = self._views()
-        dispatched = 0
+        dispatched: list[_Request] = []
         for view in self.scheduler.order(rnd):
             hits = await self._prefix_hits(view)
             route = self.router.route(view, prefill, decode, hits)
             if route is None:
                 break
-            self._dispatch(self._waiting.pop(view.request_id), route)
+            dispatched.append(self._dispatch(self._waiting.pop(view.request_id), route))
             prefill, decode = self._charge(prefill, decode, view, route)
-            dispatched += 1
         if dispatched:
             for req in self._waiting.values():
                 req.waited_rounds += 1
+            self._spawn(self._launch(dispatched))
 
     async def _prefix_hits(self, view: RequestView) -> dict[str, int]:
         if self.config.router.policy != "prefix-aware":
@@ -423,7 +565,8 @@ class Controller:
         return await self.store.prefix_hits(list(view.prefix_hashes))
 
     def _views(self) -> tuple[list[WorkerView], list[WorkerView]]:
-        views = {w.worker_id: self._view(w) for w in self.workers.values() if w.alive}
+        views = {w.worker_id: self._view(w) for w in self.workers.values()
+                 if w.alive and not w.retiring}
         if self.config.disaggregated:
             return ([v for v in views.values() if v.role == "prefill"],
                     [v for v in views.values() if v.role == "decode"])
@@ -453,74 +596,174 @@ class Controller:
         new_decode = [upd(v) for v in decode]
         return (new_decode if prefill is decode else [upd(v) for v in prefill]), new_decode
 
-    # ----- dispatch -----------------------------------------------------------------
-    def _dispatch(self, req: _Request, route: Route) -> None:
+    # ----- dispatch: one call per worker per scheduling round ---------------------------
+    def _dispatch(self, req: _Request, route: Route) -> _Request:
         req.route = route
-        req.generation += 1
+        req.generation = next(self._generations)
         req.placement = self.scheduler.placement(req.view(), time.time())
         if "queue_s" not in req.timing:
             req.timing["queue_s"] = time.time() - req.arrival_s
             self.metrics.observe_queue(self.workers[route.prefill_worker].role,
                                        req.timing["queue_s"])
-        self._spawn(self._run(req, route, req.generation))
+        self._transit_begin(req)
+        self.journal.route(req.request_id, route.prefill_worker, route.decode_worker)
+        return req
 
-    async def _run(self, req: _Request, route: Route, gen: int) -> None:
-        transit, token = self.workers[route.decode_worker].in_transit, object()
-        transit[token] = float("inf")
+    async def _launch(self, reqs: list[_Request]) -> None:
+        """Start a round's dispatches: colocated ones with one ``submit_batch``
+        per mixed worker; disaggregated ones with one ``reserve_batch`` per
+        decode worker, then one ``submit_prefills`` per prefill worker (their
+        results come back through ``_poll``)."""
+        gens = {r.request_id: r.generation for r in reqs}
+        mixed, split = _Groups(), _Groups()
+        for r in reqs:
+            colocated = r.route.prefill_worker == r.route.decode_worker
+            (mixed if colocated else split).add(r.route.decode_worker, r)
+        reserved = await asyncio.gather(
+            *(self._batch(w, rs, gens, self._submit_mixed) for w, rs in mixed.items()),
+            *(self._batch(w, rs, gens, self._reserve) for w, rs in split.items()))
+        by_prefill = _Groups()
+        for r in (r for rs in reserved for r in rs):
+            by_prefill.add(r.route.prefill_worker, r)
+        await asyncio.gather(*(self._batch(w, rs, gens, self._start_prefills)
+                               for w, rs in by_prefill.items()))
+
+    async def _batch(self, worker_id: str, reqs: list[_Request], gens: dict[str, int],
+                     step) -> list[_Request]:
+        """Run one batched worker call for ``reqs``; a dead worker re-queued
+        them (``_mark_dead``), any other failure aborts those still current."""
+        w = self.workers[worker_id]
         try:
-            await self.store.journal_route(req.request_id, route.prefill_worker,
-                                           route.decode_worker)
-            if route.prefill_worker == route.decode_worker:
-                await self._call(self.workers[route.decode_worker], "submit", req.request_id,
-                                 req.prompt, list(req.tokens), req.params,
-                                 req.placement.priority, req.placement.boost_steps)
-            else:
-                await self._run_disaggregated(req, route, gen)
+            return await step(w, reqs, gens)
         except WorkerDied:
-            pass  # _mark_dead re-queued it
-        except RedisError as exc:  # the journal write failed: try the dispatch again
-            log.warning("request %s: state store error %s; re-queued", req.request_id,
-                        type(exc).__name__)
-            await asyncio.sleep(0.1)
-            self._requeue(req, gen)
+            return []
         except Exception as exc:  # noqa: BLE001 - a failed request ends, never hangs
-            if req.generation == gen and req.finish_reason is None:
-                log.warning("request %s aborted: %s", req.request_id, exc)
-                req.timing["error"] = str(exc)
-                await self._finish(req, "abort")
-        finally:
-            transit[token] = time.monotonic()
+            log.warning("%s on %s failed for %d requests: %s", step.__name__, w.worker_id,
+                        len(reqs), exc)
+            for r in reqs:
+                if self._current(r, gens):
+                    r.timing["error"] = str(exc)
+                    await self._finish(r, "abort")
+            return []
 
-    async def _run_disaggregated(self, req: _Request, route: Route, gen: int) -> None:
-        p, d = self.workers[route.prefill_worker], self.workers[route.decode_worker]
-        outputs = list(req.tokens)
-        blocks = await self._call(d, "reserve", req.request_id, req.prompt + outputs)
-        if blocks is None:  # raced with other reservations: wait for room
-            self._requeue(req, gen)
-            return
-        n = len(req.prompt) + len(outputs)
-        p.outstanding_prefill += n
+    def _current(self, req: _Request, gens: dict[str, int]) -> bool:
+        return req.generation == gens.get(req.request_id) and req.finish_reason is None
+
+    async def _submit_mixed(self, w: _Worker, reqs: list[_Request], gens) -> list:
+        errors = await self._call(w, "submit_batch", [AdmitItem(
+            r.request_id, r.prompt, list(r.tokens), r.params, r.placement.priority,
+            r.placement.boost_steps) for r in reqs])
+        for r, error in zip(reqs, errors):
+            self._transit_end(r)
+            if error and self._current(r, gens):
+                r.timing["error"] = error
+                await self._finish(r, "abort")
+        return []
+
+    async def _reserve(self, d: _Worker, reqs: list[_Request], gens) -> list[_Request]:
+        """KV reservations on one decode worker; returns those that got one and
+        are still current (the others wait for room, or are released)."""
+        blocks = await self._call(d, "reserve_batch", [ReserveItem(
+            r.request_id, r.prompt + r.tokens) for r in reqs])
+        ready, stale = [], []
+        for r, b in zip(reqs, blocks):
+            if b is None:  # raced with other reservations: wait for room
+                self._requeue(r, gens[r.request_id])
+            elif self._current(r, gens):
+                ready.append(r)
+            else:
+                stale.append(r.request_id)
+        if stale:
+            await self._safe(d, "release_batch", stale)
+        return ready
+
+    async def _start_prefills(self, p: _Worker, reqs: list[_Request], gens) -> list:
+        jobs = [PrefillJob(r.request_id, r.prompt, list(r.tokens), r.params,
+                           self.workers[r.route.decode_worker].kv_endpoint, r.generation)
+                for r in reqs]
+        for r in reqs:
+            r.prefill_tokens = len(r.prompt) + len(r.tokens)
+            p.outstanding_prefill += r.prefill_tokens
+        errors = await self._call(p, "submit_prefills", jobs)
+        for r, error in zip(reqs, errors):
+            if error:
+                self._uncharge_prefill(r)
+                if self._current(r, gens):
+                    r.timing["error"] = error
+                    await self._finish(r, "abort")
+                await self._safe(self.workers[r.route.decode_worker], "release", r.request_id)
+        return []
+
+    async def _on_prefill_results(self, p: _Worker, results: list[PrefillResult]) -> None:
+        """First tokens of a batch of prefills: delivered (one journal write),
+        then one ``admit_batch`` / ``release_batch`` per decode worker."""
+        live: list[tuple[_Request, PrefillResult]] = []
+        for res in results:
+            req = self._requests.get(res.request_id)
+            if req is None or req.generation != res.generation:
+                continue  # stale: whoever re-dispatched or cancelled it freed its blocks
+            self._uncharge_prefill(req)
+            if req.finish_reason is None and res.aborted:
+                self._requeue(req, req.generation)
+            elif req.finish_reason is None:
+                live.append((req, res))
+        self._wake.set()
+        for req, res in live:
+            self._record_prefill(req, res)
+        await asyncio.gather(*(self._store_prefix(p.worker_id, req) for req, _ in live))
+        await self._deliver(None, [TokenEvent(req.request_id, [res.token_id], res.text,
+                                              res.finish_reason) for req, res in live])
+        admit, release = _Groups(), _Groups()
+        for req, res in live:
+            if res.finish_reason is None and req.finish_reason is None:
+                admit.add(req.route.decode_worker, req)
+            else:
+                self._transit_drop(req)
+                release.add(req.route.decode_worker, req)
+        await asyncio.gather(
+            *(self._admit(self.workers[d], rs) for d, rs in admit.items()),
+            *(self._safe(self.workers[d], "release_batch", [r.request_id for r in rs])
+              for d, rs in release.items()))
+
+    async def _admit(self, d: _Worker, reqs: list[_Request]) -> None:
+        gens = {r.request_id: r.generation for r in reqs}
         try:
-            res: PrefillResult = await self._call(p, "prefill", PrefillJob(
-                req.request_id, req.prompt, outputs, req.params, d.kv_endpoint))
-        finally:
-            p.outstanding_prefill -= n
-            self._wake.set()
-        if req.generation != gen or req.finish_reason is not None or res.aborted:
-            await self._safe(d, "release", req.request_id)
+            outcomes = await self._call(d, "admit_batch", [AdmitItem(
+                r.request_id, r.prompt, list(r.tokens), r.params, r.placement.priority,
+                r.placement.boost_steps) for r in reqs], 60.0)
+        except WorkerDied:
             return
-        self._record_prefill(req, res)
-        await self._store_prefix(p.worker_id, req)
-        await self._deliver(req, [TokenEvent(req.request_id, [res.token_id], res.text,
-                                             res.finish_reason)])
-        if res.finish_reason is not None:
-            await self._safe(d, "release", req.request_id)
-            return
-        outcome = await self._call(d, "admit", req.request_id, req.prompt,
-                                   outputs + [res.token_id], req.params, 60.0,
-                                   req.placement.priority, req.placement.boost_steps)
-        req.timing["kv_admission"] = outcome
-        req.decoding = req.generation == gen and outcome != "aborted"
+        for r, outcome in zip(reqs, outcomes):
+            r.timing["kv_admission"] = outcome
+            r.decoding = r.generation == gens[r.request_id] and outcome != "aborted"
+            self._transit_end(r)
+
+    def _transit_begin(self, req: _Request) -> None:
+        """Count it in its decode worker's batch until the worker's load does."""
+        self._transit_drop(req)
+        req.transit = object()
+        self.workers[req.route.decode_worker].in_transit[req.transit] = float("inf")
+
+    def _transit_end(self, req: _Request) -> None:
+        """Admitted (or submitted): dropped by the next poll issued after now."""
+        w = self.workers.get(req.route.decode_worker) if req.route else None
+        if req.transit is not None and w is not None and req.transit in w.in_transit:
+            w.in_transit[req.transit] = time.monotonic()
+        req.transit = None
+
+    def _transit_drop(self, req: _Request) -> None:
+        """Never admitted (finished at prefill, re-queued, cancelled)."""
+        if req.transit is not None:
+            for w in self.workers.values():
+                w.in_transit.pop(req.transit, None)
+        req.transit = None
+
+    def _uncharge_prefill(self, req: _Request) -> None:
+        if req.prefill_tokens and req.route is not None:
+            p = self.workers.get(req.route.prefill_worker)
+            if p is not None:
+                p.outstanding_prefill -= req.prefill_tokens
+        req.prefill_tokens = 0
 
     def _record_prefill(self, req: _Request, res: PrefillResult) -> None:
         t = req.timing
@@ -539,26 +782,35 @@ class Controller:
     def _requeue(self, req: _Request, gen: int) -> None:
         if req.generation != gen or req.finish_reason is not None:
             return
+        self._uncharge_prefill(req)
+        self._transit_drop(req)
         req.route = None
         req.decoding = False
-        req.generation += 1
+        req.generation = next(self._generations)
         self._waiting[req.request_id] = req
         self._wake.set()
 
     # ----- token delivery --------------------------------------------------------------
     async def _poll(self, w: _Worker) -> None:
-        """Deliver a decode worker's token events until it dies; a failure in
-        delivery is logged and the loop goes on (its requests must not stall)."""
+        """Long-poll a worker until it dies: a decode (or mixed) worker's token
+        events are delivered in order; a prefill worker's results are handled
+        in a task of their own (admission may wait for KV verdicts). A failure
+        in delivery is logged and the loop goes on (requests must not stall)."""
+        poll = getattr(w.handle, _poll_method(w))
         while w.alive:
             issued = time.monotonic()
             try:
-                events, w.cursor, w.load = await w.handle.next_outputs.remote(w.cursor, 1.0)
+                items, w.cursor, w.load = await poll.remote(w.cursor, 1.0)
             except RayActorError:
                 await self._mark_dead(w)
                 return
             for k in [k for k, t in w.in_transit.items() if t < issued]:
                 del w.in_transit[k]
-            mine = [e for e in events if self._owned_by(e.request_id, w.worker_id)]
+            if w.role == "prefill":
+                if items:
+                    self._spawn(self._on_prefill_results(w, items))
+                continue
+            mine = [e for e in items if self._owned_by(e.request_id, w.worker_id)]
             try:
                 if mine:
                     await self._deliver(None, mine)
@@ -587,11 +839,7 @@ class Controller:
             batch.append((r.request_id, ev.token_ids, [ev.text] + [""] * (len(ev.token_ids) - 1)))
             if ev.finish_reason is None:
                 r.changed.set()  # stream now; the journal follows (replay is token-exact)
-        try:
-            await self.store.journal_tokens(batch)
-        except RedisError as exc:  # serving goes on; only restart recovery loses detail
-            log.warning("journal write failed (%s) for %d requests", type(exc).__name__,
-                        len(batch))
+        self.journal.tokens(batch)  # write-behind; a failure only costs recovery a replay
         for ev in events:
             if ev.finish_reason is not None:
                 await self._finish(req or self._requests[ev.request_id], ev.finish_reason)
@@ -601,23 +849,26 @@ class Controller:
             return
         req.finish_reason = reason
         req.finished_at = time.time()
+        self._finished_order.append(req)
         req.timing["total_s"] = req.finished_at - req.arrival_s
         self.metrics.observe_finish(reason, req.timing["total_s"])
-        try:
-            await self.store.journal_finish(req.request_id, reason, {
-                "prompt_tokens": len(req.prompt), "output_tokens": len(req.tokens)})
-        except RedisError as exc:
-            log.warning("journal close failed for %s: %s", req.request_id, type(exc).__name__)
+        self._uncharge_prefill(req)
+        self._transit_drop(req)
+        self.journal.finish(req.request_id, reason, {
+            "prompt_tokens": len(req.prompt), "output_tokens": len(req.tokens)})
         if self.ranker is not None:
             await self.ranker.on_finish(req.request_id, len(req.tokens), reason)
         req.changed.set()
         self._wake.set()
 
     def _forget_finished(self, keep_s: float = 120.0) -> None:
+        """Drop requests finished over ``keep_s`` ago (oldest first: O(forgotten))."""
         cutoff = time.time() - keep_s
-        for rid in [r.request_id for r in self._requests.values()
-                    if r.finished_at is not None and r.finished_at < cutoff]:
-            del self._requests[rid]
+        done = self._finished_order
+        while done and done[0].finished_at < cutoff:
+            req = done.popleft()
+            if self._requests.get(req.request_id) is req:
+                del self._requests[req.request_id]
 
     # ----- worker calls and failures -----------------------------------------------------
     async def _call(self, w: _Worker, method: str, *args):
@@ -649,3 +900,14 @@ class Controller:
             self._requeue(req, req.generation)
             for o in other:
                 await self._safe(self.workers[o], "abort", req.request_id)
+
+
+class _Groups(dict):
+    """Requests grouped by worker id (one batched call each)."""
+
+    def add(self, worker_id: str, req: _Request) -> None:
+        self.setdefault(worker_id, []).append(req)
+
+
+def _poll_method(w: _Worker) -> str:
+    return "next_results" if w.role == "prefill" else "next_outputs"

@@ -3,16 +3,22 @@
 Lifecycle: ``Deployment(config).start()`` checks that every pool's GPU type is
 offered by some node (failing fast with the pool's name otherwise), creates
 named worker actors placed by GPU type, waits until each answers, then starts
-the controller actor, which connects to them and to Redis. ``restart_controller``
-replaces the controller (it recovers in-flight requests from Redis);
-``shutdown`` removes every actor.
+the controller actor, which connects to them and to Redis; pools with an
+``autoscale`` block are then sized by the autoscaler (cluster/autoscaler.py),
+a thread of this process that changes the worker table under ``lock``.
+``restart_controller`` replaces the controller (it recovers in-flight requests
+from Redis, and gets the worker table as it is now); ``shutdown`` stops the
+autoscaler and removes every actor.
 """
 
 from __future__ import annotations
 
+import threading
+
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from cluster.autoscaler import Autoscaler
 from cluster.config import ClusterConfig, PoolSpec
 from cluster.controller import Controller
 from workers.decode_worker import DecodeWorker
@@ -37,8 +43,10 @@ class Deployment:
         self.config = config
         self.torch_threads = torch_threads
         self.placement_timeout_s = placement_timeout_s
-        self.workers: dict[str, tuple[str, str, object]] = {}
+        self.workers: dict[str, tuple[str, str, object]] = {}  # id -> (role, gpu type, handle)
         self.controller = None
+        self.autoscaler: Autoscaler | None = None
+        self.lock = threading.RLock()  # held while the worker table or the controller changes
 
     def start(self) -> Deployment:
         if not ray.is_initialized():
@@ -49,11 +57,15 @@ class Deployment:
                 self._start_worker(pool, i)
         self._wait_for_workers()
         self.start_controller()
+        if any(p.autoscale is not None for p in self.config.pools):
+            self.autoscaler = Autoscaler(self).start()
         return self
 
     def _check_gpu_types(self) -> None:
         resources = ray.cluster_resources()
         for pool in self.config.pools:
+            if pool.replicas == 0:
+                continue  # nothing to place yet: its first replica's demand brings a node
             if missing_gpu_types([pool.gpu_type], resources):
                 offered = sorted(k.split(":", 1)[1] for k in resources if k.startswith("gpu_type:"))
                 raise PlacementError(
@@ -74,12 +86,18 @@ class Deployment:
             namespace=cfg.redis.namespace, redis_password_env=cfg.redis.password_env)
 
     def _start_worker(self, pool: PoolSpec, i: int) -> None:
+        worker_id, handle = self.create_worker(pool, i)
+        self.workers[worker_id] = (pool.role, pool.gpu_type, handle)
+
+    def create_worker(self, pool: PoolSpec, i: int) -> tuple[str, object]:
+        """Worker ``i`` of a pool, placed on its GPU type (pending until a node
+        with a free ``gpu_type:<T>`` resource has it); not yet in the table."""
         spec = self._spec(pool, i)
         cls = PrefillWorker if pool.role == "prefill" else DecodeWorker
         handle = ray.remote(cls).options(
             name=spec.worker_id, namespace=NAMESPACE, max_concurrency=1000,
             **placement_options(pool.gpu_type, pool.gpus_per_replica)).remote(spec)
-        self.workers[spec.worker_id] = (pool.role, pool.gpu_type, handle)
+        return spec.worker_id, handle
 
     def _wait_for_workers(self) -> None:
         refs = {h.ping.remote(): wid for wid, (_, _, h) in self.workers.items()}
@@ -101,13 +119,17 @@ class Deployment:
         ray.get(self.controller.start.remote())
 
     def restart_controller(self) -> None:
-        ray.kill(self.controller, no_restart=True)
-        self.start_controller()
+        with self.lock:
+            ray.kill(self.controller, no_restart=True)
+            self.start_controller()
 
     def kill_worker(self, worker_id: str) -> None:
         ray.kill(self.workers[worker_id][2], no_restart=True)
 
     def shutdown(self) -> None:
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
+            self.autoscaler = None
         for _, _, handle in self.workers.values():
             ray.kill(handle, no_restart=True)
         if self.controller is not None:

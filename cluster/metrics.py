@@ -5,9 +5,11 @@ Lifecycle: the controller builds one ``ServingMetrics`` and calls its
 result, finish). Gauges that describe the cluster right now (running and
 waiting requests, KV usage, prefix-cache counters, NVML readings) are not
 kept up to date by hand: a collector reads them from the controller's latest
-worker loads at scrape time. ``exposition()`` renders this registry plus the
-process's default one (where other modules, e.g. the ranker, register theirs)
-in the text format that ``GET /metrics`` serves.
+worker loads at scrape time. The autoscaler reports each decision
+(``observe_scaling``): desired and ready/pending replicas per pool.
+``exposition()`` renders this registry plus the process's default one (where
+other modules, e.g. the ranker, register theirs) in the text format that
+``GET /metrics`` serves.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from workers.messages import WorkerLoad
@@ -126,6 +135,16 @@ class ServingMetrics:
                                    registry=r)
         self.success = Counter("baton_request_success", "Requests finished, by finish reason",
                                ["finish_reason"], registry=r)
+        self.scaling_decisions = Counter(
+            "baton_autoscaler_decisions", "Autoscaler decisions per pool (up, down, hold)",
+            ["pool", "action"], registry=r)
+        self.desired_replicas = Gauge("baton_pool_desired_replicas",
+                                      "Replicas the autoscaler wants for a pool", ["pool"],
+                                      registry=r)
+        self.pool_replicas = Gauge("baton_pool_replicas",
+                                   "Replicas of an autoscaled pool: ready, or pending placement "
+                                   "(waiting for a gpu_type resource, e.g. a new pod)",
+                                   ["pool", "state"], registry=r)
         r.register(_LiveCollector(snapshot))
 
     def observe_tokens(self, previous_s: float | None, times: list[float]) -> None:
@@ -154,6 +173,13 @@ class ServingMetrics:
     def observe_finish(self, reason: str, e2e_s: float) -> None:
         self.success.labels(reason).inc()
         self.e2e.observe(e2e_s)
+
+    def observe_scaling(self, pool: str, action: str, desired: int, ready: int,
+                        pending: int) -> None:
+        self.scaling_decisions.labels(pool, action).inc()
+        self.desired_replicas.labels(pool).set(desired)
+        self.pool_replicas.labels(pool, "ready").set(ready)
+        self.pool_replicas.labels(pool, "pending").set(pending)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry) + generate_latest(REGISTRY)

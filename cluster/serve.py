@@ -46,8 +46,8 @@ def _init_ray(cfg: ClusterConfig, address: str | None) -> None:
         ray.init(address=address, namespace="baton", log_to_driver=False)
         return
     types = {p.gpu_type: 0 for p in cfg.pools}
-    for p in cfg.pools:
-        types[p.gpu_type] += p.replicas
+    for p in cfg.pools:  # an autoscaled pool may grow to its max_replicas
+        types[p.gpu_type] += p.autoscale.max_replicas if p.autoscale else p.replicas
     # address="local": a fresh local Ray even when another cluster runs on this machine.
     ray.init(address="local", resources={f"gpu_type:{t}": n for t, n in types.items()},
              include_dashboard=False, log_to_driver=False)

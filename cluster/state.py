@@ -3,7 +3,9 @@ prefix-block index, completed-request log. Keys are namespaced per cluster.
 
 Lifecycle: the controller opens a ``StateStore`` at start-up, journals each
 request on arrival, appends tokens as they stream, closes the entry on
-finish, and on restart re-reads every in-flight entry. Workers run a
+finish, and on restart re-reads every in-flight entry. While serving, those
+writes go through a ``JournalBatcher``: one command per event-loop tick,
+a submit acknowledged only once its entry is written. Workers run a
 ``Heartbeat`` thread that registers them and refreshes a key with a TTL.
 
 Keys (``ns`` = the cluster's namespace)::
@@ -21,7 +23,10 @@ Keys (``ns`` = the cluster's namespace)::
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+import logging
 import os
 import threading
 import time
@@ -31,6 +36,8 @@ import redis
 import redis.asyncio as aioredis
 
 from workers.sampling import SamplingParams
+
+log = logging.getLogger("baton.state")
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,9 @@ class JournalEntry:
     finish_reason: str | None = None
 
 
+@functools.lru_cache(maxsize=256)
 def params_to_json(p: SamplingParams) -> str:
+    """Memoized: most requests share a handful of sampling settings."""
     return json.dumps(asdict(p))
 
 
@@ -71,6 +80,39 @@ def password_from_env(variable: str | None) -> str | None:
     return password
 
 
+# Applies a JSON list of journal ops (StateStore.op_*) in order. ARGV: namespace,
+# TTL of finished entries (s), cap of the completed log, the ops.
+_APPLY_OPS = """
+local ns, ttl, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local inflight, completed = ns .. ':inflight', ns .. ':completed'
+local closed = false
+for _, op in ipairs(cjson.decode(ARGV[4])) do
+  local kind, key = op[1], ns .. ':req:' .. op[2]
+  if kind == 'new' then
+    redis.call('HSET', key, 'prompt', op[3], 'params', op[4], 'arrival_s', op[5],
+               'state', 'waiting')
+    redis.call('SADD', inflight, op[2])
+  elseif kind == 'route' then
+    redis.call('HSET', key, 'state', 'running', 'prefill_worker', op[3],
+               'decode_worker', op[4])
+  elseif kind == 'tokens' and #op[3] > 0 then
+    redis.call('RPUSH', key .. ':tokens', unpack(op[3]))
+    redis.call('RPUSH', key .. ':text', unpack(op[4]))
+  elseif kind == 'finish' then
+    redis.call('HSET', key, 'state', 'finished', 'finish_reason', op[3])
+    redis.call('EXPIRE', key, ttl)
+    redis.call('EXPIRE', key .. ':tokens', ttl)
+    redis.call('EXPIRE', key .. ':text', ttl)
+    redis.call('SREM', inflight, op[2])
+    redis.call('LPUSH', completed, op[4])
+    closed = true
+  end
+end
+if closed then redis.call('LTRIM', completed, 0, cap - 1) end
+return 0
+"""
+
+
 class StateStore:
     def __init__(self, url: str, namespace: str, password: str | None = None,
                  completed_cap: int = 100_000, prefix_ttl_s: int = 600,
@@ -81,6 +123,7 @@ class StateStore:
         pool = aioredis.BlockingConnectionPool.from_url(
             url, password=password, decode_responses=True, max_connections=64, timeout=10)
         self.r = aioredis.Redis(connection_pool=pool)
+        self._apply_ops = self.r.register_script(_APPLY_OPS)
         self.completed_cap = completed_cap
         self.prefix_ttl_s = prefix_ttl_s
         self.finished_ttl_s = finished_ttl_s
@@ -95,40 +138,47 @@ class StateStore:
         await self.r.aclose()
 
     # ----- journal ----------------------------------------------------------
+    # Every journal write is an op (a JSON-ready list, see ``_APPLY_OPS``);
+    # ``apply`` writes a list of ops with ONE Redis command, atomically. The
+    # one-shot methods below write one op; ``JournalBatcher`` one list per tick.
+    @staticmethod
+    def op_new(request_id: str, prompt: list[int], params: SamplingParams,
+               arrival_s: float) -> list:
+        return ["new", request_id, json.dumps(prompt), params_to_json(params), repr(arrival_s)]
+
+    @staticmethod
+    def op_route(request_id: str, prefill: str, decode: str) -> list:
+        return ["route", request_id, prefill, decode]
+
+    @staticmethod
+    def op_tokens(request_id: str, tokens: list[int], texts: list[str]) -> list:
+        return ["tokens", request_id, [str(t) for t in tokens], texts]
+
+    @staticmethod
+    def op_finish(request_id: str, reason: str, record: dict) -> list:
+        return ["finish", request_id, reason, json.dumps({**record, "finish_reason": reason})]
+
+    async def apply(self, ops: list[list]) -> None:
+        """Write ops in order, in one atomic command (a Lua script)."""
+        if ops:
+            await self._apply_ops(args=[self.ns, self.finished_ttl_s, self.completed_cap,
+                                        json.dumps(ops)])
+
     async def journal_new(self, request_id: str, prompt: list[int], params: SamplingParams,
                           arrival_s: float) -> None:
-        async with self.r.pipeline(transaction=True) as p:
-            p.hset(self._k("req", request_id), mapping={
-                "prompt": json.dumps(prompt), "params": params_to_json(params),
-                "arrival_s": repr(arrival_s), "state": "waiting"})
-            p.sadd(self._k("inflight"), request_id)
-            await p.execute()
+        await self.apply([self.op_new(request_id, prompt, params, arrival_s)])
 
     async def journal_route(self, request_id: str, prefill: str, decode: str) -> None:
-        await self.r.hset(self._k("req", request_id), mapping={
-            "state": "running", "prefill_worker": prefill, "decode_worker": decode})
+        await self.apply([self.op_route(request_id, prefill, decode)])
 
     async def journal_tokens(self, batch: list[tuple[str, list[int], list[str]]]) -> None:
         """Append streamed tokens of several requests in one round trip."""
-        async with self.r.pipeline(transaction=False) as p:
-            for rid, tokens, texts in batch:
-                p.rpush(self._k("req", rid, "tokens"), *tokens)
-                p.rpush(self._k("req", rid, "text"), *texts)
-            await p.execute()
+        await self.apply([self.op_tokens(*item) for item in batch])
 
     async def journal_finish(self, request_id: str, reason: str, record: dict) -> None:
         """Close the entry; it stays readable for ``finished_ttl_s`` so a client
         reconnecting after a controller restart still gets its final chunk."""
-        keys = [self._k("req", request_id), self._k("req", request_id, "tokens"),
-                self._k("req", request_id, "text")]
-        async with self.r.pipeline(transaction=True) as p:
-            p.hset(keys[0], mapping={"state": "finished", "finish_reason": reason})
-            for k in keys:
-                p.expire(k, self.finished_ttl_s)
-            p.srem(self._k("inflight"), request_id)
-            p.lpush(self._k("completed"), json.dumps({**record, "finish_reason": reason}))
-            p.ltrim(self._k("completed"), 0, self.completed_cap - 1)
-            await p.execute()
+        await self.apply([self.op_finish(request_id, reason, record)])
 
     async def inflight(self) -> list[JournalEntry]:
         entries = [await self.lookup(rid) for rid in sorted(await self.r.smembers(self._k("inflight")))]
@@ -178,6 +228,90 @@ class StateStore:
         raw = await self.r.hgetall(self._k("workers"))
         beats = {w: await self.r.exists(self._k("hb", w)) for w in raw}
         return {w: {**json.loads(v), "alive": bool(beats[w])} for w, v in raw.items()}
+
+
+class JournalBatcher:
+    """Write-behind journal: every write queued while the event loop runs one
+    tick (and while the previous flush is in flight) goes to Redis in ONE
+    command, in the order queued.
+
+    Lifecycle of a write::
+
+        queued (``new`` / ``route`` / ``tokens`` / ``finish``)
+          -> the flush task wakes after the current tick, takes every queued
+             write, sends them as ONE command (``StateStore.apply``: a Lua
+             script, so a flush is atomic and costs one reply to parse)
+          -> ``new`` returns a future done once that pipeline executed (the
+             controller acknowledges a submit only then: an accepted request
+             is always in the journal before its first token can exist);
+             the other writes are not awaited (a lost token write costs only
+             a replay: sampling is seeded per token position, so a recovered
+             request regenerates the same tokens)
+
+    A failed flush fails the futures of its ``new`` writes (the submits are
+    refused) and is logged for the others.
+    """
+
+    def __init__(self, store: StateStore):
+        self.store = store
+        self._ops: list[list] = []
+        self._waiters: list[asyncio.Future] = []  # of ``new`` ops in _ops
+        self._flusher: asyncio.Task | None = None
+        self.flushes = 0  # commands sent
+        self.writes = 0  # ops they carried
+
+    def new(self, request_id: str, prompt: list[int], params: SamplingParams,
+            arrival_s: float) -> asyncio.Future:
+        return self._queue(self.store.op_new(request_id, prompt, params, arrival_s),
+                           durable=True)
+
+    def route(self, request_id: str, prefill: str, decode: str) -> None:
+        self._queue(self.store.op_route(request_id, prefill, decode))
+
+    def tokens(self, batch: list[tuple[str, list[int], list[str]]]) -> None:
+        for item in batch:
+            self._queue(self.store.op_tokens(*item))
+
+    def finish(self, request_id: str, reason: str, record: dict) -> None:
+        self._queue(self.store.op_finish(request_id, reason, record))
+
+    async def flushed(self) -> None:
+        """Wait until everything queued so far reached Redis (or failed)."""
+        await asyncio.shield(self._queue(None, durable=True))
+
+    def _queue(self, op: list | None, durable: bool = False) -> asyncio.Future | None:
+        loop = asyncio.get_running_loop()
+        if op is not None:
+            self._ops.append(op)
+        fut = loop.create_future() if durable else None
+        if fut is not None:
+            self._waiters.append(fut)
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush_all())
+        return fut
+
+    async def _flush_all(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let the rest of this tick queue its writes
+            while self._ops or self._waiters:
+                ops, self._ops = self._ops, []
+                waiters, self._waiters = self._waiters, []
+                await self._flush(ops, waiters)
+        finally:
+            self._flusher = None
+
+    async def _flush(self, ops: list[list], waiters: list[asyncio.Future]) -> None:
+        error: Exception | None = None
+        try:
+            await self.store.apply(ops)
+        except Exception as exc:  # noqa: BLE001 - reported to every waiting writer
+            error = exc
+            log.warning("journal flush of %d writes failed: %s", len(ops), type(exc).__name__)
+        self.flushes += 1
+        self.writes += len(ops)
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(error) if error else fut.set_result(None)
 
 
 class Heartbeat:

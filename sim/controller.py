@@ -107,25 +107,30 @@ class SimController:
 
     def _round(self, _=None) -> None:
         self._round_pending = False
-        if not self.waiting:
+        waiting = self.waiting
+        if not waiting:
             return
         self.rounds += 1
-        order = self.scheduler.order(SchedulingRound(self.clock.now, self.rounds,
-                                                     tuple(self.waiting)))
-        sent: set[str] = set()
+        order = self.scheduler.order(SchedulingRound(self.clock.now, self.rounds, tuple(waiting)))
+        prefill, decode, router = self.prefill, self.decode, self.router
+        sent = 0
         for view in order:
-            pviews = [w.view() for w in self.prefill]
-            dviews = pviews if self.colocated else [w.view() for w in self.decode]
-            route = self.router.route(view, pviews, dviews, self._hits(view))
+            pviews = [w.view() for w in prefill]
+            dviews = pviews if self.colocated else [w.view() for w in decode]
+            route = router.route(view, pviews, dviews, self._hits(view))
             if route is None:
                 break
             self._dispatch(view, route.prefill_worker, route.decode_worker)
-            sent.add(view.request_id)
+            sent += 1
+        if sent == len(waiting):
+            self.waiting = []
+            return
+        gone = {v.request_id for v in order[:sent]}
         self.waiting = [replace(v, waited_rounds=v.waited_rounds + 1)
-                        for v in self.waiting if v.request_id not in sent]
-        if self.waiting:  # a round at every step boundary from now on, as when stepping
-            for w in self._by_id.values():
-                w.hold()
+                        for v in waiting if v.request_id not in gone]
+        # a round at every step boundary from now on, as when stepping
+        for w in self._by_id.values():
+            w.hold()
 
     def _hits(self, view: RequestView) -> dict[str, int] | None:
         if not view.prefix_hashes:

@@ -109,6 +109,12 @@ class DecodeBatch:
         self._table_sum += sign * m.table_blocks
 
     # ----- the batch in step s ---------------------------------------------------------
+    @property
+    def phase(self) -> list[int]:
+        """Members by ``y mod block_size``: step s adds ``phase[(1 - s) % block_size]``
+        blocks (the list itself, for a ``DecodeWindow`` that runs while it is fixed)."""
+        return self._phase
+
     def next_finish(self) -> int:
         return self._finishes[0][0]
 
@@ -180,15 +186,26 @@ class DecodeBatch:
 class DecodeWindow:
     """Steps ``first..last`` of a worker whose batch does not change: step
     ``first + j`` lasts ``first_s + growth_s * j`` (one more token of KV per
-    member per step, and step time linear in the KV length)."""
+    member per step, and step time linear in the KV length).
 
-    __slots__ = ("start_s", "first", "last", "first_s", "growth_s")
+    ``advance`` follows the step in progress as time moves on, with the
+    members' KV growth in it (``DecodeBatch.growth``) when the window is
+    given the batch's ``blocks_first`` and ``phase``."""
 
-    def __init__(self, start_s: float, first: int, last: int, first_s: float, growth_s: float):
+    __slots__ = ("start_s", "first", "last", "first_s", "growth_s", "_phase", "_at", "_at_end",
+                 "_at_blocks")
+
+    def __init__(self, start_s: float, first: int, last: int, first_s: float, growth_s: float,
+                 blocks_first: int = 0, phase: list[int] | None = None):
         self.start_s = start_s  # when step ``first`` starts
         self.first, self.last = first, last  # worker step numbers, inclusive
         self.first_s = first_s  # duration of step ``first``
         self.growth_s = growth_s  # each later step lasts this much longer
+        # the batch's counts of y mod block_size (constant while the window runs):
+        # step s takes phase[(1 - s) % block_size] new blocks
+        self._phase = phase or [0]
+        # ``advance``'s cursor: a step, when it ends, the members' growth in it
+        self._at, self._at_end, self._at_blocks = first, start_s + first_s, blocks_first
 
     def end(self, step: int) -> float:
         """When ``step`` ends (``start_s`` for ``first - 1``)."""
@@ -197,6 +214,29 @@ class DecodeWindow:
 
     def duration(self, step: int) -> float:
         return self.first_s + self.growth_s * (step - self.first)
+
+    def advance(self, t: float) -> tuple[int, float, int]:
+        """``(step_at(t), when that step ends, the members' growth in it)``, for
+        ``t`` no earlier than at the previous call: a cursor moves forward (about
+        one step per call)."""
+        s, e, blocks, last = self._at, self._at_end, self._at_blocks, self.last
+        if e <= t and s < last:
+            start, a, b, first = self.start_s, self.first_s, self.growth_s, self.first
+            phase, bs = self._phase, len(self._phase)
+            while e <= t and s < last:
+                s += 1
+                m = s - first + 1
+                e = start + m * a + b * (m * (m - 1) // 2)  # end(s)
+                blocks += phase[(1 - s) % bs]
+            self._at, self._at_end, self._at_blocks = s, e, blocks
+        elif s > last:  # cut behind the cursor: every step up to ``last`` has ended
+            phase, bs = self._phase, len(self._phase)
+            while s > last:
+                blocks -= phase[(1 - s) % bs]
+                s -= 1
+            e = self.end(s)
+            self._at, self._at_end, self._at_blocks = s, e, blocks
+        return s, e, blocks
 
     def step_at(self, t: float, before_step_done: bool = False) -> int:
         """The step in progress at ``t``. A step ending exactly at ``t`` is done,

@@ -30,19 +30,20 @@ class EventKind(IntEnum):
 
 class EventQueue:
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, int, Callable[[Any], None], Any]] = []
+        # (time_s, kind, id, fn, arg): plain tuples, ordered by their first three
+        self.heap: list[tuple[float, int, int, Callable[[Any], None], Any]] = []
         self._ids = 0
 
     def push(self, time_s: float, kind: EventKind, fn: Callable[[Any], None], arg: Any = None) -> None:
         self._ids += 1
-        heapq.heappush(self._heap, (time_s, int(kind), self._ids, fn, arg))
+        heapq.heappush(self.heap, (time_s, kind, self._ids, fn, arg))
 
     def pop(self) -> tuple[float, Callable[[Any], None], Any]:
-        time_s, _, _, fn, arg = heapq.heappop(self._heap)
+        time_s, _, _, fn, arg = heapq.heappop(self.heap)
         return time_s, fn, arg
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self.heap)
 
 
 class Clock:

@@ -203,7 +203,9 @@ class LatencyModel:
                     prefill_chunks: tuple[tuple[int, int], ...] | list = ()) -> float:
         """Useful FLOPs of a step on one shard (for utilisation), LM head excluded."""
         o = self.ops
-        pairs = decode_ctx_sum + sum(n * c + n * (n + 1) / 2 for n, c in prefill_chunks)
+        pairs = decode_ctx_sum
+        if prefill_chunks:
+            pairs += sum(n * c + n * (n + 1) / 2 for n, c in prefill_chunks)
         return self.layers * (num_tokens * o.linear_flops_per_token + pairs * o.attn_flops_per_pair)
 
 

@@ -56,6 +56,8 @@ from workers.block_manager import BlockManager
 from workers.sampling import SamplingParams
 from workers.sequence import Sequence, SequenceStatus
 
+_INF = float("inf")
+
 
 class State(Enum):
     IDLE = "idle"
@@ -136,7 +138,7 @@ class SimWorker:
         self._step_start = 0.0
         self._window: DecodeWindow | None = None
         self._view: WorkerView | None = None
-        self._view_until = float("-inf")  # the cached view holds while now < this
+        self._view_until = -_INF  # the cached view holds while now < this
 
     @property
     def worker_id(self) -> str:
@@ -198,12 +200,12 @@ class SimWorker:
         self.blocks.free(tr.req.request_id)
         self._touch()
         if self.state is State.IDLE and (self.waiting or self.inbox):
-            self._schedule_wake(self.now)
+            self._schedule_wake(self.clock.now)
 
     def hold(self) -> None:
         """Requests wait at the controller: end any window at the step in progress."""
         if self.state is State.WINDOW:
-            self._end_window_at(self._window.step_at(self.now))
+            self._end_window_at(self._window.step_at(self.clock.now))
 
     def _arrive(self, seq: Sequence, before_step_done: bool) -> None:
         """``before_step_done``: the caller's event sorts before STEP_DONE at equal
@@ -211,9 +213,9 @@ class SimWorker:
         self.inbox.append(seq)
         self._touch()
         if self.state is State.IDLE:
-            self._schedule_wake(self.now)
+            self._schedule_wake(self.clock.now)
         elif self.state is State.WINDOW:
-            self._end_window_at(self._window.step_at(self.now, before_step_done))
+            self._end_window_at(self._window.step_at(self.clock.now, before_step_done))
 
     def _schedule_wake(self, now: float) -> None:
         if not self._wake_pending:
@@ -221,35 +223,35 @@ class SimWorker:
             self.events.push(now, EventKind.WAKE, self._on_wake)
 
     def _touch(self) -> None:
-        self._view_until = float("-inf")  # recompute (the old view is reused if equal)
+        self._view_until = -_INF  # recompute (the old view is reused if equal)
 
     # ----- the load a policy sees ------------------------------------------------------
     def view(self) -> WorkerView:
         """The worker's load now. Inside a decode window the planner would already
         have grown the sequences' blocks for the step in progress: counted here."""
-        v = self._view
-        if v is not None and self.clock.now < self._view_until:
-            return v
-        free, self._view_until = self.blocks.num_free_blocks, float("inf")
+        now = self.clock.now
+        if now < self._view_until:
+            return self._view
+        free, until = self.blocks.num_free_blocks, _INF
         if self.batch.members:
-            if self.state is State.WINDOW:  # the view holds until the batch next grows
-                w = self._window
-                step = w.step_at(self.clock.now)
-                self._view_until = w.end(self.batch.next_growth(step, w.last) - 1)
+            if self.state is State.WINDOW:  # the view holds until that step ends
+                _, until, grown = self._window.advance(now)
             else:
-                step = self._step_in_progress()
-            free += self._pooled - self.batch.growth(step)
-        if v is None or (v.free_kv_blocks, v.queued_prefill_tokens, v.running) != \
-                (free, self.backlog, self.held):
+                grown = self.batch.growth(self._step_in_progress())
+            free += self._pooled - grown
+        self._view_until = until
+        v = self._view
+        if v is None or v.free_kv_blocks != free or v.queued_prefill_tokens != self.backlog \
+                or v.running != self.held:
             s, b = self.spec, self.spec.batch
-            self._view = WorkerView(s.worker_id, s.role, s.gpu_type, self.backlog, self.held,
-                                    free, self.blocks.num_blocks, s.block_size,
-                                    b.max_num_batched_tokens, b.max_num_seqs)
-        return self._view
+            v = self._view = WorkerView(s.worker_id, s.role, s.gpu_type, self.backlog, self.held,
+                                        free, self.blocks.num_blocks, s.block_size,
+                                        b.max_num_batched_tokens, b.max_num_seqs)
+        return v
 
     def _step_in_progress(self) -> int:
         if self.state is State.WINDOW:
-            return self._window.step_at(self.now)
+            return self._window.step_at(self.clock.now)
         return self.steps_done + (self.state is State.STEP)
 
     # ----- stepping -----------------------------------------------------------------------
@@ -269,12 +271,15 @@ class SimWorker:
         self.inbox.clear()
 
     def _start_next(self) -> None:
-        newcomers = self._newcomers if self.batch.members else self.running
-        self._newcomers = []
+        b = self.batch
+        newcomers = self._newcomers if b.members else self.running
+        if self._newcomers:
+            self._newcomers = []
         if self.fast_forward and self.running and self._decoding(newcomers):
+            trackers, k, table = self.trackers, self.steps_done, self.blocks.block_table
             for seq in newcomers:
-                self.batch.join(seq, self.trackers[seq.request_id], self.steps_done,
-                                len(self.blocks.block_table(seq.request_id)))
+                rid = seq.request_id
+                b.join(seq, trackers[rid], k, len(table(rid)))
             if self._start_batch_step():
                 return
         self._leave_batch()
@@ -282,10 +287,14 @@ class SimWorker:
 
     def _decoding(self, seqs: list[Sequence]) -> bool:
         """Whether the planner's next step for ``seqs`` is one decode token each."""
+        if len(self.running) > self.spec.batch.max_num_batched_tokens:
+            return False
         trackers = self.trackers
-        return len(self.running) <= self.spec.batch.max_num_batched_tokens and all(
-            s.num_uncomputed == 1 and s.num_computed_tokens > 0 and s.boost_steps <= 0
-            and not trackers[s.request_id].prefill_left for s in seqs)
+        for s in seqs:
+            if not (s.num_uncomputed == 1 and s.num_computed_tokens > 0 and s.boost_steps <= 0
+                    and not trackers[s.request_id].prefill_left):
+                return False
+        return True
 
     def _start_batch_step(self) -> bool:
         """The batch's next step(s); False if the planner must decide (KV short)."""
@@ -298,36 +307,41 @@ class SimWorker:
             last = b.last_fitting_step(first, last, room)
             if last < first:
                 return False
-        fixed_s, per_token_s = self.latency.decode_line(len(b))
-        self._window = DecodeWindow(self.now, first, last, fixed_s + per_token_s * b.kv_tokens(first),
-                                    per_token_s * len(b))
-        self._first_gaps(self._window.end(first))
+        n = len(b.members)
+        fixed_s, per_token_s = self.latency.decode_line(n)
+        w = self._window = DecodeWindow(self.clock.now, first, last,
+                                        fixed_s + per_token_s * b.kv_tokens(first), per_token_s * n,
+                                        b.growth(first), b.phase)
+        if b.joined:
+            self._first_gaps(w.end(first))
         self.state = State.WINDOW
         self._version += 1
-        self._touch()
-        self.events.push(self._window.end(last), EventKind.STEP_DONE, self._on_step_done,
-                         self._version)
+        self._view_until = -_INF  # _touch
+        self.events.push(w.end(last), EventKind.STEP_DONE, self._on_step_done, self._version)
         return True
 
     def _admission_step(self) -> bool:
         """One step: the batch decodes, the planner admits waiting prompts beside it."""
-        b, step, n = self.batch, self.steps_done + 1, len(self.batch)
-        if b.growth(step) > self.blocks.num_free_blocks + self._pooled:
+        b, step, n = self.batch, self.steps_done + 1, len(self.batch.members)
+        grown = b.growth(step)
+        if grown > self.blocks.num_free_blocks + self._pooled:
             return False
-        self._pool_blocks(b.growth(step))
+        self._pool_blocks(grown)
         plan = self.planner.plan_admissions(self.waiting, self.running,
                                             self.spec.batch.max_num_batched_tokens - n)
         self.stats.planner_calls += 1
         tokens, rows, prefill = n, n, []
         for c in plan.chunks:
-            seq = c.seq
-            tokens += c.num_tokens
-            rows += seq.num_computed_tokens + c.num_tokens == seq.num_tokens
-            prefill.append((c.num_tokens, seq.num_computed_tokens))
+            seq, k = c.seq, c.num_tokens
+            tokens += k
+            computed = seq.num_computed_tokens
+            rows += computed + k == seq.num_tokens
+            prefill.append((k, computed))
         kv = b.kv_tokens(step)
         dt = self.latency.step_time(tokens, n + len(plan.chunks), rows, kv, prefill)
         self.stats.flops += self.latency.model_flops(tokens, kv, prefill)
-        self._first_gaps(self.now + dt)
+        if b.joined:
+            self._first_gaps(self.clock.now + dt)
         self._begin_step(plan, dt)
         return True
 
@@ -358,15 +372,16 @@ class SimWorker:
             dt *= self._noise.choice(self.spec.prefill_step_noise)
         self.stats.flops += self.latency.model_flops(tokens, dec_ctx, prefill)
         if self.spec.role == "prefill":
-            self._announce_exports(plan, self.now + dt)
+            self._announce_exports(plan, self.clock.now + dt)
         self._begin_step(plan, dt)
 
     def _begin_step(self, plan: StepPlan, dt: float) -> None:
-        self._plan, self._step_start = plan, self.now
+        now = self.clock.now
+        self._plan, self._step_start = plan, now
         self.state = State.STEP
         self._version += 1
-        self._touch()
-        self.events.push(self.now + dt, EventKind.STEP_DONE, self._on_step_done, self._version)
+        self._view_until = -_INF  # _touch
+        self.events.push(now + dt, EventKind.STEP_DONE, self._on_step_done, self._version)
 
     def _skip_cached(self, seq: Sequence) -> None:
         """Prompt tokens the planner served from the prefix cache leave the backlog."""
@@ -378,7 +393,7 @@ class SimWorker:
     def _announce_exports(self, plan: StepPlan, t_end: float) -> None:
         for c in plan.chunks:
             if c.seq.num_computed_tokens + c.num_tokens == c.seq.num_tokens:
-                self.hooks.on_plan_prefill_done(self.trackers[c.seq.request_id], self.now, t_end)
+                self.hooks.on_plan_prefill_done(self.trackers[c.seq.request_id], self.clock.now, t_end)
 
     def _on_step_done(self, version: int) -> None:
         if version != self._version:
@@ -387,39 +402,41 @@ class SimWorker:
             self._apply_window()
         else:
             self._apply_step()
-        self._flush_inbox()
-        self._touch()
+        if self.inbox:
+            self._flush_inbox()
+        self._view_until = -_INF  # _touch
         self.hooks.on_change()
         self._start_next()
 
     def _apply_step(self) -> None:
-        plan, now = self._plan, self.now
+        plan, now, st, b = self._plan, self.clock.now, self.stats, self.batch
         self.steps_done += 1
-        self.stats.busy_s += now - self._step_start
-        self.stats.steps += 1
-        if self.batch:  # an admission step: the batch decoded beside the plan's prompts
-            n = len(self.batch)
-            self.stats.decode_tokens += n
-            self.batch.record_steps(self.steps_done, now - self._step_start)
+        st.busy_s += now - self._step_start
+        st.steps += 1
+        if b.members:  # an admission step: the batch decoded beside the plan's prompts
+            st.decode_tokens += len(b.members)
+            b.record_steps(self.steps_done, now - self._step_start)
             self._finish_members()
+        trackers, caching = self.trackers, self.spec.enable_prefix_caching
         for c in plan.chunks:
-            seq, tr = c.seq, self.trackers[c.seq.request_id]
+            seq, k = c.seq, c.num_tokens
+            tr = trackers[seq.request_id]
             if tr.prefill_left:
-                done = min(c.num_tokens, tr.prefill_left)
+                done = min(k, tr.prefill_left)
                 tr.prefill_left -= done
                 self.backlog -= done
-                self.stats.prefill_tokens += c.num_tokens
+                st.prefill_tokens += k
             else:
-                self.stats.decode_tokens += c.num_tokens
-            seq.num_computed_tokens += c.num_tokens
-            if self.spec.enable_prefix_caching and seq.num_computed_tokens == len(seq.prompt_token_ids):
+                st.decode_tokens += k
+            seq.num_computed_tokens += k
+            if caching and seq.num_computed_tokens == len(seq.prompt_token_ids):
                 # hashed once the whole prompt is in (the engine hashes after every step;
                 # once per prompt keeps long Mooncake prompts affordable)
                 self.blocks.commit_full_blocks(seq.request_id, seq.prompt_token_ids)
             if seq.num_computed_tokens == seq.num_tokens:
                 self._sample(seq, tr, now)
-        if self.batch:  # admitted prompts still here join the batch if they decode now
-            self._newcomers += [c.seq for c in plan.chunks if c.seq.request_id in self.trackers]
+        if b.members:  # admitted prompts still here join the batch if they decode now
+            self._newcomers += [c.seq for c in plan.chunks if c.seq.request_id in trackers]
         self._plan = None
 
     def _sample(self, seq: Sequence, tr: Tracker, now: float) -> None:
@@ -445,10 +462,9 @@ class SimWorker:
 
     def _remove_running(self, seq: Sequence) -> None:
         # by identity: Sequence's dataclass __eq__ compares every field
-        for i, s in enumerate(self.running):
-            if s is seq:
-                del self.running[i]
-                return
+        ids = list(map(id, self.running))
+        if id(seq) in ids:
+            del self.running[ids.index(id(seq))]
 
     def _on_preempted(self, plan: StepPlan) -> None:
         for seq in plan.preempted:
@@ -460,15 +476,16 @@ class SimWorker:
 
     # ----- the decode batch -----------------------------------------------------------------
     def _apply_window(self) -> None:
-        w, b = self._window, self.batch
-        steps, n = w.last - w.first + 1, len(b)
-        self.steps_done = w.last
-        self.stats.busy_s += w.end(w.last) - w.start_s
-        self.stats.steps += steps
-        self.stats.windows += 1
-        self.stats.decode_tokens += steps * n
-        self.stats.flops += self.latency.model_flops(steps * n, b.kv_tokens_over(w.first, w.last))
-        b.record_steps(w.last, w.duration(w.last))
+        w, b, st = self._window, self.batch, self.stats
+        first, last = w.first, w.last
+        steps, n = last - first + 1, len(b.members)
+        self.steps_done = last
+        st.busy_s += w.end(last) - w.start_s
+        st.steps += steps
+        st.windows += 1
+        st.decode_tokens += steps * n
+        st.flops += self.latency.model_flops(steps * n, b.kv_tokens_over(first, last))
+        b.record_steps(last, w.duration(last))
         self._window = None
         self._finish_members()
 
@@ -483,27 +500,38 @@ class SimWorker:
 
     def _first_gaps(self, first_end_s: float) -> None:
         """Members joined at this boundary sample their next token at ``first_end_s``."""
-        for m in self.batch.joined:
+        joined = self.batch.joined
+        for m in joined:
             tr = m.tracker
-            tr.max_gap_s = max(tr.max_gap_s, first_end_s - tr.last_token_s)
-        self.batch.joined.clear()
+            gap = first_end_s - tr.last_token_s
+            if gap > tr.max_gap_s:
+                tr.max_gap_s = gap
+        joined.clear()
 
     def _finish_members(self) -> None:
-        b, now, k = self.batch, self.now, self.steps_done
-        finished = b.pop_finished(k)
+        b = self.batch
+        finished = b.pop_finished(self.steps_done)
+        if not finished:
+            return
+        now = self.clock.now
         for m in finished:
             seq, tr = m.seq, m.tracker
-            tr.max_gap_s = max(tr.max_gap_s, b.longest_step_since(m.gaps_from))
+            gap = b.longest_step_since(m.gaps_from)
+            if gap > tr.max_gap_s:
+                tr.max_gap_s = gap
             tr.last_token_s = tr.finish_s = now
             self.blocks.free(seq.request_id)
             del self.trackers[seq.request_id]
             self.held -= 1
             tr.seq = None
-        if finished:
-            gone = {m.seq.request_id for m in finished}
-            self.running = [s for s in self.running if s.request_id not in gone]
-            for m in finished:
-                self.hooks.on_finish(m.tracker, now)
+        running = self.running
+        if len(finished) == 1:  # by identity (Sequence's __eq__ compares every field)
+            del running[list(map(id, running)).index(id(finished[0].seq))]
+        else:
+            gone = {id(m.seq) for m in finished}
+            running[:] = [s for s in running if id(s) not in gone]
+        for m in finished:
+            self.hooks.on_finish(m.tracker, now)
 
     def _leave_batch(self) -> None:
         """Write every member's progress back; the planner takes over."""
@@ -524,7 +552,7 @@ class SimWorker:
         assert self.blocks.append(seq.request_id, seq.num_computed_tokens)
         if k > m.joined_at:
             tr.max_gap_s = max(tr.max_gap_s, self.batch.longest_step_since(m.gaps_from))
-            tr.last_token_s = self.now
+            tr.last_token_s = self.clock.now
 
     def _pool_blocks(self, blocks: int) -> None:
         """Make the pooled table (the members' KV growth since they joined) hold

@@ -21,6 +21,7 @@ text at run time; the data may not be committed).
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import json
 import random
@@ -45,8 +46,8 @@ class Request:
     output_tokens: int  # tokens it will generate (max_tokens, EOS ignored)
     hash_ids: tuple[int, ...] = ()  # Mooncake prefix block ids (empty = no prefix sharing)
 
-    @property
-    def request_id(self) -> str:
+    @functools.cached_property
+    def request_id(self) -> str:  # cached: read several times per request, per component
         return f"r{self.index}"
 
 

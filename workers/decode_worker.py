@@ -8,8 +8,14 @@ Lifecycle of a disaggregated request::
                              request joins the continuous-batching loop; if the
                              transfer failed, the blocks are released and the
                              prompt is recomputed here instead
-    next_outputs(cursor)  -> the controller long-polls token events
+    next_outputs(cursor)  -> the controller long-polls token events: one call
+                             returns every event since the last poll (all
+                             requests, all steps)
     finish / abort        -> blocks freed
+
+The controller uses the batched forms (``reserve_batch``, ``admit_batch``,
+``release_batch``, ``submit_batch``): one Ray call per worker per scheduling
+round, each running its items in one engine-thread command.
 
 With role ``mixed`` (colocated baseline) the controller calls ``submit`` and
 the same engine prefills and decodes. A reservation never admitted is
@@ -19,14 +25,14 @@ released when its lease expires.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 from kvtransfer import make_receiver
 from kvtransfer.base import ReceiverCore, TransferState
 from workers.engine import LLMEngine, RequestOutput
 from workers.engine_loop import EngineLoop
-from workers.messages import TokenEvent, WorkerLoad
+from workers.mailbox import Mailbox
+from workers.messages import AdmitItem, ReserveItem, TokenEvent, WorkerLoad
 from workers.sampling import SamplingParams
 from workers.worker_config import WorkerSpec, build_engine, model_info, start_heartbeat
 
@@ -38,11 +44,7 @@ class DecodeWorker:
         self.receiver = make_receiver(spec.transport, ReceiverCore(self.engine.kv_cache.layers),
                                       device=spec.device)
         self._leases: dict[str, float] = {}  # request -> deadline (monotonic)
-        self._events: list[TokenEvent] = []
-        self._base = 0  # index of _events[0] in the whole event history
-        self._lock = threading.Lock()
-        self._wakeup: asyncio.Event | None = None
-        self._aio: asyncio.AbstractEventLoop | None = None
+        self._events: Mailbox[TokenEvent] = Mailbox()
         self._arrivals: dict[str, tuple[float, ...]] = {}
         self.recomputed = 0  # requests whose KV transfer failed and were re-prefilled here
         self.heartbeat = start_heartbeat(spec, kv_endpoint=self.receiver.endpoint)
@@ -54,13 +56,12 @@ class DecodeWorker:
         return self.receiver.endpoint
 
     async def reserve(self, request_id: str, token_ids: list[int]) -> list[int] | None:
-        def run(e: LLMEngine):
-            blocks = e.reserve(request_id, token_ids)
-            if blocks is not None:
-                self.receiver.expect(request_id, blocks)
-                self._leases[request_id] = time.monotonic() + self.spec.lease_s
-            return blocks
-        return await self.loop.call(run)
+        return await self.loop.call(lambda e: self._reserve(e, request_id, token_ids))
+
+    async def reserve_batch(self, items: list[ReserveItem]) -> list[list[int] | None]:
+        """``reserve`` for several requests in one call (None where no room)."""
+        return await self.loop.call(
+            lambda e: [self._reserve(e, it.request_id, it.token_ids) for it in items])
 
     async def admit(self, request_id: str, prompt_token_ids: list[int],
                     output_token_ids: list[int], params: SamplingParams,
@@ -68,38 +69,36 @@ class DecodeWorker:
         """"admitted" once the KV is verified; "recomputed" if it never was;
         "aborted" if the reservation is gone (cancelled, expired, or a stale
         call from a controller that has since been replaced)."""
-        state = await asyncio.to_thread(self.receiver.wait, request_id, timeout_s)
-        ok = state is TransferState.SUCCESS
+        item = AdmitItem(request_id, prompt_token_ids, output_token_ids, params, priority,
+                         boost_steps)
+        return (await self.admit_batch([item], timeout_s))[0]
 
-        def run(e: LLMEngine) -> str:
-            if not e.is_reserved(request_id):
-                return "aborted"
-            self._leases.pop(request_id, None)
-            received = self.receiver.take(request_id)
-            if received is not None:
-                self._remember_arrivals(request_id, received.layer_arrival_s)
-            if ok:
-                e.admit_prefilled(request_id, prompt_token_ids, output_token_ids, params,
-                                  priority, boost_steps)
-                return "admitted"
-            e.release(request_id)
-            e.add_request(request_id, prompt_token_ids, params, output_token_ids=output_token_ids,
-                          priority=priority, boost_steps=boost_steps)
-            self.recomputed += 1
-            return "recomputed"
-        return await self.loop.call(run)
+    async def admit_batch(self, items: list[AdmitItem], timeout_s: float = 60.0) -> list[str]:
+        """``admit`` for several requests: waits for each one's KV verdict (in
+        parallel), then admits them all in one engine-thread command."""
+        states = await asyncio.gather(*(asyncio.to_thread(self.receiver.wait, it.request_id,
+                                                          timeout_s) for it in items))
+        oks = [st is TransferState.SUCCESS for st in states]
+        return await self.loop.call(
+            lambda e: [self._admit(e, it, ok) for it, ok in zip(items, oks)])
 
     async def submit(self, request_id: str, prompt_token_ids: list[int],
                      output_token_ids: list[int], params: SamplingParams,
                      priority: float = 0.0, boost_steps: int = 0) -> None:
         """Prefill and decode here (mixed pool, or recovery); ``priority`` and
         ``boost_steps`` rank it under KV pressure (workers/sequence.py)."""
-        await self.loop.call(lambda e: e.add_request(
-            request_id, prompt_token_ids, params, output_token_ids=output_token_ids,
-            priority=priority, boost_steps=boost_steps))
+        await self.submit_batch([AdmitItem(request_id, prompt_token_ids, output_token_ids,
+                                           params, priority, boost_steps)])
+
+    async def submit_batch(self, items: list[AdmitItem]) -> list[str]:
+        """``submit`` for several requests; per item "" or why it was refused."""
+        return await self.loop.call(lambda e: [self._submit(e, it) for it in items])
 
     async def release(self, request_id: str) -> bool:
         return await self.loop.call(lambda e: self._drop(e, request_id))
+
+    async def release_batch(self, request_ids: list[str]) -> list[bool]:
+        return await self.loop.call(lambda e: [self._drop(e, rid) for rid in request_ids])
 
     async def abort(self, request_id: str) -> bool:
         return await self.loop.call(lambda e: self._drop(e, request_id))
@@ -108,17 +107,7 @@ class DecodeWorker:
                            ) -> tuple[list[TokenEvent], int, WorkerLoad]:
         """Events after ``cursor`` (waits up to ``timeout_s`` for one), the new
         cursor, and this worker's load. Events before ``cursor`` are dropped."""
-        self._bind_loop()
-        events = self._since(cursor)
-        if not events:
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
-            except TimeoutError:
-                pass
-            events = self._since(cursor)
-        with self._lock:
-            end = self._base + len(self._events)
+        events, end = await self._events.since(cursor, timeout_s)
         # The snapshot the engine thread left after its last step: asking the
         # engine thread would make every poll wait for a step boundary.
         return events, end, self._load_snapshot
@@ -145,6 +134,41 @@ class DecodeWorker:
     async def model_info(self) -> dict:
         return model_info(self.engine)
 
+    # ----- engine thread ------------------------------------------------------
+    def _reserve(self, e: LLMEngine, request_id: str, token_ids: list[int]) -> list[int] | None:
+        blocks = e.reserve(request_id, token_ids)
+        if blocks is not None:
+            self.receiver.expect(request_id, blocks)
+            self._leases[request_id] = time.monotonic() + self.spec.lease_s
+        return blocks
+
+    def _admit(self, e: LLMEngine, it: AdmitItem, kv_ok: bool) -> str:
+        if not e.is_reserved(it.request_id):
+            return "aborted"
+        self._leases.pop(it.request_id, None)
+        received = self.receiver.take(it.request_id)
+        if received is not None:
+            self._remember_arrivals(it.request_id, received.layer_arrival_s)
+        if kv_ok:
+            e.admit_prefilled(it.request_id, it.prompt_token_ids, it.output_token_ids,
+                              it.params, it.priority, it.boost_steps)
+            return "admitted"
+        e.release(it.request_id)
+        e.add_request(it.request_id, it.prompt_token_ids, it.params,
+                      output_token_ids=it.output_token_ids, priority=it.priority,
+                      boost_steps=it.boost_steps)
+        self.recomputed += 1
+        return "recomputed"
+
+    def _submit(self, e: LLMEngine, it: AdmitItem) -> str:
+        try:
+            e.add_request(it.request_id, it.prompt_token_ids, it.params,
+                          output_token_ids=it.output_token_ids, priority=it.priority,
+                          boost_steps=it.boost_steps)
+        except ValueError as exc:
+            return str(exc) or "refused"
+        return ""
+
     # ----- helpers ----------------------------------------------------------
     def _remember_arrivals(self, request_id: str, times: tuple[float, ...]) -> None:
         self._arrivals[request_id] = times
@@ -156,25 +180,10 @@ class DecodeWorker:
         self.receiver.cancel(request_id)
         return e.abort(request_id)
 
-    def _bind_loop(self) -> None:
-        if self._aio is None:
-            self._aio = asyncio.get_running_loop()
-            self._wakeup = asyncio.Event()
-
-    def _since(self, cursor: int) -> list[TokenEvent]:
-        with self._lock:
-            drop = max(0, min(cursor - self._base, len(self._events)))
-            del self._events[:drop]
-            self._base += drop
-            return list(self._events)
-
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         events = [TokenEvent(o.request_id, o.new_token_ids, o.new_text,
                              o.finish_reason.value if o.finish_reason else None) for o in outputs]
-        with self._lock:
-            self._events.extend(events)
-        if self._aio is not None:
-            self._aio.call_soon_threadsafe(self._wakeup.set)
+        self._events.put(events)
 
     def _after_step(self) -> None:
         self._expire_leases()

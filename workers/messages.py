@@ -19,6 +19,7 @@ class PrefillJob:
     output_token_ids: list[int]  # already streamed (re-dispatch); re-prefilled too
     params: SamplingParams
     kv_endpoint: str  # the decode worker's KV receiver
+    generation: int = 0  # the controller's dispatch number, echoed in the result
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class PrefillResult:
     prefill_s: float  # from its first chunk to the sampled token
     aborted: bool = False
     error: str = ""
+    generation: int = 0  # the job's dispatch number (results of older dispatches are stale)
 
 
 @dataclass(frozen=True)
@@ -63,3 +65,24 @@ class WorkerLoad:
     prefix_cache_queries: int = 0  # cumulative blocks looked up in the prefix cache
     prefix_cache_hits: int = 0  # cumulative blocks found there
     gpu: GPUStats | None = None  # NVML sample (at most ~1 s old); None without a GPU
+
+
+@dataclass(frozen=True)
+class ReserveItem:
+    """One KV reservation in a decode worker's ``reserve_batch``."""
+
+    request_id: str
+    token_ids: list[int]  # prompt + outputs so far: the KV that will arrive
+
+
+@dataclass(frozen=True)
+class AdmitItem:
+    """One request in ``admit_batch`` (decode after a KV transfer) or
+    ``submit_batch`` (prefill and decode on the same worker)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # already streamed, including the prefill's token
+    params: SamplingParams
+    priority: float = 0.0  # scheduler rank under KV pressure (workers/sequence.py)
+    boost_steps: int = 0  # steps it keeps a raised priority

@@ -10,6 +10,11 @@ Lifecycle of a job::
     engine frees the blocks -> the sender waits for the decode side's verdict
     (one retry) -> PrefillResult.
 
+The controller submits a scheduling round's jobs in one ``submit_prefills``
+call and long-polls ``next_results``, which returns every result finished
+since its last poll (one Ray call for many results). ``prefill(job)`` is the
+one-job form that awaits its own result.
+
 The actor is a plain class; the launcher wraps it with ``ray.remote`` and
 places it on a node of its pool's GPU type.
 """
@@ -28,6 +33,7 @@ from kvtransfer import make_sender
 from kvtransfer.base import SendHandle, TransferMetrics
 from workers.engine import LLMEngine, RequestOutput
 from workers.engine_loop import EngineLoop
+from workers.mailbox import Mailbox
 from workers.messages import PrefillJob, PrefillResult, WorkerLoad
 from workers.worker_config import WorkerSpec, build_engine, model_info, start_heartbeat
 
@@ -51,23 +57,34 @@ class PrefillWorker:
         self._jobs: dict[str, _Job] = {}
         self._finisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-finish")
         self.layer_done_s: dict[str, list[float]] = {}  # request -> when each layer computed
+        self._results: Mailbox[PrefillResult] = Mailbox()  # of jobs from submit_prefills
         self.heartbeat = start_heartbeat(spec)
-        self.loop = EngineLoop(self.engine, self._on_outputs)
+        self._load_snapshot = self._load(self.engine)  # refreshed after every engine step
+        self.loop = EngineLoop(self.engine, self._on_outputs, self._after_step)
 
     # ----- actor methods --------------------------------------------------
     async def prefill(self, job: PrefillJob) -> PrefillResult:
-        params = replace(job.params, max_tokens=len(job.output_token_ids) + 1)
         state = _Job(job, time.perf_counter())
-        self._jobs[job.request_id] = state
-        try:
-            await self.loop.call(lambda e: e.add_request(
-                job.request_id, job.prompt_token_ids, params,
-                output_token_ids=job.output_token_ids, export_kv=True,
-                handoff=len(job.output_token_ids) + 1 < job.params.max_tokens))
-        except ValueError:
-            self._jobs.pop(job.request_id, None)
-            raise
+        error = (await self.loop.call(lambda e: self._add_jobs(e, [state])))[0]
+        if error:
+            raise ValueError(error)
         return await asyncio.wrap_future(state.result)
+
+    async def submit_prefills(self, jobs: list[PrefillJob]) -> list[str]:
+        """Queue several jobs in one engine-thread command; per job "" or why
+        it was refused. Results come back through ``next_results``."""
+        now = time.perf_counter()
+        states = [_Job(job, now) for job in jobs]
+        for state in states:
+            state.result.add_done_callback(lambda f: self._results.put([f.result()]))
+        return await self.loop.call(lambda e: self._add_jobs(e, states))
+
+    async def next_results(self, cursor: int, timeout_s: float = 1.0
+                           ) -> tuple[list[PrefillResult], int, WorkerLoad]:
+        """Results of submitted jobs after ``cursor`` (waits up to ``timeout_s``
+        for one), the new cursor, and this worker's load."""
+        results, end = await self._results.since(cursor, timeout_s)
+        return results, end, self._load_snapshot
 
     async def abort(self, request_id: str) -> bool:
         state = self._jobs.pop(request_id, None)
@@ -75,7 +92,7 @@ class PrefillWorker:
             return False
         await self.loop.call(lambda e: e.abort(request_id))
         if not state.result.done():
-            state.result.set_result(_aborted(request_id))
+            state.result.set_result(_aborted(request_id, state.job.generation))
         return True
 
     async def load(self) -> WorkerLoad:
@@ -107,6 +124,23 @@ class PrefillWorker:
         return model_info(self.engine)
 
     # ----- engine thread --------------------------------------------------
+    def _add_jobs(self, e: LLMEngine, states: list[_Job]) -> list[str]:
+        errors = []
+        for state in states:
+            job = state.job
+            self._jobs[job.request_id] = state
+            params = replace(job.params, max_tokens=len(job.output_token_ids) + 1)
+            try:
+                e.add_request(job.request_id, job.prompt_token_ids, params,
+                              output_token_ids=job.output_token_ids, export_kv=True,
+                              handoff=len(job.output_token_ids) + 1 < job.params.max_tokens)
+                errors.append("")
+            except ValueError as exc:
+                self._jobs.pop(job.request_id, None)
+                errors.append(str(exc) or "refused")
+        self._load_snapshot = self._load(e)
+        return errors
+
     def _export_layer(self, layer: int, exports: list[tuple[str, list[int]]]) -> None:
         k_cache, v_cache = self.engine.kv_cache.layers[layer]
         for request_id, block_table in exports:
@@ -141,7 +175,10 @@ class PrefillWorker:
             kv_bytes=result.bytes_sent if result else 0,
             transfer_s=result.seconds if result else 0.0,
             queue_s=max(0.0, started_s - state.submitted_s), prefill_s=done_s - started_s,
-            error=result.error if result else "no KV was exported"))
+            error=result.error if result else "no KV was exported", generation=job.generation))
+
+    def _after_step(self) -> None:
+        self._load_snapshot = self._load(self.engine)
 
     def _load(self, engine: LLMEngine) -> WorkerLoad:
         queued = sum(s.num_uncomputed for s in list(engine.waiting) + engine.running)
@@ -158,6 +195,6 @@ def _finish_reason(out: RequestOutput, job: PrefillJob) -> str | None:
     return None
 
 
-def _aborted(request_id: str) -> PrefillResult:
+def _aborted(request_id: str, generation: int) -> PrefillResult:
     return PrefillResult(request_id, None, "", "abort", False, 0, 0, 0.0, 0.0, 0.0,
-                         aborted=True)
+                         aborted=True, generation=generation)

@@ -12,6 +12,9 @@ from abc import ABC, abstractmethod
 from cluster.policies.types import AdmissionDecision, RequestView
 
 
+_ACCEPTED = AdmissionDecision(True)  # frozen: one serves every admitted request
+
+
 class AdmissionPolicy(ABC):
     @abstractmethod
     def admit(self, queue_depth: int, request: RequestView) -> AdmissionDecision: ...
@@ -27,4 +30,4 @@ class BoundedQueue(AdmissionPolicy):
         if queue_depth >= self.max_waiting:
             return AdmissionDecision(
                 False, f"overloaded: {queue_depth} requests waiting (limit {self.max_waiting})")
-        return AdmissionDecision(True)
+        return _ACCEPTED

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from operator import attrgetter
 from typing import ClassVar
 
 from cluster.policies.types import RequestView, Route, WorkerView
@@ -34,14 +35,29 @@ class RouterPolicy(ABC):
     def route(self, request: RequestView, prefill: Sequence[WorkerView],
               decode: Sequence[WorkerView],
               prefix_hits: Mapping[str, int] | None = None) -> Route | None:
-        if all(w.role == "mixed" for w in decode):  # colocated: one worker does both
-            fits = [w for w in decode if prefill_fits(w, request) and decode_fits(w, request)]
-            w = self.pick(request, fits, prefix_hits or {}, "prefill")
+        # ``prefill_fits`` and ``decode_fits`` written out: a route runs for every
+        # dispatched request over every worker (the simulator's hot path)
+        prompt, total = request.prompt_tokens, request.prompt_tokens + request.max_tokens
+        hits = prefix_hits or {}
+        for w in decode:
+            if w.role != "mixed":
+                break
+        else:  # colocated: one worker does both
+            w = self.pick(request, [
+                w for w in decode if w.alive and w.running < w.max_num_seqs
+                and -(-total // w.block_size) <= w.free_kv_blocks
+                and (w.queued_prefill_tokens == 0
+                     or prompt <= 2 * w.max_num_batched_tokens - w.queued_prefill_tokens)],
+                hits, "prefill")
             return Route(w.worker_id, w.worker_id) if w else None
-        p = self.pick(request, [w for w in prefill if prefill_fits(w, request)],
-                      prefix_hits or {}, "prefill")
-        d = self.pick(request, [w for w in decode if decode_fits(w, request)],
-                      prefix_hits or {}, "decode")
+        p = self.pick(request, [
+            w for w in prefill if w.alive and (
+                w.queued_prefill_tokens == 0
+                or prompt <= 2 * w.max_num_batched_tokens - w.queued_prefill_tokens)],
+            hits, "prefill")
+        d = self.pick(request, [
+            w for w in decode if w.alive and w.running < w.max_num_seqs
+            and -(-total // w.block_size) <= w.free_kv_blocks], hits, "decode")
         return Route(p.worker_id, d.worker_id) if p and d else None
 
     @abstractmethod
@@ -65,6 +81,9 @@ class RoundRobin(RouterPolicy):
         return ordered[i % len(ordered)]
 
 
+_PREFILL_LOAD = attrgetter("queued_prefill_tokens", "running", "worker_id")  # smallest first
+
+
 class LeastLoaded(RouterPolicy):
     """Prefill: fewest queued prompt tokens. Decode: most free KV blocks."""
 
@@ -74,7 +93,7 @@ class LeastLoaded(RouterPolicy):
         if not candidates:
             return None
         if role == "prefill":
-            return min(candidates, key=lambda w: (w.queued_prefill_tokens, w.running, w.worker_id))
+            return min(candidates, key=_PREFILL_LOAD)
         return max(candidates, key=lambda w: (w.free_kv_blocks, -w.running, w.worker_id))
 
 

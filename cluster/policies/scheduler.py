@@ -26,9 +26,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import ClassVar
 
 from cluster.policies.types import RequestView, SchedulingRound
+
+_ARRIVAL = attrgetter("arrival_s", "request_id")  # first come, first served
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,15 @@ class SchedulerPolicy(ABC):
 
     def order(self, rnd: SchedulingRound) -> list[RequestView]:
         """Waiting requests, first to dispatch first."""
-        promoted = [r for r in rnd.waiting if self.starving(r, rnd.now_s)]
-        rest = [r for r in rnd.waiting if not self.starving(r, rnd.now_s)]
-        promoted.sort(key=lambda r: (r.arrival_s, r.request_id))
-        return promoted + sorted(rest, key=self.key)
+        starving, now_s = self.starving, rnd.now_s
+        promoted, rest = [], []
+        for r in rnd.waiting:
+            (promoted if starving(r, now_s) else rest).append(r)
+        rest.sort(key=self.key)
+        if not promoted:
+            return rest
+        promoted.sort(key=_ARRIVAL)
+        return promoted + rest
 
     def starving(self, r: RequestView, now_s: float) -> bool:
         """Promoted now: in a quantum, or past the wall-clock bound."""

@@ -2,6 +2,13 @@
 
 The controller (real workers, wall-clock time) and the simulator (simulated
 workers, simulated time) both fill these dataclasses and read the decisions.
+
+The snapshots are frozen. ``RequestView`` and ``WorkerView`` write their
+``__init__`` out: the one ``dataclass`` generates for a frozen class sets
+each field through ``object.__setattr__`` and costs three times as much,
+and the simulator builds a view for every request and for every worker
+whose load changed, millions per run. Field order, defaults, equality,
+hashing, ``repr`` and ``dataclasses.replace`` are the dataclass's own.
 """
 
 from __future__ import annotations
@@ -22,6 +29,19 @@ class RequestView:
     true_output_tokens: int | None = None  # known only to oracles (sim, benchmarks)
     prefix_hashes: tuple[int, ...] = ()  # chained hashes of the prompt's full KV blocks
 
+    def __init__(self, request_id: str, prompt_tokens: int, max_tokens: int, arrival_s: float,
+                 waited_rounds: int = 0, score: float | None = None,
+                 true_output_tokens: int | None = None, prefix_hashes: tuple[int, ...] = ()):
+        d = self.__dict__  # frozen: fields are written once, here
+        d["request_id"] = request_id
+        d["prompt_tokens"] = prompt_tokens
+        d["max_tokens"] = max_tokens
+        d["arrival_s"] = arrival_s
+        d["waited_rounds"] = waited_rounds
+        d["score"] = score
+        d["true_output_tokens"] = true_output_tokens
+        d["prefix_hashes"] = prefix_hashes
+
 
 @dataclass(frozen=True)
 class WorkerView:
@@ -38,6 +58,22 @@ class WorkerView:
     max_num_batched_tokens: int  # its prefill token budget per step
     max_num_seqs: int  # its decode batch cap
     alive: bool = True
+
+    def __init__(self, worker_id: str, role: str, gpu_type: str, queued_prefill_tokens: int,
+                 running: int, free_kv_blocks: int, total_kv_blocks: int, block_size: int,
+                 max_num_batched_tokens: int, max_num_seqs: int, alive: bool = True):
+        d = self.__dict__  # frozen: fields are written once, here
+        d["worker_id"] = worker_id
+        d["role"] = role
+        d["gpu_type"] = gpu_type
+        d["queued_prefill_tokens"] = queued_prefill_tokens
+        d["running"] = running
+        d["free_kv_blocks"] = free_kv_blocks
+        d["total_kv_blocks"] = total_kv_blocks
+        d["block_size"] = block_size
+        d["max_num_batched_tokens"] = max_num_batched_tokens
+        d["max_num_seqs"] = max_num_seqs
+        d["alive"] = alive
 
     def prefill_room(self) -> int:
         """Prompt tokens it can take before its queue exceeds two steps of work."""

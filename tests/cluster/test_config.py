@@ -67,3 +67,46 @@ def test_redis_password_env_names_a_variable():
         ClusterConfig.from_dict({"pools": [POOL], "redis": {"password_env": "1-PASS"}})
     with pytest.raises(ConfigError, match="redis.password_env: expected str, got 5"):
         ClusterConfig.from_dict({"pools": [POOL], "redis": {"password_env": 5}})
+
+
+def test_autoscale_block_is_typed_and_replicas_is_the_start():
+    cfg = ClusterConfig.from_dict({"pools": [{**POOL, "replicas": 2, "autoscale": {
+        "min_replicas": 1, "max_replicas": 4, "target_waiting_per_replica": 2,
+        "downscale_delay_s": 30}}]})
+    a = cfg.pools[0].autoscale
+    assert (a.min_replicas, a.max_replicas, a.target_waiting_per_replica) == (1, 4, 2.0)
+    assert (a.downscale_delay_s, a.upscale_delay_s, a.max_step, a.policy) == (30.0, 5.0, 1,
+                                                                              "queue-depth")
+    assert cfg.pools[0].replicas == 2
+    assert ClusterConfig.from_dict(cfg.to_dict()) == cfg
+    assert ClusterConfig.from_dict({"pools": [POOL]}).pools[0].autoscale is None
+
+
+SCALE = {"max_replicas": 3}
+
+
+@pytest.mark.parametrize("autoscale,message", [
+    ({}, r"pools\[0\].autoscale.max_replicas: required key is missing"),
+    ({**SCALE, "target_waiting_per_replica": -1},
+     r"pools\[0\].autoscale.target_waiting_per_replica: -1.0 must be > 0"),
+    ({**SCALE, "target_kv_usage": 1.2}, r"pools\[0\].autoscale.target_kv_usage: 1.2 must be in \(0, 1\]"),
+    ({**SCALE, "upscale_delay_s": -5}, r"pools\[0\].autoscale.upscale_delay_s: -5.0 must be >= 0"),
+    ({**SCALE, "max_step": 0}, r"pools\[0\].autoscale.max_step: 0 must be > 0"),
+    ({**SCALE, "policy": "cpu"}, r"pools\[0\].autoscale.policy: 'cpu' is not allowed; allowed: queue-depth"),
+    ({**SCALE, "min_replicas": 2}, r"pools\[0\].autoscale: replicas \(1, the count at start\) must "
+                                   r"be in \[min_replicas, max_replicas\] = \[2, 3\]"),
+    ({"max_replicas": 0, "min_replicas": 0}, r"pools\[0\].autoscale.max_replicas: 0 must be >= 1"),
+    ({**SCALE, "target": 3}, r"pools\[0\].autoscale.target: unknown key; allowed: max_replicas"),
+    ({**SCALE, "max_step": 1.5}, r"pools\[0\].autoscale.max_step: expected int, got 1.5"),
+])
+def test_bad_autoscale_values_are_named(autoscale, message):
+    with pytest.raises(ConfigError, match=message):
+        ClusterConfig.from_dict({"pools": [{**POOL, "autoscale": autoscale}]})
+
+
+def test_prefill_pools_are_not_autoscaled():
+    pools = [{"name": "p", "role": "prefill", "gpu_type": "H100", "autoscale": SCALE},
+             {"name": "d", "role": "decode", "gpu_type": "L40S"}]
+    with pytest.raises(ConfigError, match=r"pools\[0\].autoscale: pool role 'prefill' cannot be "
+                                          "autoscaled; allowed roles: decode, mixed"):
+        ClusterConfig.from_dict({"pools": pools})

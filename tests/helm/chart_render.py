@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "baton"
 EXAMPLES = ROOT / "helm" / "examples"
 CRD = Path(__file__).with_name("data") / "ray.io_rayclusters.yaml.gz"
+SERVICE_MONITOR_SCHEMA = Path(__file__).with_name("data") / "servicemonitor.schema.json"
 KUBE_VERSION = "1.37.0"  # the newest release kubernetes-validate>=1.37 carries schemas for
 RELEASE, NAMESPACE = "baton", "serving"
 CASES = ("default", "single-gpu-type", "heterogeneous-h100-l40s", "external-redis-autoscaling")
@@ -85,6 +86,16 @@ def raycluster_errors(doc: dict) -> list[str]:
     validator = jsonschema.Draft7Validator(_raycluster_schema())
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
             for e in validator.iter_errors(doc)]
+
+
+def servicemonitor_errors(doc: dict) -> list[str]:
+    """Schema errors of a ServiceMonitor against the vendored subset of the
+    Prometheus operator's API (data/servicemonitor.schema.json)."""
+    import jsonschema
+
+    schema = json.loads(SERVICE_MONITOR_SCHEMA.read_text())
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
 
 
 @cache

@@ -10,6 +10,7 @@ placement asks for, and secrets reach pods only through secretKeyRef.
 from __future__ import annotations
 
 import base64
+import copy
 
 import pytest
 import yaml
@@ -26,6 +27,7 @@ from chart_render import (
     ray_resources,
     raycluster_errors,
     render,
+    servicemonitor_errors,
     validate_core,
 )
 
@@ -97,6 +99,20 @@ def test_raycluster_fits_kuberay_crd(case):
     assert raycluster_errors(only(docs, "RayCluster")) == []
 
 
+def test_servicemonitor_fits_its_schema(case):
+    _, values, docs = case
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert len(monitors) == int(values["serviceMonitor"]["enabled"])
+    for m in monitors:
+        assert servicemonitor_errors(m) == []
+        m = copy.deepcopy(m)
+        m["spec"]["endpoints"][0]["interval"] = "10 seconds"
+        del m["spec"]["selector"]
+        errors = servicemonitor_errors(m)
+        assert any("'selector' is a required property" in e for e in errors), errors
+        assert any(e.startswith("spec/endpoints/0/interval:") for e in errors), errors
+
+
 def test_crd_check_catches_a_misspelt_field(case):
     _, _, docs = case
     cluster = only(docs, "RayCluster")
@@ -121,11 +137,47 @@ def test_configmap_is_the_baton_config_of_the_values(case, baton_config):
     assert [(p.name, p.role, p.gpu_type, p.replicas, p.gpus_per_replica)
             for p in cfg.pools] == expected
     for pool, spec in zip(values["pools"], cfg.pools):
+        _check_autoscale(pool, spec)
         engine = pool.get("engine", {})
         if "max_num_seqs" in engine:
             assert spec.max_num_seqs == engine["max_num_seqs"]
         if "tensor_parallel" in engine:
             assert spec.tensor_parallel == engine["tensor_parallel"]
+
+
+def _check_autoscale(pool: dict, spec) -> None:
+    """The pool's autoscale values, in Baton's units: replicas are workers,
+    bounded by the worker group's pods."""
+    scale = pool.get("autoscale", {})
+    if not scale.get("enabled"):
+        assert spec.autoscale is None
+        return
+    workers = _workers_per_pod(pool)
+    a = spec.autoscale
+    assert (a.min_replicas, a.max_replicas) == (pool["minReplicas"] * workers,
+                                                pool["maxReplicas"] * workers)
+    for key, field in (("targetWaitingPerReplica", "target_waiting_per_replica"),
+                       ("targetKVUsage", "target_kv_usage"),
+                       ("upscaleDelaySeconds", "upscale_delay_s"),
+                       ("downscaleDelaySeconds", "downscale_delay_s"), ("maxStep", "max_step")):
+        if key in scale:
+            assert getattr(a, field) == scale[key], key
+
+
+def test_autoscaled_example_scales_decode_on_queue_depth(tmp_path):
+    """The external-Redis example: Baton sizes decode between the group's
+    bounds, and the Ray autoscaler (which adds the pods) is on."""
+    from cluster.config import load_config
+
+    values = case_values("external-redis-autoscaling")
+    docs = render(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(only(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    (decode,) = load_config(path).pools_with_role("decode")
+    assert (decode.autoscale.min_replicas, decode.autoscale.max_replicas) == (1, 8)
+    assert decode.autoscale.target_waiting_per_replica == 8
+    assert only(docs, "RayCluster")["spec"]["enableInTreeAutoscaling"] is True
+    assert _groups(docs)["decode"]["maxReplicas"] == 8
 
 
 def test_config_names_secret_variables_and_holds_no_secret(case, baton_config):

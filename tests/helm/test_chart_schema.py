@@ -66,6 +66,14 @@ def test_shipped_values_fit_the_schema(case):
     ({"baton": {"slo": {"attainment": 1.5}}}, "/baton/slo/attainment", "maximum"),
     ({"service": {"grpcPort": 70000}}, "/service/grpcPort", "maximum"),
     ({"autoscaling": {"upscalingMode": "Fast"}}, "/autoscaling/upscalingMode", "must be one of"),
+    ({"pools": _pools(p1={"autoscale": {"enabled": True, "targetWaitingPerReplica": -2}})},
+     "/pools/1/autoscale/targetWaitingPerReplica", "exclusiveMinimum"),
+    ({"pools": _pools(p1={"autoscale": {"enabled": True, "downscaleDelaySeconds": -1}})},
+     "/pools/1/autoscale/downscaleDelaySeconds", "minimum"),
+    ({"pools": _pools(p1={"autoscale": {"enabled": True, "targetKVUsage": 1.5}})},
+     "/pools/1/autoscale/targetKVUsage", "maximum"),
+    ({"pools": _pools(p1={"autoscale": {"enabled": True, "targetWaiting": 3}})},
+     "/pools/1/autoscale", "additional properties 'targetWaiting'"),
     ({"colour": "blue"}, "at ''", "additional properties 'colour'"),
 ])
 def test_schema_refuses_bad_values_naming_the_key(values, key, why):
@@ -86,6 +94,10 @@ def test_schema_refuses_bad_values_naming_the_key(values, key, why):
     ({"pools": _pools(p0={"minReplicas": 2})},
      "pools[0]: need minReplicas <= replicas <= maxReplicas, got 2 <= 1 <= 1"),
     ({"model": {"source": "/models/m"}}, 'model.source: "/models/m" is a directory but'),
+    ({"pools": _pools(p1={"autoscale": {"enabled": True}})},
+     "pools[1].autoscale.enabled needs autoscaling.enabled"),
+    ({"autoscaling": {"enabled": True}, "pools": _pools(p0={"autoscale": {"enabled": True}})},
+     'pools[0].autoscale.enabled: pool role "prefill" cannot be autoscaled'),
     ({"model": {"source": "/data/m", "weights": {"volume": "pvc", "pvc": {"claimName": "w"}}}},
      'model.source: "/data/m" must be a directory under model.weights.mountPath "/models"'),
 ])

@@ -173,6 +173,14 @@ baton/gpu-type: {{ .pool.gpuType }}
 {{- if not (and (le (int $pool.minReplicas) (int $pool.replicas)) (le (int $pool.replicas) (int $pool.maxReplicas))) -}}
 {{- fail (printf "%s: need minReplicas <= replicas <= maxReplicas, got %d <= %d <= %d" $key (int $pool.minReplicas) (int $pool.replicas) (int $pool.maxReplicas)) -}}
 {{- end -}}
+{{- if ($pool.autoscale | default dict).enabled -}}
+{{- if eq $pool.role "prefill" -}}
+{{- fail (printf "%s.autoscale.enabled: pool role %q cannot be autoscaled by Baton; allowed roles: decode, mixed" $key $pool.role) -}}
+{{- end -}}
+{{- if not $.Values.autoscaling.enabled -}}
+{{- fail (printf "%s.autoscale.enabled needs autoscaling.enabled: the Ray autoscaler adds the pods Baton's new replicas wait for" $key) -}}
+{{- end -}}
+{{- end -}}
 {{- $ctx := dict "root" $ "pool" $pool -}}
 {{- $workers := int (include "baton.pool.workersPerPod" $ctx) -}}
 {{- if gt (int $pool.gpusPerPod) 0 -}}
