@@ -9,15 +9,18 @@ Lifecycle of a request (see DESIGN.md, "A request's life")::
     dispatch    decode reserves KV blocks -> prefill computes and streams KV
                 layer by layer -> first token delivered -> decode admits
                 (or recomputes if the transfer failed) -> tokens arrive through
-                the decode worker's long-poll loop
+                the decode worker's token stream
     finish      journal closed, completed log appended, blocks freed by workers
 
 Batching: the work of a scheduling round goes out as ONE call per worker
 (``reserve_batch`` per decode worker, then ``submit_prefills`` per prefill
 worker; ``submit_batch`` per mixed worker); prefill results come back through
-each prefill worker's long-poll (``next_results``) and are followed by one
-``admit_batch`` / ``release_batch`` per decode worker. Journal writes go
-through a ``JournalBatcher`` (one Redis pipeline per event-loop tick); a
+each prefill worker's ``stream_results`` generator and are followed by one
+``admit_batch`` per decode worker (reservations of requests that ended at
+their first token are freed with the next ``reserve_batch``, or a
+``release_batch`` within ``RELEASE_DELAY_S``). Token events come through each
+decode worker's ``stream_outputs`` generator. Journal writes go
+through a ``JournalBatcher`` (one Redis command per event-loop tick); a
 submit is acknowledged only once its entry is written. ``submit_many`` takes
 many requests in one call.
 
@@ -41,6 +44,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
+import ray
 from ray.exceptions import RayActorError
 
 from cluster.config import ClusterConfig
@@ -105,6 +109,8 @@ class SubmitOutcome:
 
 log = logging.getLogger("baton.controller")
 
+RELEASE_DELAY_S = 0.02  # a reservation to free waits at most this long for the next round
+
 
 @dataclass(frozen=True)
 class StreamChunk:
@@ -131,10 +137,14 @@ class _Worker:
     kv_endpoint: str = ""
     cursor: int = 0  # cursor of its long-poll (token events, or prefill results)
     outstanding_prefill: int = 0  # prompt tokens dispatched, not yet prefilled
-    # dispatches its last polled load may not count yet -> when they were admitted
-    # (inf until then); dropped by the first poll issued after that
+    # dispatches its last reported load may not count yet -> when they were admitted
+    # (wall clock; inf until then); dropped once a load taken after that arrives
     in_transit: dict[object, float] = field(default_factory=dict)
     retiring: bool = False  # being drained by retire_worker: routed no new work
+    # requests whose KV reservation is no longer needed: released with the next
+    # reserve_batch to this worker, or by a release_batch within RELEASE_DELAY_S
+    releases: list[str] = field(default_factory=list)
+    release_timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -159,14 +169,22 @@ class _Request:
     placement: Placement = Placement(0.0, 0)  # decode-side rank, set at dispatch
     prefill_tokens: int = 0  # charged to its prefill worker's queue until the result is in
     transit: object | None = None  # its key in its decode worker's in_transit
+    _view: RequestView | None = None  # cached by view()
+    _view_key: tuple = ()
 
     def view(self) -> RequestView:
-        left = self.params.max_tokens - len(self.tokens)
-        p = self.params  # with EOS ignored and no stop condition, max_tokens is the true length
-        known = left if p.ignore_eos and not p.stop and not p.stop_token_ids else None
-        return RequestView(self.request_id, len(self.prompt) + len(self.tokens), left,
-                           self.arrival_s, self.waited_rounds, self.score, known,
-                           prefix_hashes=self.prefix_hashes)
+        """Rebuilt only when what it shows changed: a round that dispatches
+        nothing reuses the views of every waiting request."""
+        key = (len(self.tokens), self.waited_rounds, self.score, len(self.prefix_hashes))
+        if self._view is None or self._view_key != key:
+            left = self.params.max_tokens - len(self.tokens)
+            p = self.params  # with EOS ignored and no stop condition, max_tokens is the true length
+            known = left if p.ignore_eos and not p.stop and not p.stop_token_ids else None
+            self._view = RequestView(self.request_id, len(self.prompt) + len(self.tokens), left,
+                                     self.arrival_s, self.waited_rounds, self.score, known,
+                                     prefix_hashes=self.prefix_hashes)
+            self._view_key = key
+        return self._view
 
 
 def _load_ranker(config: ClusterConfig, redis):
@@ -300,10 +318,10 @@ class Controller:
                              f"[0, {self.vocab_size})")
         params.validate(len(prompt_token_ids), self.max_model_len)
         req = _Request(rid, list(prompt_token_ids), params, time.time())
+        req.prefix_hashes = self._prefix_hashes(req.prompt)
         decision = self.admission.admit(len(self._waiting) + len(self._admitting), req.view())
         if not decision.accepted:
             raise Overloaded(decision.reason)
-        req.prefix_hashes = self._prefix_hashes(req.prompt)
         self._admitting.add(rid)
         return req
 
@@ -367,6 +385,18 @@ class Controller:
                            end, req.finish_reason is not None, req.finish_reason,
                            dict(req.timing, arrival_s=req.arrival_s),
                            req.token_times[cursor:end])
+
+    async def stream_chunks(self, request_id: str, cursor: int = 0, idle_s: float = 5.0):
+        """``stream`` as an async generator, called with ``num_returns="streaming"``:
+        one chunk as soon as tokens after ``cursor`` exist (an empty one after
+        ``idle_s`` without any), until the finished chunk. One Ray call per
+        request instead of one per chunk."""
+        while True:
+            chunk = await self.stream(request_id, cursor, idle_s)
+            cursor = chunk.cursor
+            yield chunk
+            if chunk.finished:
+                return
 
     async def _from_journal(self, request_id: str) -> _Request | None:
         """A request finished under a previous controller, still in the journal."""
@@ -606,6 +636,9 @@ class Controller:
             self.metrics.observe_queue(self.workers[route.prefill_worker].role,
                                        req.timing["queue_s"])
         self._transit_begin(req)
+        if route.prefill_worker != route.decode_worker:  # its prompt counts in P's queue now
+            req.prefill_tokens = len(req.prompt) + len(req.tokens)
+            self.workers[route.prefill_worker].outstanding_prefill += req.prefill_tokens
         self.journal.route(req.request_id, route.prefill_worker, route.decode_worker)
         return req
 
@@ -663,8 +696,9 @@ class Controller:
     async def _reserve(self, d: _Worker, reqs: list[_Request], gens) -> list[_Request]:
         """KV reservations on one decode worker; returns those that got one and
         are still current (the others wait for room, or are released)."""
+        release = self._take_releases(d)
         blocks = await self._call(d, "reserve_batch", [ReserveItem(
-            r.request_id, r.prompt + r.tokens) for r in reqs])
+            r.request_id, r.prompt + r.tokens) for r in reqs], release)
         ready, stale = [], []
         for r, b in zip(reqs, blocks):
             if b is None:  # raced with other reservations: wait for room
@@ -681,9 +715,6 @@ class Controller:
         jobs = [PrefillJob(r.request_id, r.prompt, list(r.tokens), r.params,
                            self.workers[r.route.decode_worker].kv_endpoint, r.generation)
                 for r in reqs]
-        for r in reqs:
-            r.prefill_tokens = len(r.prompt) + len(r.tokens)
-            p.outstanding_prefill += r.prefill_tokens
         errors = await self._call(p, "submit_prefills", jobs)
         for r, error in zip(reqs, errors):
             if error:
@@ -698,14 +729,18 @@ class Controller:
         """First tokens of a batch of prefills: delivered (one journal write),
         then one ``admit_batch`` / ``release_batch`` per decode worker."""
         live: list[tuple[_Request, PrefillResult]] = []
+        admit, release = _Groups(), _Groups()
         for res in results:
             req = self._requests.get(res.request_id)
             if req is None or req.generation != res.generation:
                 continue  # stale: whoever re-dispatched or cancelled it freed its blocks
             self._uncharge_prefill(req)
-            if req.finish_reason is None and res.aborted:
+            if req.finish_reason is not None:  # ended meanwhile (a failed call): free its KV
+                if req.route is not None:
+                    release.add(req.route.decode_worker, req)
+            elif res.aborted:
                 self._requeue(req, req.generation)
-            elif req.finish_reason is None:
+            else:
                 live.append((req, res))
         self._wake.set()
         for req, res in live:
@@ -713,17 +748,35 @@ class Controller:
         await asyncio.gather(*(self._store_prefix(p.worker_id, req) for req, _ in live))
         await self._deliver(None, [TokenEvent(req.request_id, [res.token_id], res.text,
                                               res.finish_reason) for req, res in live])
-        admit, release = _Groups(), _Groups()
         for req, res in live:
             if res.finish_reason is None and req.finish_reason is None:
                 admit.add(req.route.decode_worker, req)
             else:
                 self._transit_drop(req)
                 release.add(req.route.decode_worker, req)
-        await asyncio.gather(
-            *(self._admit(self.workers[d], rs) for d, rs in admit.items()),
-            *(self._safe(self.workers[d], "release_batch", [r.request_id for r in rs])
-              for d, rs in release.items()))
+        for d, rs in release.items():
+            self._release_later(self.workers[d], [r.request_id for r in rs])
+        await asyncio.gather(*(self._admit(self.workers[d], rs) for d, rs in admit.items()))
+
+    def _release_later(self, d: _Worker, request_ids: list[str]) -> None:
+        """Free reservations with the next round's ``reserve_batch`` to ``d``,
+        or with one ``release_batch`` after ``RELEASE_DELAY_S`` if none comes."""
+        d.releases += request_ids
+        if d.release_timer is None:
+            d.release_timer = asyncio.get_running_loop().call_later(
+                RELEASE_DELAY_S, lambda: self._spawn(self._flush_releases(d)))
+
+    def _take_releases(self, d: _Worker) -> list[str]:
+        if d.release_timer is not None:
+            d.release_timer.cancel()
+            d.release_timer = None
+        release, d.releases = d.releases, []
+        return release
+
+    async def _flush_releases(self, d: _Worker) -> None:
+        release = self._take_releases(d)
+        if release:
+            await self._safe(d, "release_batch", release)
 
     async def _admit(self, d: _Worker, reqs: list[_Request]) -> None:
         gens = {r.request_id: r.generation for r in reqs}
@@ -745,10 +798,10 @@ class Controller:
         self.workers[req.route.decode_worker].in_transit[req.transit] = float("inf")
 
     def _transit_end(self, req: _Request) -> None:
-        """Admitted (or submitted): dropped by the next poll issued after now."""
+        """Admitted (or submitted): dropped once a load taken after now arrives."""
         w = self.workers.get(req.route.decode_worker) if req.route else None
         if req.transit is not None and w is not None and req.transit in w.in_transit:
-            w.in_transit[req.transit] = time.monotonic()
+            w.in_transit[req.transit] = time.time()
         req.transit = None
 
     def _transit_drop(self, req: _Request) -> None:
@@ -792,31 +845,53 @@ class Controller:
 
     # ----- token delivery --------------------------------------------------------------
     async def _poll(self, w: _Worker) -> None:
-        """Long-poll a worker until it dies: a decode (or mixed) worker's token
-        events are delivered in order; a prefill worker's results are handled
-        in a task of their own (admission may wait for KV verdicts). A failure
-        in delivery is logged and the loop goes on (requests must not stall)."""
-        poll = getattr(w.handle, _poll_method(w))
+        """Follow a worker until it dies or is retired, through its streaming
+        generator: a decode (or mixed) worker's token events are delivered in
+        order; a prefill worker's results are handled in a task of their own
+        (admission may wait for KV verdicts) while the stream goes on."""
+        prefill = w.role == "prefill"
+        method = w.handle.stream_results if prefill else w.handle.stream_outputs
         while w.alive:
-            issued = time.monotonic()
+            gen = method.options(num_returns="streaming").remote(w.cursor)
             try:
-                items, w.cursor, w.load = await poll.remote(w.cursor, 1.0)
+                async for ref in gen:
+                    if prefill:
+                        results, w.cursor, w.load = await ref
+                        if results:
+                            self._spawn(self._on_prefill_results(w, results))
+                    else:
+                        events, w.cursor, load, load_at = await ref
+                        w.load = load or w.load
+                        self._landed(w, load_at)
+                        await self._on_token_events(w, events)
+                    if not w.alive:
+                        break
             except RayActorError:
                 await self._mark_dead(w)
                 return
-            for k in [k for k, t in w.in_transit.items() if t < issued]:
-                del w.in_transit[k]
-            if w.role == "prefill":
-                if items:
-                    self._spawn(self._on_prefill_results(w, items))
-                continue
-            mine = [e for e in items if self._owned_by(e.request_id, w.worker_id)]
-            try:
-                if mine:
-                    await self._deliver(None, mine)
-            except Exception:  # noqa: BLE001
-                log.exception("delivering %d events from %s failed", len(mine), w.worker_id)
-            self._wake.set()
+            except Exception:  # noqa: BLE001 - re-follow; a dead worker fails the ping
+                log.exception("following %s failed", w.worker_id)
+                await asyncio.sleep(0.1)
+                if await self._safe(w, "ping") is None:
+                    return
+            finally:
+                _cancel(gen)
+
+    def _landed(self, w: _Worker, load_at: float) -> None:
+        """Requests the worker's load (taken at ``load_at``) counts already."""
+        for k in [k for k, t in w.in_transit.items() if t < load_at]:
+            del w.in_transit[k]
+
+    async def _on_token_events(self, w: _Worker, events: list[TokenEvent]) -> None:
+        """Deliver in order; a failure is logged and the stream goes on
+        (requests must not stall)."""
+        mine = [e for e in events if self._owned_by(e.request_id, w.worker_id)]
+        try:
+            if mine:
+                await self._deliver(None, mine)
+        except Exception:  # noqa: BLE001
+            log.exception("delivering %d events from %s failed", len(mine), w.worker_id)
+        self._wake.set()
 
     def _owned_by(self, request_id: str, worker_id: str) -> bool:
         req = self._requests.get(request_id)
@@ -911,3 +986,11 @@ class _Groups(dict):
 
 def _poll_method(w: _Worker) -> str:
     return "next_results" if w.role == "prefill" else "next_outputs"
+
+
+def _cancel(gen) -> None:
+    """Stop a worker's streaming generator we no longer read."""
+    try:
+        ray.cancel(gen)
+    except Exception:  # noqa: BLE001 - already finished, or its worker is gone
+        pass

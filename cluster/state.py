@@ -86,18 +86,23 @@ _APPLY_OPS = """
 local ns, ttl, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local inflight, completed = ns .. ':inflight', ns .. ':completed'
 local closed = false
+local function push(key, values)  -- in slices: unpack() has a stack limit
+  for i = 1, #values, 1000 do
+    redis.call('RPUSH', key, unpack(values, i, math.min(i + 999, #values)))
+  end
+end
 for _, op in ipairs(cjson.decode(ARGV[4])) do
   local kind, key = op[1], ns .. ':req:' .. op[2]
   if kind == 'new' then
-    redis.call('HSET', key, 'prompt', op[3], 'params', op[4], 'arrival_s', op[5],
-               'state', 'waiting')
+    redis.call('HSET', key, 'prompt', cjson.encode(op[3]), 'params', op[4],
+               'arrival_s', op[5], 'state', 'waiting')
     redis.call('SADD', inflight, op[2])
   elseif kind == 'route' then
     redis.call('HSET', key, 'state', 'running', 'prefill_worker', op[3],
                'decode_worker', op[4])
-  elseif kind == 'tokens' and #op[3] > 0 then
-    redis.call('RPUSH', key .. ':tokens', unpack(op[3]))
-    redis.call('RPUSH', key .. ':text', unpack(op[4]))
+  elseif kind == 'tokens' then
+    push(key .. ':tokens', op[3])
+    push(key .. ':text', op[4])
   elseif kind == 'finish' then
     redis.call('HSET', key, 'state', 'finished', 'finish_reason', op[3])
     redis.call('EXPIRE', key, ttl)
@@ -144,7 +149,7 @@ class StateStore:
     @staticmethod
     def op_new(request_id: str, prompt: list[int], params: SamplingParams,
                arrival_s: float) -> list:
-        return ["new", request_id, json.dumps(prompt), params_to_json(params), repr(arrival_s)]
+        return ["new", request_id, prompt, params_to_json(params), repr(arrival_s)]
 
     @staticmethod
     def op_route(request_id: str, prefill: str, decode: str) -> list:
@@ -158,11 +163,12 @@ class StateStore:
     def op_finish(request_id: str, reason: str, record: dict) -> list:
         return ["finish", request_id, reason, json.dumps({**record, "finish_reason": reason})]
 
-    async def apply(self, ops: list[list]) -> None:
-        """Write ops in order, in one atomic command (a Lua script)."""
-        if ops:
+    async def apply(self, ops: list[list], per_command: int = 4096) -> None:
+        """Write ops in order: one atomic command (a Lua script) per
+        ``per_command`` ops, so that no command holds Redis for long."""
+        for i in range(0, len(ops), per_command):
             await self._apply_ops(args=[self.ns, self.finished_ttl_s, self.completed_cap,
-                                        json.dumps(ops)])
+                                        json.dumps(ops[i:i + per_command])])
 
     async def journal_new(self, request_id: str, prompt: list[int], params: SamplingParams,
                           arrival_s: float) -> None:
@@ -238,10 +244,12 @@ class JournalBatcher:
     Lifecycle of a write::
 
         queued (``new`` / ``route`` / ``tokens`` / ``finish``)
-          -> the flush task wakes after the current tick, takes every queued
-             write, sends them as ONE command (``StateStore.apply``: a Lua
+          -> the flush task wakes after the current tick (route and token
+             writes alone wait up to ``lazy_s`` for more: a streamed token
+             costs no Redis command of its own), takes every queued write
+             and sends them as ONE command (``StateStore.apply``: a Lua
              script, so a flush is atomic and costs one reply to parse)
-          -> ``new`` returns a future done once that pipeline executed (the
+          -> ``new`` returns a future done once that command executed (the
              controller acknowledges a submit only then: an accepted request
              is always in the journal before its first token can exist);
              the other writes are not awaited (a lost token write costs only
@@ -252,8 +260,10 @@ class JournalBatcher:
     refused) and is logged for the others.
     """
 
-    def __init__(self, store: StateStore):
+    def __init__(self, store: StateStore, lazy_s: float = 0.02):
         self.store = store
+        self.lazy_s = lazy_s  # route and token writes wait at most this long for company
+        self._lazy: asyncio.TimerHandle | None = None
         self._ops: list[list] = []
         self._waiters: list[asyncio.Future] = []  # of ``new`` ops in _ops
         self._flusher: asyncio.Task | None = None
@@ -266,11 +276,11 @@ class JournalBatcher:
                            durable=True)
 
     def route(self, request_id: str, prefill: str, decode: str) -> None:
-        self._queue(self.store.op_route(request_id, prefill, decode))
+        self._queue(self.store.op_route(request_id, prefill, decode), lazy=True)
 
     def tokens(self, batch: list[tuple[str, list[int], list[str]]]) -> None:
         for item in batch:
-            self._queue(self.store.op_tokens(*item))
+            self._queue(self.store.op_tokens(*item), lazy=True)
 
     def finish(self, request_id: str, reason: str, record: dict) -> None:
         self._queue(self.store.op_finish(request_id, reason, record))
@@ -279,16 +289,27 @@ class JournalBatcher:
         """Wait until everything queued so far reached Redis (or failed)."""
         await asyncio.shield(self._queue(None, durable=True))
 
-    def _queue(self, op: list | None, durable: bool = False) -> asyncio.Future | None:
+    def _queue(self, op: list | None, durable: bool = False,
+               lazy: bool = False) -> asyncio.Future | None:
         loop = asyncio.get_running_loop()
         if op is not None:
             self._ops.append(op)
         fut = loop.create_future() if durable else None
         if fut is not None:
             self._waiters.append(fut)
-        if self._flusher is None:
-            self._flusher = loop.create_task(self._flush_all())
+        if lazy and self.lazy_s > 0:
+            if self._lazy is None and self._flusher is None:
+                self._lazy = loop.call_later(self.lazy_s, self._start_flush)
+        else:
+            self._start_flush()
         return fut
+
+    def _start_flush(self) -> None:
+        if self._lazy is not None:
+            self._lazy.cancel()
+            self._lazy = None
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_all())
 
     async def _flush_all(self) -> None:
         try:

@@ -5,7 +5,9 @@ Lifecycle of a request at the controller::
     arrive   -> too long for every worker? rejected ("too long")
              -> admission policy (``BoundedQueue.admit``) -> rejected ("overloaded")
              -> waiting (a ``RequestView`` per request)
-    round    (on arrivals and whenever a worker's load changes)
+    round    (on arrivals and whenever a worker's load changes: a DISPATCH
+             event, which sorts after the instant's landings, finished steps
+             and arrivals; an arrival with none of those left runs it at once)
              -> ``scheduler.order(SchedulingRound)`` -> for each request in
                 that order: ``router.route(request, prefill views, decode
                 views, prefix hits)``; dispatch while it finds room, stop at
@@ -18,7 +20,8 @@ Lifecycle of a request at the controller::
                 ``dispatch_s``, sim.control)
 
 The policy objects come from ``cluster.policies`` by name: this module only
-builds their snapshots and carries out their decisions.
+builds their snapshots and carries out their decisions. Worker views are
+each worker's cached ``SimWorker.view()``, rebuilt only when its load changed.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from cluster.policies import (
     SchedulerPolicy,
     SchedulingRound,
 )
-from sim.events import Clock, EventKind, EventQueue
+from sim.events import DISPATCH, LANDED, Clock, EventQueue
 from sim.tracker import Tracker
 from sim.workers import SimWorker
 from workers.block_manager import block_hashes
@@ -76,7 +79,7 @@ class SimController:
             return
         self.trackers[r.request_id] = tr
         self.waiting.append(view)
-        self.request_round()
+        self._round_after_arrival()
 
     def _too_long(self, r) -> str:
         if r.prompt_tokens + r.output_tokens > self.max_model_len:
@@ -103,7 +106,17 @@ class SimController:
     def request_round(self) -> None:
         if self.waiting and not self._round_pending:
             self._round_pending = True
-            self.events.push(self.clock.now, EventKind.DISPATCH, self._round)
+            self.events.push(self.clock.now, DISPATCH, self._round)
+
+    def _round_after_arrival(self) -> None:
+        """An arrival ends its event: when no event sorts before a DISPATCH pushed
+        now, the round runs at once, as that event would next (one event fewer
+        per request)."""
+        heap = self.events.heap
+        if self._round_pending or (heap and heap[0][0] == self.clock.now and heap[0][1] < DISPATCH):
+            self.request_round()
+        else:
+            self._round()
 
     def _round(self, _=None) -> None:
         self._round_pending = False
@@ -117,7 +130,8 @@ class SimController:
         for view in order:
             pviews = [w.view() for w in prefill]
             dviews = pviews if self.colocated else [w.view() for w in decode]
-            route = router.route(view, pviews, dviews, self._hits(view))
+            route = router.route(view, pviews, dviews,
+                                 self._hits(view) if view.prefix_hashes else None)
             if route is None:
                 break
             self._dispatch(view, route.prefill_worker, route.decode_worker)
@@ -156,7 +170,7 @@ class SimController:
         if view.prefix_hashes:
             self.prefix_index[prefill_id].update(view.prefix_hashes)
         if self.dispatch_s:
-            self.events.push(self.clock.now + self.dispatch_s, EventKind.LANDED, p.submit, tr)
+            self.events.push(self.clock.now + self.dispatch_s, LANDED, p.submit, tr)
         else:
             p.submit(tr)
 

@@ -22,6 +22,7 @@ Colocated: the mixed worker prefills and decodes; no transfer.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import random
@@ -30,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cluster.policies import BoundedQueue, make_router, make_scheduler
-from sim.events import Clock, EventKind, EventQueue
+from sim.events import ARRIVAL, LANDED, Clock, EventQueue
 from sim.hardware import get_gpu
 from sim.latency import LatencyModel, kv_blocks_from_memory, kv_bytes_per_token, profile_for
 from sim.metrics import RunSummary, WorkerUsage, summarize
@@ -136,7 +137,11 @@ class Simulation:
         # requests known up front enter the event queue one at a time: a small heap
         self._upcoming = iter(sorted(self.workload.initial(), key=lambda r: r.arrival_s))
         self._push_upcoming()
-        n = self._loop(_progress_bar(self.workload.num_requests) if self.progress else None)
+        gc.freeze()  # see _on_finish
+        try:
+            n = self._loop(_progress_bar(self.workload.num_requests) if self.progress else None)
+        finally:
+            gc.unfreeze()
         wall = time.perf_counter() - t_wall
         summary = summarize(self.trackers, self._usage(), self.spec.slo)
         summary.extra = self._facts(n)
@@ -176,7 +181,7 @@ class Simulation:
     def _push_arrival(self, req, on_arrival=None) -> None:
         tr = Tracker(req, self._score(req.output_tokens))
         self.trackers.append(tr)
-        self.events.push(req.arrival_s, EventKind.ARRIVAL, on_arrival or self.controller.arrive, tr)
+        self.events.push(req.arrival_s, ARRIVAL, on_arrival or self.controller.arrive, tr)
 
     def _score(self, output_tokens: int) -> float:
         """Simulated ranker: higher = shorter, with log-normal error."""
@@ -205,7 +210,7 @@ class Simulation:
                 return
             delay = control.result_s + control.admit_s
             if delay:
-                self.events.push(now + delay, EventKind.LANDED, dst.land, tr)
+                self.events.push(now + delay, LANDED, dst.land, tr)
             else:
                 dst.land(tr)
 
@@ -219,6 +224,11 @@ class Simulation:
 
     def _on_finish(self, tr: Tracker, now: float) -> None:
         self._done += 1
+        if not self._done & 0xFFFF:
+            # the requests and the finished ones' trackers live until the run ends: the
+            # cyclic collector's full passes would walk them all, again and again (5%
+            # of a million-request run); frozen until the run ends, they are skipped
+            gc.freeze()
         nxt = self.workload.next_after(now)
         if nxt is not None:
             self._push_arrival(nxt)

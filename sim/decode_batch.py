@@ -192,8 +192,8 @@ class DecodeWindow:
     members' KV growth in it (``DecodeBatch.growth``) when the window is
     given the batch's ``blocks_first`` and ``phase``."""
 
-    __slots__ = ("start_s", "first", "last", "first_s", "growth_s", "_phase", "_at", "_at_end",
-                 "_at_blocks")
+    __slots__ = ("start_s", "first", "last", "first_s", "growth_s", "_phase", "_bs", "_at",
+                 "_at_end", "_at_blocks")
 
     def __init__(self, start_s: float, first: int, last: int, first_s: float, growth_s: float,
                  blocks_first: int = 0, phase: list[int] | None = None):
@@ -204,6 +204,7 @@ class DecodeWindow:
         # the batch's counts of y mod block_size (constant while the window runs):
         # step s takes phase[(1 - s) % block_size] new blocks
         self._phase = phase or [0]
+        self._bs = len(self._phase)  # the block size
         # ``advance``'s cursor: a step, when it ends, the members' growth in it
         self._at, self._at_end, self._at_blocks = first, start_s + first_s, blocks_first
 
@@ -215,14 +216,15 @@ class DecodeWindow:
     def duration(self, step: int) -> float:
         return self.first_s + self.growth_s * (step - self.first)
 
-    def advance(self, t: float) -> tuple[int, float, int]:
-        """``(step_at(t), when that step ends, the members' growth in it)``, for
-        ``t`` no earlier than at the previous call: a cursor moves forward (about
-        one step per call)."""
+    def advance(self, t: float) -> tuple[float, int]:
+        """``(end, blocks)`` of the step in progress at ``t`` (``step_at(t)``): when
+        it ends, and the members' growth in it (``DecodeBatch.growth``). ``t`` is
+        no earlier than at the previous call: a cursor moves forward, about one
+        step per call."""
         s, e, blocks, last = self._at, self._at_end, self._at_blocks, self.last
+        phase, bs = self._phase, self._bs
         if e <= t and s < last:
             start, a, b, first = self.start_s, self.first_s, self.growth_s, self.first
-            phase, bs = self._phase, len(self._phase)
             while e <= t and s < last:
                 s += 1
                 m = s - first + 1
@@ -230,13 +232,12 @@ class DecodeWindow:
                 blocks += phase[(1 - s) % bs]
             self._at, self._at_end, self._at_blocks = s, e, blocks
         elif s > last:  # cut behind the cursor: every step up to ``last`` has ended
-            phase, bs = self._phase, len(self._phase)
             while s > last:
                 blocks -= phase[(1 - s) % bs]
                 s -= 1
             e = self.end(s)
             self._at, self._at_end, self._at_blocks = s, e, blocks
-        return s, e, blocks
+        return e, blocks
 
     def step_at(self, t: float, before_step_done: bool = False) -> int:
         """The step in progress at ``t``. A step ending exactly at ``t`` is done,

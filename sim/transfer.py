@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sim.events import Clock, EventKind, EventQueue
+from sim.events import LANDED, Clock, EventQueue
 
 
 class Link:
@@ -73,7 +73,7 @@ class TransferNetwork:
         self.transfers += 1
         flow = Flow(self.transfers, src, dst, nbytes, on_done)
         self.total_bytes += nbytes
-        self.events.push(start, EventKind.LANDED, self._begin, flow)
+        self.events.push(start, LANDED, self._begin, flow)
 
     def _begin(self, flow: Flow) -> None:
         now = self.clock.now
@@ -90,7 +90,7 @@ class TransferNetwork:
             f.rate = min(f.src.bandwidth / len(f.src.flows), f.dst.bandwidth / len(f.dst.flows))
             f.version += 1
             done = now + max(f.remaining, 0.0) / f.rate
-            self.events.push(done, EventKind.LANDED, self._end, (f, f.version))
+            self.events.push(done, LANDED, self._end, (f, f.version))
 
     def _end(self, arg: tuple[Flow, int]) -> None:
         flow, version = arg
@@ -103,7 +103,7 @@ class TransferNetwork:
         flow.remaining = 0.0
         flow.version += 1
         self._rerate(flow.src.flows | flow.dst.flows, now)
-        self.events.push(now + self.latency_s, EventKind.LANDED, _call, flow.on_done)
+        self.events.push(now + self.latency_s, LANDED, _call, flow.on_done)
 
 
 def _serial(flow: Flow) -> int:

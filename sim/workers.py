@@ -48,7 +48,7 @@ from enum import Enum
 
 from cluster.policies import WorkerView
 from sim.decode_batch import DecodeBatch, DecodeWindow, Member
-from sim.events import Clock, EventKind, EventQueue
+from sim.events import STEP_DONE, WAKE, Clock, EventQueue
 from sim.latency import LatencyModel
 from sim.tracker import Tracker
 from workers.batch_planner import BatchConfig, BatchPlanner, StepPlan
@@ -63,6 +63,10 @@ class State(Enum):
     IDLE = "idle"
     STEP = "step"  # one planned step in flight
     WINDOW = "window"  # a fast-forwarded run of decode steps in flight
+
+
+IDLE, STEP, WINDOW = State.IDLE, State.STEP, State.WINDOW  # an Enum member lookup costs ~70 ns
+_RUNNING = SequenceStatus.RUNNING
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,7 @@ class SimWorker:
         self.held = 0  # requests assigned and not yet finished or handed off
         self.reserved = 0  # decode: KV reservations whose transfer is in flight
         self.backlog = 0  # prompt tokens still to prefill here
-        self.state = State.IDLE
+        self.state = IDLE
         self.stats = WorkerStats()
         self.batch = DecodeBatch(spec.block_size)  # running sequences kept as aggregates
         self.steps_done = 0
@@ -170,7 +174,7 @@ class SimWorker:
         self.reserved += 1
         self.held += 1
         self._touch()
-        if self.state is State.WINDOW:  # fewer free blocks than the window assumed
+        if self.state is WINDOW:  # fewer free blocks than the window assumed
             w = self._window
             last = self.batch.last_fitting_step(self._step_in_progress(), w.last,
                                                 self.blocks.num_free_blocks + self._pooled)
@@ -199,12 +203,12 @@ class SimWorker:
         """Prefill worker: the KV has left; free its blocks."""
         self.blocks.free(tr.req.request_id)
         self._touch()
-        if self.state is State.IDLE and (self.waiting or self.inbox):
+        if self.state is IDLE and (self.waiting or self.inbox):
             self._schedule_wake(self.clock.now)
 
     def hold(self) -> None:
         """Requests wait at the controller: end any window at the step in progress."""
-        if self.state is State.WINDOW:
+        if self.state is WINDOW:
             self._end_window_at(self._window.step_at(self.clock.now))
 
     def _arrive(self, seq: Sequence, before_step_done: bool) -> None:
@@ -212,15 +216,15 @@ class SimWorker:
         times (a KV landing), so a step ending right now still picks it up."""
         self.inbox.append(seq)
         self._touch()
-        if self.state is State.IDLE:
+        if self.state is IDLE:
             self._schedule_wake(self.clock.now)
-        elif self.state is State.WINDOW:
+        elif self.state is WINDOW:
             self._end_window_at(self._window.step_at(self.clock.now, before_step_done))
 
     def _schedule_wake(self, now: float) -> None:
         if not self._wake_pending:
             self._wake_pending = True
-            self.events.push(now, EventKind.WAKE, self._on_wake)
+            self.events.push(now, WAKE, self._on_wake)
 
     def _touch(self) -> None:
         self._view_until = -_INF  # recompute (the old view is reused if equal)
@@ -233,12 +237,11 @@ class SimWorker:
         if now < self._view_until:
             return self._view
         free, until = self.blocks.num_free_blocks, _INF
-        if self.batch.members:
-            if self.state is State.WINDOW:  # the view holds until that step ends
-                _, until, grown = self._window.advance(now)
-            else:
-                grown = self.batch.growth(self._step_in_progress())
+        if self.state is WINDOW:  # the view holds until the step in progress ends
+            until, grown = self._window.advance(now)
             free += self._pooled - grown
+        elif self.batch.members:
+            free += self._pooled - self.batch.growth(self._step_in_progress())
         self._view_until = until
         v = self._view
         if v is None or v.free_kv_blocks != free or v.queued_prefill_tokens != self.backlog \
@@ -250,20 +253,20 @@ class SimWorker:
         return v
 
     def _step_in_progress(self) -> int:
-        if self.state is State.WINDOW:
+        if self.state is WINDOW:
             return self._window.step_at(self.clock.now)
-        return self.steps_done + (self.state is State.STEP)
+        return self.steps_done + (self.state is STEP)
 
     # ----- stepping -----------------------------------------------------------------------
     def _on_wake(self, _=None) -> None:
         self._wake_pending = False
-        if self.state is State.IDLE:
+        if self.state is IDLE:
             self._flush_inbox()
             self._start_next()
 
     def _flush_inbox(self) -> None:
         for seq in self.inbox:
-            if seq.status is SequenceStatus.RUNNING:
+            if seq.status is _RUNNING:
                 self.running.append(seq)
                 self._newcomers.append(seq)
             else:
@@ -314,10 +317,10 @@ class SimWorker:
                                         b.growth(first), b.phase)
         if b.joined:
             self._first_gaps(w.end(first))
-        self.state = State.WINDOW
+        self.state = WINDOW
         self._version += 1
         self._view_until = -_INF  # _touch
-        self.events.push(w.end(last), EventKind.STEP_DONE, self._on_step_done, self._version)
+        self.events.push(w.end(last), STEP_DONE, self._on_step_done, self._version)
         return True
 
     def _admission_step(self) -> bool:
@@ -351,7 +354,7 @@ class SimWorker:
         if plan.preempted:
             self._on_preempted(plan)
         if not plan.chunks:
-            self.state = State.IDLE
+            self.state = IDLE
             self._touch()
             return
         tokens = dec_ctx = rows = 0
@@ -378,10 +381,10 @@ class SimWorker:
     def _begin_step(self, plan: StepPlan, dt: float) -> None:
         now = self.clock.now
         self._plan, self._step_start = plan, now
-        self.state = State.STEP
+        self.state = STEP
         self._version += 1
         self._view_until = -_INF  # _touch
-        self.events.push(now + dt, EventKind.STEP_DONE, self._on_step_done, self._version)
+        self.events.push(now + dt, STEP_DONE, self._on_step_done, self._version)
 
     def _skip_cached(self, seq: Sequence) -> None:
         """Prompt tokens the planner served from the prefix cache leave the backlog."""
@@ -398,7 +401,7 @@ class SimWorker:
     def _on_step_done(self, version: int) -> None:
         if version != self._version:
             return  # a cut window was rescheduled
-        if self.state is State.WINDOW:
+        if self.state is WINDOW:
             self._apply_window()
         else:
             self._apply_step()
@@ -480,7 +483,7 @@ class SimWorker:
         first, last = w.first, w.last
         steps, n = last - first + 1, len(b.members)
         self.steps_done = last
-        st.busy_s += w.end(last) - w.start_s
+        st.busy_s += self.clock.now - w.start_s  # now = w.end(last): this event's time
         st.steps += steps
         st.windows += 1
         st.decode_tokens += steps * n
@@ -496,7 +499,7 @@ class SimWorker:
             return
         w.last = last
         self._version += 1
-        self.events.push(w.end(last), EventKind.STEP_DONE, self._on_step_done, self._version)
+        self.events.push(w.end(last), STEP_DONE, self._on_step_done, self._version)
 
     def _first_gaps(self, first_end_s: float) -> None:
         """Members joined at this boundary sample their next token at ``first_end_s``."""

@@ -21,7 +21,6 @@ text at run time; the data may not be committed).
 from __future__ import annotations
 
 import csv
-import functools
 import gzip
 import json
 import random
@@ -46,8 +45,8 @@ class Request:
     output_tokens: int  # tokens it will generate (max_tokens, EOS ignored)
     hash_ids: tuple[int, ...] = ()  # Mooncake prefix block ids (empty = no prefix sharing)
 
-    @functools.cached_property
-    def request_id(self) -> str:  # cached: read several times per request, per component
+    @property
+    def request_id(self) -> str:
         return f"r{self.index}"
 
 

@@ -8,12 +8,15 @@ Lifecycle of a disaggregated request::
                              request joins the continuous-batching loop; if the
                              transfer failed, the blocks are released and the
                              prompt is recomputed here instead
-    next_outputs(cursor)  -> the controller long-polls token events: one call
-                             returns every event since the last poll (all
-                             requests, all steps)
+    stream_outputs(cursor) -> the controller follows token events through a
+                             Ray streaming generator: one item per engine
+                             step, with the events of all its requests
+    next_outputs(cursor)  -> the same as a long-poll (one call returns every
+                             event since the last poll)
     finish / abort        -> blocks freed
 
-The controller uses the batched forms (``reserve_batch``, ``admit_batch``,
+The controller uses the batched forms (``reserve_batch``, which also carries
+the releases of requests that ended at their first token, ``admit_batch``,
 ``release_batch``, ``submit_batch``): one Ray call per worker per scheduling
 round, each running its items in one engine-thread command.
 
@@ -49,6 +52,7 @@ class DecodeWorker:
         self.recomputed = 0  # requests whose KV transfer failed and were re-prefilled here
         self.heartbeat = start_heartbeat(spec, kv_endpoint=self.receiver.endpoint)
         self._load_snapshot = self._load(self.engine)
+        self._load_at = time.time()  # when _load_snapshot was taken (wall clock)
         self.loop = EngineLoop(self.engine, self._on_outputs, self._after_step)
 
     # ----- actor methods --------------------------------------------------
@@ -58,10 +62,16 @@ class DecodeWorker:
     async def reserve(self, request_id: str, token_ids: list[int]) -> list[int] | None:
         return await self.loop.call(lambda e: self._reserve(e, request_id, token_ids))
 
-    async def reserve_batch(self, items: list[ReserveItem]) -> list[list[int] | None]:
-        """``reserve`` for several requests in one call (None where no room)."""
-        return await self.loop.call(
-            lambda e: [self._reserve(e, it.request_id, it.token_ids) for it in items])
+    async def reserve_batch(self, items: list[ReserveItem],
+                            release: list[str] = ()) -> list[list[int] | None]:
+        """``reserve`` for several requests in one call (None where no room),
+        after releasing the reservations of ``release`` (requests that ended
+        at their first token: the controller sends them with its next round)."""
+        def run(e: LLMEngine) -> list[list[int] | None]:
+            for rid in release:
+                self._drop(e, rid)
+            return [self._reserve(e, it.request_id, it.token_ids) for it in items]
+        return await self.loop.call(run)
 
     async def admit(self, request_id: str, prompt_token_ids: list[int],
                     output_token_ids: list[int], params: SamplingParams,
@@ -111,6 +121,18 @@ class DecodeWorker:
         # The snapshot the engine thread left after its last step: asking the
         # engine thread would make every poll wait for a step boundary.
         return events, end, self._load_snapshot
+
+    async def stream_outputs(self, cursor: int, idle_s: float = 1.0):
+        """Async generator, called with ``num_returns="streaming"``: for each
+        batch of events after ``cursor`` (or after ``idle_s`` without one, an
+        empty batch) yields (events, the cursor after them, this worker's load
+        or None if unchanged since the last item, the wall-clock time that load
+        was taken: it counts every request admitted before then)."""
+        sent = None
+        async for events, end in self._events.follow(cursor, idle_s):
+            load = self._load_snapshot
+            yield events, end, None if load == sent else load, self._load_at
+            sent = load
 
     async def load(self) -> WorkerLoad:
         return await self.loop.call(self._load)
@@ -187,6 +209,7 @@ class DecodeWorker:
 
     def _after_step(self) -> None:
         self._expire_leases()
+        self._load_at = time.time()
         self._load_snapshot = self._load(self.engine)
 
     def _expire_leases(self) -> None:

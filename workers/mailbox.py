@@ -7,20 +7,25 @@ which awaits ``since(cursor, timeout_s)``: items before ``cursor`` were
 delivered and are dropped, the call waits up to ``timeout_s`` for something
 new, and returns every item after ``cursor`` with the cursor that follows
 them. One poll call returns everything that piled up since the last one, so
-the number of Ray calls grows with polls, not with items.
+the number of Ray calls grows with polls, not with items. A streaming reader
+(a Ray streaming generator) iterates ``follow(cursor)`` instead: one batch per
+wake-up, nothing dropped on its behalf; the mailbox then keeps only the last
+``keep`` items.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class Mailbox(Generic[T]):
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 1 << 16) -> None:
+        self.keep = keep  # items kept at most (a reader further behind loses the oldest)
         self._items: list[T] = []
         self._base = 0  # index of _items[0] in the whole history
         self._lock = threading.Lock()
@@ -31,6 +36,10 @@ class Mailbox(Generic[T]):
         """Thread-safe; wakes a waiting poll."""
         with self._lock:
             self._items.extend(items)
+            excess = len(self._items) - self.keep
+            if excess > 0:
+                del self._items[:excess]
+                self._base += excess
         if self._aio is not None:
             self._aio.call_soon_threadsafe(self._wakeup.set)
 
@@ -48,6 +57,22 @@ class Mailbox(Generic[T]):
             items, end = self._take(cursor)
         return items, end
 
+    async def follow(self, cursor: int, idle_s: float) -> AsyncIterator[tuple[list[T], int]]:
+        """Forever: the items after ``cursor`` as they arrive, one batch per
+        wake-up, with the cursor after them; an empty batch after ``idle_s``
+        without items. Drops nothing."""
+        self._bind_loop()
+        while True:
+            items, cursor = self._peek(cursor)
+            if not items:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), idle_s)
+                except TimeoutError:
+                    pass
+                items, cursor = self._peek(cursor)
+            yield items, cursor
+
     def end(self) -> int:
         with self._lock:
             return self._base + len(self._items)
@@ -58,6 +83,11 @@ class Mailbox(Generic[T]):
             del self._items[:drop]
             self._base += drop
             return list(self._items), self._base + len(self._items)
+
+    def _peek(self, cursor: int) -> tuple[list[T], int]:
+        with self._lock:
+            start = max(0, cursor - self._base)
+            return self._items[start:], self._base + len(self._items)
 
     def _bind_loop(self) -> None:
         if self._aio is None:

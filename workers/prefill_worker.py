@@ -11,9 +11,9 @@ Lifecycle of a job::
     (one retry) -> PrefillResult.
 
 The controller submits a scheduling round's jobs in one ``submit_prefills``
-call and long-polls ``next_results``, which returns every result finished
-since its last poll (one Ray call for many results). ``prefill(job)`` is the
-one-job form that awaits its own result.
+call and follows ``stream_results`` (a Ray streaming generator: one item per
+batch of finished results; ``next_results`` is the same as a long-poll).
+``prefill(job)`` is the one-job form that awaits its own result.
 
 The actor is a plain class; the launcher wraps it with ``ray.remote`` and
 places it on a node of its pool's GPU type.
@@ -85,6 +85,13 @@ class PrefillWorker:
         for one), the new cursor, and this worker's load."""
         results, end = await self._results.since(cursor, timeout_s)
         return results, end, self._load_snapshot
+
+    async def stream_results(self, cursor: int, idle_s: float = 1.0):
+        """Async generator, called with ``num_returns="streaming"``: for each
+        batch of results after ``cursor`` (or after ``idle_s`` without one, an
+        empty batch) yields (results, the cursor after them, this worker's load)."""
+        async for results, end in self._results.follow(cursor, idle_s):
+            yield results, end, self._load_snapshot
 
     async def abort(self, request_id: str) -> bool:
         state = self._jobs.pop(request_id, None)

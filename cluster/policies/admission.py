@@ -11,7 +11,6 @@ from abc import ABC, abstractmethod
 
 from cluster.policies.types import AdmissionDecision, RequestView
 
-
 _ACCEPTED = AdmissionDecision(True)  # frozen: one serves every admitted request
 
 

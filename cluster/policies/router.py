@@ -45,7 +45,7 @@ class RouterPolicy(ABC):
         else:  # colocated: one worker does both
             w = self.pick(request, [
                 w for w in decode if w.alive and w.running < w.max_num_seqs
-                and -(-total // w.block_size) <= w.free_kv_blocks
+                and total <= w.free_kv_blocks * w.block_size  # kv_blocks_for(total) fit
                 and (w.queued_prefill_tokens == 0
                      or prompt <= 2 * w.max_num_batched_tokens - w.queued_prefill_tokens)],
                 hits, "prefill")
@@ -57,7 +57,7 @@ class RouterPolicy(ABC):
             hits, "prefill")
         d = self.pick(request, [
             w for w in decode if w.alive and w.running < w.max_num_seqs
-            and -(-total // w.block_size) <= w.free_kv_blocks], hits, "decode")
+            and total <= w.free_kv_blocks * w.block_size], hits, "decode")
         return Route(p.worker_id, d.worker_id) if p and d else None
 
     @abstractmethod

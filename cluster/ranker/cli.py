@@ -24,6 +24,8 @@ import shlex
 import sys
 from pathlib import Path
 
+PRECISIONS = ("fp32", "bf16", "int8")  # encoder.PRECISIONS, named here so --help imports no torch
+
 
 def add_ranker_commands(subparsers) -> None:
     p = subparsers.add_parser("ranker", help="train, evaluate and query the output-length ranker")
@@ -57,12 +59,15 @@ def add_ranker_commands(subparsers) -> None:
     ev.add_argument("--data", type=Path, required=True)
     ev.add_argument("--head", type=Path, default=None, help="head file (default: shipped head)")
     ev.add_argument("--json", action="store_true")
+    ev.add_argument("--precision", choices=PRECISIONS, default="int8",
+                    help="backbone matmuls (default int8, as served; fp32 = the reference)")
     ev.set_defaults(func=_cmd_eval)
 
     sc = sub.add_parser("score", help="score one prompt (higher = shorter expected output)")
     sc.add_argument("prompt")
     sc.add_argument("--head", type=Path, default=None)
     sc.add_argument("--json", action="store_true")
+    sc.add_argument("--precision", choices=PRECISIONS, default="int8")
     sc.set_defaults(func=_cmd_score)
 
 
@@ -159,7 +164,7 @@ def _cmd_eval(args) -> int:
 
     try:
         examples = data.load_examples([args.data])
-        ranker = Ranker.load(args.head)
+        ranker = Ranker.load(args.head, args.precision)
     except (ValueError, OSError) as exc:
         return _fail(str(exc))
     if len(examples) < 2:
@@ -180,7 +185,7 @@ def _cmd_score(args) -> int:
     if not args.prompt:
         return _fail("the prompt must not be empty")
     try:
-        ranker = Ranker.load(args.head)
+        ranker = Ranker.load(args.head, args.precision)
     except (ValueError, OSError) as exc:
         return _fail(str(exc))
     score = ranker.score([args.prompt])[0]

@@ -31,7 +31,8 @@ def text_key(text: str) -> str:
 class EmbeddingCache:
     def __init__(self, folder: Path, encoder: MiniLMEncoder, flush_every: int = 1024):
         self.encoder = encoder
-        self.path = Path(folder) / f"minilm-l6-mean-t{encoder.max_tokens}.safetensors"
+        suffix = "" if encoder.precision == "fp32" else f"-{encoder.precision}"
+        self.path = Path(folder) / f"minilm-l6-mean-t{encoder.max_tokens}{suffix}.safetensors"
         self.keys_path = self.path.with_suffix(".keys.json")
         self.flush_every = flush_every
         self._rows: dict[str, int] = {}

@@ -5,9 +5,12 @@ scheduler policy is ``ltr`` or completion logging is on)::
 
     on_arrival(rid, prompt ids)  decode the ids to text, queue the prompt; the
                                  first waiter starts a batch that takes every
-                                 prompt queued by then and runs the encoder in
-                                 a thread (never on the event loop); prompts
-                                 arriving meanwhile form the next batch
+                                 prompt queued by then (at most ``max_batch``),
+                                 sorts it by length and runs the encoder on
+                                 chunks of ``chunk`` prompts in a thread (never
+                                 on the event loop), shortest first, each
+                                 chunk's scores released as soon as it is done;
+                                 prompts arriving meanwhile form the next batch
                                  -> the score (None if the ranker failed: the
                                  request is still served, ranked last)
     on_finish(rid, n, reason)    the online tau gauge gets (score, n); the
@@ -60,7 +63,8 @@ class RankerService:
     decode: Callable[[list[int]], str]  # serving-model token ids -> prompt text
     completions: CompletionLog | None = None
     tau: OnlineTau = field(default_factory=OnlineTau)
-    max_batch: int = 64
+    max_batch: int = 64  # prompts taken from the queue at once
+    chunk: int = 16  # prompts per encoder call: scores come back every chunk, not every batch
     stats: RankerStats = field(default_factory=RankerStats)
     _queue: list[str] = field(default_factory=list, init=False)  # ids waiting for a batch
     _arrivals: dict[str, _Arrival] = field(default_factory=dict, init=False)  # until learned from
@@ -78,7 +82,9 @@ class RankerService:
         await asyncio.sleep(0)  # arrivals of this same moment join the first batch
         while self._queue:
             ids, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
-            await self._score_batch([(rid, self._arrivals[rid]) for rid in ids])
+            batch = sorted(((rid, self._arrivals[rid]) for rid in ids), key=lambda b: len(b[1].text))
+            for s in range(0, len(batch), self.chunk):  # similar lengths share a chunk: little padding
+                await self._score_batch(batch[s:s + self.chunk])
 
     async def _score_batch(self, batch: list[tuple[str, _Arrival]]) -> None:
         t0 = time.perf_counter()
@@ -154,6 +160,7 @@ class RankerService:
 
     def report(self) -> dict:
         s = self.stats
-        return {"head_path": self.ranker.head_path, "prompts": s.prompts, "batches": s.batches,
+        return {"head_path": self.ranker.head_path, "precision": self.ranker.precision,
+                "prompts": s.prompts, "batches": s.batches,
                 "busy_s": s.busy_s, "largest_batch": s.largest_batch, "failures": s.failures,
                 "online_tau": self.tau.value}

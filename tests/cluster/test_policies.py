@@ -116,3 +116,46 @@ def test_unknown_policy_names_are_rejected():
         make_scheduler("x")
     with pytest.raises(ValueError, match="router 'y' is unknown"):
         make_router("y")
+
+
+@pytest.mark.parametrize("cls", [RequestView, WorkerView])
+def test_written_out_constructors_match_the_dataclass_fields(cls):
+    import dataclasses
+    import inspect
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    fields = dataclasses.fields(cls)
+    assert [p.name for p in params] == [f.name for f in fields]
+    assert [p.default for p in params] == [
+        inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default for f in fields]
+    v = worker("w") if cls is WorkerView else req("r", 1.0)
+    assert dataclasses.replace(v) == v and hash(dataclasses.replace(v)) == hash(v)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        v.request_id = "x" if cls is RequestView else None
+
+
+def test_routes_agree_with_the_fit_rules():
+    import random
+
+    from cluster.policies.router import decode_fits, prefill_fits
+    rng = random.Random(0)
+    for trial in range(300):
+        role = "mixed" if trial % 2 else None
+        views = [WorkerView(f"w{i}", role or rng.choice(["prefill", "decode"]), "H100",
+                            rng.choice([0, 0, 50, 200, 900]), rng.randrange(0, 10),
+                            rng.randrange(0, 12), 100, rng.choice([4, 16]), 256,
+                            rng.randrange(1, 10), rng.random() > 0.1) for i in range(6)]
+        r = req("r", 0, prompt=rng.randrange(1, 600), max_tokens=rng.randrange(1, 60))
+        prefill = [v for v in views if v.role in ("prefill", "mixed")]
+        decode = [v for v in views if v.role in ("decode", "mixed")]
+        for name in ("least-loaded", "round-robin"):
+            route = make_router(name).route(r, prefill, decode)
+            ref = make_router(name)
+            if role == "mixed":
+                w = ref.pick(r, [v for v in decode if prefill_fits(v, r) and decode_fits(v, r)],
+                             {}, "prefill")
+                expected = (w.worker_id, w.worker_id) if w else None
+            else:
+                p = ref.pick(r, [v for v in prefill if prefill_fits(v, r)], {}, "prefill")
+                d = ref.pick(r, [v for v in decode if decode_fits(v, r)], {}, "decode")
+                expected = (p.worker_id, d.worker_id) if p and d else None
+            assert (route and (route.prefill_worker, route.decode_worker)) == expected

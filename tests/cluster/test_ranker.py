@@ -330,6 +330,37 @@ def test_encoder_matches_the_reference_bert(encoder):
         assert torch.allclose(row, ref, atol=1e-5)
 
 
+def test_bf16_and_int8_encoders_stay_close_to_fp32(encoder):
+    from cluster.ranker.encoder import MiniLMEncoder
+
+    texts = ["How do I bake bread?", "Write a long essay on Rome and its emperors, please.",
+             "hi", "Translate 'good morning' into French, German and Spanish."]
+    ref = encoder.embed(texts)
+    for precision, min_cos in (("bf16", 0.999), ("int8", 0.98)):
+        enc = MiniLMEncoder(encoder.w, encoder.tok, encoder.cfg, 16, precision)
+        got = enc.embed(texts)
+        assert torch.nn.functional.cosine_similarity(got, ref).min() > min_cos, precision
+    with pytest.raises(ValueError, match="fp16"):
+        MiniLMEncoder(encoder.w, encoder.tok, encoder.cfg, 16, "fp16")
+
+
+def test_int8_linear_is_the_exact_integer_product_rescaled():
+    from cluster.ranker.encoder import Int8Linear
+
+    w = torch.tensor([[1.0, -2.0, 0.5], [0.0, 4.0, -4.0]])  # scales 2/127, 4/127
+    b = torch.tensor([0.25, -1.0])
+    x = torch.tensor([[[3.0, 0.0, -1.5], [0.1, 0.3, -0.4]]])  # (1, 2, 3); scales 3/127, 0.4/127
+    lin = Int8Linear(w, b)
+    assert lin.qweight.tolist() == [[64, -127, 32], [0, 127, -127]]
+    qx = torch.tensor([[127, 0, -64], [32, 95, -127]])
+    sx = torch.tensor([[3.0 / 127], [0.4 / 127]])
+    want = (qx @ lin.qweight.t().long()).float() * sx * lin.w_scale + b  # (2, 2)
+    got = lin(x)
+    assert got.shape == (1, 2, 2)
+    assert torch.allclose(got[0], want, atol=1e-6)
+    assert torch.allclose(got[0], torch.nn.functional.linear(x[0], w, b), atol=0.05)
+
+
 def test_cli_eval_json_and_score(tmp_path, capsys, encoder):
     from cluster.cli import main
 
@@ -441,9 +472,30 @@ def test_arrivals_of_one_moment_share_a_batch_and_late_finishes_are_learned():
 
     scores = asyncio.run(run())
     assert scores == [-4.0, -2.0, -2.0, -2.0, -2.0]
-    assert ranker.calls == [["aaaa", "bb", "cc"], ["dd", "ee"]]  # max_batch 3, arrival order
+    assert ranker.calls == [["bb", "cc", "aaaa"], ["dd", "ee"]]  # max_batch 3, shortest first
     assert svc.stats.prompts == 5 and svc.stats.batches == 2 and svc.stats.largest_batch == 3
     assert list(svc.tau.pairs) == [(-4.0, 7)]  # learned from once scored
+
+
+def test_a_batch_is_scored_in_length_sorted_chunks_each_released_when_done():
+    import asyncio
+
+    ranker = _FakeRanker()
+    svc = _service(ranker, max_batch=8, chunk=2)
+    released: list[str] = []
+
+    async def arrive(rid: str, text: bytes):
+        await svc.on_arrival(rid, list(text))
+        released.append(rid)
+
+    async def run():
+        texts = {"a": b"aaaaa", "b": b"b", "c": b"ccc", "d": b"dd", "e": b"eeee"}
+        await asyncio.gather(*(arrive(rid, t) for rid, t in texts.items()))
+
+    asyncio.run(run())
+    assert ranker.calls == [["b", "dd"], ["ccc", "eeee"], ["aaaaa"]]
+    assert released == ["b", "d", "c", "e", "a"]  # the first chunk's scores came first
+    assert svc.stats.batches == 3 and svc.stats.largest_batch == 2
 
 
 def test_a_failing_encoder_leaves_requests_unscored_not_stuck():

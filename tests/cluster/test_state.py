@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 
-from cluster.state import Heartbeat, StateStore
+from cluster.state import Heartbeat, JournalBatcher, StateStore
 from workers.sampling import SamplingParams
 
 
@@ -75,3 +75,78 @@ def test_heartbeat_registers_and_expires(redis_server):
     assert run(go(ns)) == {"w0": {"role": "decode", "alive": True}}
     hb.stop()
     assert run(go(ns)) == {"w0": {"role": "decode", "alive": False}}
+
+
+def test_batcher_writes_one_tick_in_one_command_and_acks_new_once_written(redis_server):
+    async def go():
+        s = store(redis_server)
+        batcher = JournalBatcher(s)
+        futs = [batcher.new(f"r{i}", [i, i + 1], SamplingParams(max_tokens=4), float(i))
+                for i in range(20)]
+        batcher.route("r0", "p", "d")
+        batcher.tokens([("r0", [5, 6], ["a", "\N{SNOWMAN}"]), ("r1", [7], ["b"])])
+        assert batcher.flushes == 0  # nothing sent within this tick
+        await asyncio.gather(*futs)
+        assert (batcher.flushes, batcher.writes) == (1, 23)
+        entries = {e.request_id: e for e in await s.inflight()}
+        assert sorted(entries) == sorted(f"r{i}" for i in range(20))  # recovery sees them all
+        assert (entries["r0"].token_ids, entries["r0"].texts) == ([5, 6], ["a", "\N{SNOWMAN}"])
+        assert entries["r3"].prompt_token_ids == [3, 4] and entries["r3"].arrival_s == 3.0
+        assert (await s.r.hget(s._k("req", "r0"), "decode_worker")) == "d"
+        for i in range(20):
+            batcher.finish(f"r{i}", "length", {"output_tokens": i})
+        await batcher.flushed()
+        assert batcher.flushes == 2 and await s.inflight() == []
+        assert [c["output_tokens"] for c in await s.completed()] == [19, 18, 17]  # capped at 3
+        assert (await s.lookup("r0")).state == "finished"
+        await s.close()
+    run(go())
+
+
+def test_batcher_holds_token_writes_until_lazy_s_or_other_writes(redis_server):
+    async def go():
+        s = store(redis_server)
+        batcher = JournalBatcher(s, lazy_s=1.0)
+        await batcher.new("a", [1], SamplingParams(), 0.0)
+        batcher.tokens([("a", [7], ["x"])])
+        await asyncio.sleep(0.05)
+        assert batcher.flushes == 1 and (await s.lookup("a")).token_ids == []
+        batcher.tokens([("a", [8], ["y"])])
+        await batcher.new("b", [2], SamplingParams(), 0.0)  # carries the tokens along
+        assert batcher.flushes == 2 and (await s.lookup("a")).token_ids == [7, 8]
+        batcher.lazy_s = 0.05
+        batcher.tokens([("a", [9], ["z"])])
+        deadline = time.monotonic() + 5
+        while batcher.flushes < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert batcher.flushes == 3 and (await s.lookup("a")).token_ids == [7, 8, 9]
+        await s.close()
+    run(go())
+
+
+def test_batcher_refuses_new_writes_when_redis_is_away():
+    async def go():
+        s = StateStore("redis://127.0.0.1:1/0", "gone")
+        batcher = JournalBatcher(s)
+        fut = batcher.new("a", [1], SamplingParams(), 0.0)
+        batcher.tokens([("a", [7], ["x"])])
+        try:
+            await fut
+        except Exception as exc:  # noqa: BLE001 - the type is redis's
+            return type(exc).__name__
+        return None
+    assert run(go()) is not None
+
+
+def test_apply_splits_long_writes(redis_server):
+    async def go():
+        s = store(redis_server)
+        ops = [s.op_new("a", [1], SamplingParams(), 0.0),
+               s.op_tokens("a", list(range(2500)), ["t"] * 2500)]
+        ops += [s.op_route(f"x{i}", "p", "d") for i in range(5)]
+        await s.apply(ops, per_command=3)
+        entry = await s.lookup("a")
+        assert entry.token_ids == list(range(2500)) and len(entry.texts) == 2500
+        assert await s.r.hget(s._k("req", "x4"), "state") == "running"
+        await s.close()
+    run(go())

@@ -115,3 +115,25 @@ def test_batch_blocks_and_finishes_match_each_sequence():
     # finishes at the step sampling the last output token: 7 + 3 - 1, 7 + 9 - 1, ...
     assert [m.seq.request_id for m in batch.pop_finished(9)] == ["r1"]
     assert batch.next_finish() == 15 and batch.pop_finished(15)[0].seq.request_id == "r2"
+
+
+def test_window_cursor_follows_step_at_and_growth_through_cuts():
+    # the views' cursor (``advance``) against ``step_at`` and ``DecodeBatch.growth``
+    # at every step end, just before and between ends, with cuts behind and ahead
+    bs, batch = 16, DecodeBatch(16)
+    for i, computed in enumerate((100, 16, 31, 47, 58, 63)):
+        seq = Sequence(f"r{i}", [0] * computed, SamplingParams(max_tokens=500), i,
+                       output_token_ids=[0])
+        seq.num_computed_tokens = computed
+        batch.join(seq, Tracker(Request(i, 0.0, computed, 500)), 12, -(-computed // bs))
+    w = DecodeWindow(2.0, 13, 60, 0.015, 1e-5, batch.growth(13), batch.phase)
+    times = sorted({t for s in range(12, 61) for t in
+                    (w.end(s), w.end(s) - 1e-9, (w.end(s) + w.end(s + 1)) / 2)})
+    for t in times:
+        if t > w.end(40) and w.last == 60:
+            w.last = w.step_at(t) - 2  # cut behind the cursor
+        elif t > w.end(30) and w.last == 60:
+            w.last = 45  # cut ahead of it
+        end, blocks = w.advance(t)
+        step = w.step_at(t)
+        assert (end, blocks) == (w.end(step), batch.growth(step)), t

@@ -52,3 +52,38 @@ def test_admit_without_kv_recomputes_and_matches_the_engine():
     outcome, tokens, recomputed = asyncio.run(go())
     assert (outcome, recomputed) == ("recomputed", 1)
     assert tokens == ref
+
+
+def test_batched_reserve_admit_release_and_streamed_outputs():
+    from workers.engine import EngineConfig, LLMEngine
+    from workers.messages import AdmitItem, ReserveItem
+
+    prompts = [list(range(10, 30)), list(range(40, 75))]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    ref = LLMEngine(EngineConfig()).generate(prompts, params)
+
+    async def go():
+        worker = DecodeWorker(SPEC)
+        total = await worker.free_blocks()
+        blocks = await worker.reserve_batch([ReserveItem("a", prompts[0]),
+                                             ReserveItem("b", prompts[1]),
+                                             ReserveItem("c", list(range(1 << 16)))])
+        assert [len(b) if b else b for b in blocks] == [2, 3, None]  # 16-token blocks; c: no room
+        assert await worker.free_blocks() == total - 5
+        assert await worker.release_batch(["b", "zz"]) == [True, False]
+        outcomes = await worker.admit_batch(
+            [AdmitItem("a", prompts[0], ref[0].token_ids[:1], params),
+             AdmitItem("b", prompts[1], ref[1].token_ids[:1], params)], timeout_s=0.2)
+        assert outcomes == ["recomputed", "aborted"]  # no KV sent; b's reservation is gone
+        tokens, loads = list(ref[0].token_ids[:1]), []
+        gen = worker.stream_outputs(0, idle_s=0.05)
+        while len(tokens) < 4:
+            events, _, load, load_at = await gen.__anext__()
+            tokens += [t for e in events if e.request_id == "a" for t in e.token_ids]
+            loads.append(load)  # None when unchanged since the previous item
+        await gen.aclose()
+        assert tokens == ref[0].token_ids and load_at > 0
+        assert loads[0].worker_id == SPEC.worker_id
+        assert await worker.submit_batch([AdmitItem("d", [], [], params)]) != [""]  # refused
+        worker.loop.stop()
+    asyncio.run(go())
