@@ -52,6 +52,7 @@ Usage::
 
     .venv/bin/python benchmarks/ltr_serving_bench.py --json benchmarks/out/ltr_serving.json
     .venv/bin/python benchmarks/ltr_serving_bench.py --requests 40 --max-output-tokens 64  # smoke
+    .venv/bin/python benchmarks/ltr_serving_bench.py --sweep  # slots vs ratio, no cluster
 """
 
 from __future__ import annotations
@@ -279,6 +280,71 @@ def sim_rows(cfgs: dict, prompt_tokens, lengths, offsets, noise: float) -> list[
     return rows
 
 
+# ----- which configuration could reach the target? (no cluster) ------------------------------
+def slot_model_mean(lengths: list[int], order: list[int], slots: int) -> float:
+    """Mean completion time of a burst served in ``order`` on ``slots``
+    identical slots, each request holding one for its length (time unit: one
+    token)."""
+    import heapq
+
+    free_at, done = [0.0] * slots, []
+    for i in order:
+        t = heapq.heappop(free_at) + lengths[i]
+        done.append(t)
+        heapq.heappush(free_at, t)
+    return statistics.fmean(done)
+
+
+def sweep(examples, scores: list[float], slot_counts=(1, 2, 4, 8, 16)) -> list[dict]:
+    """fcfs/sjf and fcfs/ltr (the shipped head's real scores) in the slot
+    model, and in the simulator with those scores replayed, per slot count."""
+    lengths = [e.output_tokens for e in examples]
+    n = range(len(lengths))
+    orders = {"fcfs": list(n), "sjf": sorted(n, key=lengths.__getitem__),
+              "ltr": sorted(n, key=lambda i: -scores[i])}
+    rows = []
+    for k in slot_counts:
+        m = {p: slot_model_mean(lengths, o, k) for p, o in orders.items()}
+        row = {"slots": k, "model_fcfs_over_sjf": m["fcfs"] / m["sjf"],
+               "model_fcfs_over_ltr": m["fcfs"] / m["ltr"], "model_ltr_over_sjf": m["ltr"] / m["sjf"]}
+        if k in (2, 4, 8):
+            sim = {p: replayed_sim_mean(examples, scores, p, k) for p in POLICIES}
+            row.update({"sim_fcfs_over_sjf": sim["fcfs"] / sim["sjf-oracle"],
+                        "sim_fcfs_over_ltr": sim["fcfs"] / sim["ltr"],
+                        "sim_ltr_over_sjf": sim["ltr"] / sim["sjf-oracle"]})
+        rows.append(row)
+    return rows
+
+
+def replayed_sim_mean(examples, scores: list[float], policy: str, slots: int) -> float:
+    """Simulated mean e2e of the burst, the ltr policy seeing the real scores."""
+    from sim.core import Simulation
+    from sim.spec import spec_from_cluster_config
+    from sim.workload import Request, Workload, WorkloadSpec
+
+    class Replayed(Simulation):  # the simulated ranker's score replaced by the real one
+        def _push_arrival(self, req, on_arrival=None):
+            super()._push_arrival(req, on_arrival)
+            self.trackers[-1].score = scores[req.index]
+
+    cfg = make_config(policy, "redis://unused", "sweep", slots, len(examples))
+    reqs = [Request(i, 0.0, len(e.prompt.encode()) + 1, e.output_tokens)
+            for i, e in enumerate(examples)]
+    res = Replayed(spec_from_cluster_config(cfg, hardware="cpu"),
+                   Workload(WorkloadSpec(num_requests=len(reqs)), reqs, closed=False)).run()
+    return statistics.fmean(t.finish_s - t.req.arrival_s for t in res.trackers)
+
+
+def print_sweep(rows: list[dict], tau: float, n: int) -> None:
+    print(f"burst of {n}, shipped head's tau {tau:.3f}: mean e2e ratios by slots per worker")
+    for r in rows:
+        sim = (f"; simulator fcfs/sjf {r['sim_fcfs_over_sjf']:.2f} fcfs/ltr "
+               f"{r['sim_fcfs_over_ltr']:.2f} ltr/sjf {r['sim_ltr_over_sjf']:.2f}"
+               if "sim_fcfs_over_ltr" in r else "")
+        print(f"  {r['slots']:>2} slots: slot model fcfs/sjf {r['model_fcfs_over_sjf']:.2f} "
+              f"fcfs/ltr {r['model_fcfs_over_ltr']:.2f} ltr/sjf {r['model_ltr_over_sjf']:.2f}{sim}")
+
+
 # ----- main ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -291,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-sim", action="store_true")
+    ap.add_argument("--sweep", action="store_true",
+                    help="no cluster: ratios by slot count in the slot model and the simulator, "
+                         "with the shipped head's real scores")
     ap.add_argument("--json", nargs="?", const="-", default=None,
                     help="write JSON to this file ('-' or no value: stdout)")
     args = ap.parse_args(argv)
@@ -304,11 +373,16 @@ def main(argv: list[str] | None = None) -> int:
 
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json == "-" else \
         (lambda *a: print(*a, flush=True))
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), os.getloadavg()
     examples = workload(args.requests, args.max_prompt_bytes, args.max_output_tokens, args.data)
     prompts = [[256, *e.prompt.encode()] for e in examples]
     lengths = [e.output_tokens for e in examples]
     offsets = arrival_offsets(len(examples), args.rate, args.seed)
+    if args.sweep:
+        scores = Ranker.load().score([e.prompt for e in examples])
+        print_sweep(sweep(examples, scores), rank_quality(scores, lengths).kendall_tau,
+                    len(examples))
+        return 0
     encoder_cost = time_encoder([e.prompt for e in examples])
     ranker = Ranker.load()
     quality = rank_quality(ranker.score([e.prompt for e in examples]), lengths)
@@ -353,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                   "max_prompt_bytes": args.max_prompt_bytes,
                   "max_output_tokens": args.max_output_tokens},
               "ranker_on_workload": quality.to_json(), "encoder_cost": encoder_cost,
-              "load_avg_start": os.getloadavg(), "rows": rows,
+              "load_avg_start": load_start, "rows": rows,
               "command": "python benchmarks/ltr_serving_bench.py " + " ".join(sys.argv[1:])}
     if {"fcfs", "ltr", "sjf-oracle"} <= set(by):
         report["ratios"] = {

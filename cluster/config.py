@@ -109,7 +109,9 @@ class RankerSpec:
     controller when ``scheduler.policy`` is ``ltr`` or logging is on."""
 
     head_path: str | None = None  # trained head (.safetensors); None = the one shipped
-    max_batch: int = 64  # prompts scored in one encoder call
+    max_batch: int = 64  # prompts taken from the arrival queue at once
+    chunk: int = 16  # prompts per encoder call (scores are released chunk by chunk)
+    precision: str = "int8"  # encoder arithmetic: int8 (serving default) | bf16 | fp32 (reference)
     num_threads: int = 1  # torch threads of the controller process for the encoder
     log_completions: bool = False  # opt-in: log finished requests to Redis for retraining
     log_prompts: str = "features"  # features (hash + embedding) | redacted (masked text)
@@ -280,7 +282,8 @@ def _validate(cfg: ClusterConfig) -> None:
     if cfg.scheduler.max_wait_s is not None:
         _positive("scheduler.max_wait_s", cfg.scheduler.max_wait_s)
     _one_of("ranker.log_prompts", cfg.ranker.log_prompts, ("features", "redacted"))
-    for key in ("max_batch", "num_threads", "log_cap"):
+    _one_of("ranker.precision", cfg.ranker.precision, ("int8", "bf16", "fp32"))
+    for key in ("max_batch", "chunk", "num_threads", "log_cap"):
         _positive(f"ranker.{key}", getattr(cfg.ranker, key))
     if cfg.ranker.tau_window < 2:
         raise ConfigError(f"ranker.tau_window: {cfg.ranker.tau_window} must be >= 2")

@@ -380,7 +380,9 @@ class Controller:
                 await asyncio.wait_for(req.changed.wait(), timeout_s)
             except TimeoutError:
                 pass
-        end = len(req.tokens)
+        # After a controller restart the journal may hold fewer tokens than the
+        # caller has seen (they are being regenerated): never move its cursor back.
+        end = max(cursor, len(req.tokens))
         return StreamChunk(request_id, req.tokens[cursor:end], "".join(req.texts[cursor:end]),
                            end, req.finish_reason is not None, req.finish_reason,
                            dict(req.timing, arrival_s=req.arrival_s),
@@ -698,11 +700,15 @@ class Controller:
         are still current (the others wait for room, or are released)."""
         release = self._take_releases(d)
         blocks = await self._call(d, "reserve_batch", [ReserveItem(
-            r.request_id, r.prompt + r.tokens) for r in reqs], release)
+            r.request_id, r.prompt + r.tokens, r.generation) for r in reqs], release)
         ready, stale = [], []
         for r, b in zip(reqs, blocks):
             if b is None:  # raced with other reservations: wait for room
                 self._requeue(r, gens[r.request_id])
+            elif isinstance(b, str):  # refused: this request ends, the others go on
+                if self._current(r, gens):
+                    r.timing["error"] = b
+                    await self._finish(r, "abort")
             elif self._current(r, gens):
                 ready.append(r)
             else:
@@ -783,13 +789,15 @@ class Controller:
         try:
             outcomes = await self._call(d, "admit_batch", [AdmitItem(
                 r.request_id, r.prompt, list(r.tokens), r.params, r.placement.priority,
-                r.placement.boost_steps) for r in reqs], 60.0)
+                r.placement.boost_steps, r.generation) for r in reqs], 60.0)
         except WorkerDied:
             return
         for r, outcome in zip(reqs, outcomes):
             r.timing["kv_admission"] = outcome
             r.decoding = r.generation == gens[r.request_id] and outcome != "aborted"
             self._transit_end(r)
+            if outcome == "aborted":  # its reservation was gone (lease expired): again
+                self._requeue(r, gens[r.request_id])
 
     def _transit_begin(self, req: _Request) -> None:
         """Count it in its decode worker's batch until the worker's load does."""

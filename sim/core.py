@@ -137,7 +137,11 @@ class Simulation:
         # requests known up front enter the event queue one at a time: a small heap
         self._upcoming = iter(sorted(self.workload.initial(), key=lambda r: r.arrival_s))
         self._push_upcoming()
-        gc.freeze()  # see _on_finish
+        # the workload's requests, and the finished requests' trackers, live until the
+        # run ends: the cyclic collector's full passes would walk them all again and
+        # again (5% of a million-request run); frozen (here, and in _on_finish) they
+        # are skipped
+        gc.freeze()
         try:
             n = self._loop(_progress_bar(self.workload.num_requests) if self.progress else None)
         finally:
@@ -225,10 +229,7 @@ class Simulation:
     def _on_finish(self, tr: Tracker, now: float) -> None:
         self._done += 1
         if not self._done & 0xFFFF:
-            # the requests and the finished ones' trackers live until the run ends: the
-            # cyclic collector's full passes would walk them all, again and again (5%
-            # of a million-request run); frozen until the run ends, they are skipped
-            gc.freeze()
+            gc.freeze()  # the trackers finished so far (see run)
         nxt = self.workload.next_after(now)
         if nxt is not None:
             self._push_arrival(nxt)

@@ -147,15 +147,6 @@ class DecodeBatch:
         self._last_growth = (step, blocks)
         return blocks
 
-    def next_growth(self, step: int, last: int) -> int:
-        """The first step after ``step`` (up to ``last``; else ``last + 1``) in which
-        a member takes a new block."""
-        phase, bs = self._phase, self.block_size
-        for s in range(step + 1, min(last, step + bs) + 1):
-            if phase[(1 - s) % bs]:
-                return s
-        return last + 1
-
     def last_fitting_step(self, first: int, last: int, room: int) -> int:
         """The last step in ``first..last`` whose growth fits in ``room`` blocks
         (``first - 1`` if none): every ``block_size`` steps add one block per member."""

@@ -17,6 +17,11 @@ The free queue is a list read from a head index, so a prompt's fresh blocks
 are one slice (the simulator allocates millions); a cached block revived
 from the middle of the queue leaves a stale entry behind, skipped when the
 head reaches it.
+
+Without prefix caching a block has one owner and is never revived, so no
+per-block state is kept: a prompt takes one slice of the queue and a
+freed table goes back in one ``extend`` (the same block ids, in the same
+order, as with caching on and nothing cached).
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ class Allocation:
     block_ids: tuple[int, ...]  # physical blocks, in token order
     num_cached_tokens: int  # leading tokens whose KV is already in those blocks
 
+    def __init__(self, block_ids: tuple[int, ...], num_cached_tokens: int):
+        d = self.__dict__  # frozen: written once, here (one per admitted prompt)
+        d["block_ids"] = block_ids
+        d["num_cached_tokens"] = num_cached_tokens
+
 
 class BlockManager:
     """Allocates fixed-size KV blocks to sequences, with prefix reuse."""
@@ -60,7 +70,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self._ref = [0] * num_blocks  # block id -> sequences holding it
+        self._ref = [0] * num_blocks  # block id -> sequences holding it (prefix caching only)
         self._hash: list[int | None] = [None] * num_blocks  # set once full and hashed
         self._queue = list(range(num_blocks))  # free ids from _head on, least recently freed first
         self._head = 0
@@ -70,7 +80,7 @@ class BlockManager:
         self._stale = 0  # entries of revived blocks still in the queue
         self._cached: dict[int, int] = {}  # block hash -> block id
         self._tables: dict[str, list[int]] = {}  # seq id -> block ids
-        self._hashed: dict[str, int] = {}  # seq id -> number of its blocks already hashed
+        self._hashed: dict[str, int] = {}  # seq id -> its blocks already hashed (caching only)
         self.prefix_queries = 0  # blocks looked up in the prefix cache
         self.prefix_hits = 0  # of which found
 
@@ -117,6 +127,12 @@ class BlockManager:
         assert seq_id not in self._tables, f"sequence {seq_id} already allocated"
         if not token_ids:
             return None
+        if not self.enable_prefix_caching:  # fresh blocks only
+            n = -(-len(token_ids) // self.block_size)
+            if n > self._num_free:
+                return None
+            table = self._tables[seq_id] = self._take_fresh(n)
+            return Allocation(tuple(table), 0)
         hits = self._prefix_hits(token_ids, reuse_prefix)
         if not self._fits(len(token_ids), hits):
             return None
@@ -165,8 +181,10 @@ class BlockManager:
         blocks past the end are freed, a partial tail block loses its hash."""
         table = self._tables[seq_id]
         keep = self.blocks_needed(num_tokens)
-        self._release(reversed(table[keep:]))
+        self._release(table[:keep - 1:-1] if keep else table[::-1])
         del table[keep:]
+        if not self.enable_prefix_caching:
+            return
         full = num_tokens // self.block_size
         if self._hashed[seq_id] > full:
             for b in table[full:]:
@@ -175,8 +193,10 @@ class BlockManager:
 
     def free(self, seq_id: str) -> None:
         """Release a sequence's blocks; hashed ones stay reusable until evicted."""
-        self._release(reversed(self._tables.pop(seq_id)))
-        self._hashed.pop(seq_id)
+        table = self._tables.pop(seq_id)
+        self._release(table[::-1])
+        if self.enable_prefix_caching:
+            del self._hashed[seq_id]
 
     # ----- internals -----------------------------------------------------
     def _take(self, block_id: int) -> None:
@@ -196,12 +216,13 @@ class BlockManager:
         else:
             ids, self._head = self._queue[head:head + n], head + n
         self._num_free -= n
-        ref = self._ref
-        for b in ids:
-            ref[b] = 1
-        if self._cached:
+        if self.enable_prefix_caching:
+            ref = self._ref
             for b in ids:
-                self._unhash(b)
+                ref[b] = 1
+            if self._cached:
+                for b in ids:
+                    self._unhash(b)
         if self._head > 1024 and 2 * self._head > len(self._queue):
             del self._queue[:self._head]
             self._base += self._head
@@ -228,19 +249,16 @@ class BlockManager:
                 del self._cached[h]
             self._hash[block_id] = None
 
-    def _release(self, block_ids) -> None:
+    def _release(self, block_ids: list[int]) -> None:
         """Drop one reference to each block, in order; unreferenced ones join the
         back of the free queue."""
-        ref, queue = self._ref, self._queue
-        if not self.enable_prefix_caching:  # no sharing, no revival: one owner per block
-            ids = list(block_ids)
-            assert all(map(ref.__getitem__, ids)), "a block freed twice"
-            for b in ids:
-                ref[b] = 0
-            queue += ids
-            self._num_free += len(ids)
+        queue = self._queue
+        if not self.enable_prefix_caching:  # one owner per block: all of them go back
+            queue += block_ids
+            self._num_free += len(block_ids)
+            assert self._num_free <= self.num_blocks, "a block freed twice"
             return
-        queued_at = self._queued_at
+        ref, queued_at = self._ref, self._queued_at
         for b in block_ids:
             n = ref[b]
             assert n > 0, f"block {b} freed twice"

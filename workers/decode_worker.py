@@ -47,6 +47,7 @@ class DecodeWorker:
         self.receiver = make_receiver(spec.transport, ReceiverCore(self.engine.kv_cache.layers),
                                       device=spec.device)
         self._leases: dict[str, float] = {}  # request -> deadline (monotonic)
+        self._dispatch: dict[str, int] = {}  # reserved request -> its dispatch (generation)
         self._events: Mailbox[TokenEvent] = Mailbox()
         self._arrivals: dict[str, tuple[float, ...]] = {}
         self.recomputed = 0  # requests whose KV transfer failed and were re-prefilled here
@@ -63,14 +64,16 @@ class DecodeWorker:
         return await self.loop.call(lambda e: self._reserve(e, request_id, token_ids))
 
     async def reserve_batch(self, items: list[ReserveItem],
-                            release: list[str] = ()) -> list[list[int] | None]:
-        """``reserve`` for several requests in one call (None where no room),
-        after releasing the reservations of ``release`` (requests that ended
-        at their first token: the controller sends them with its next round)."""
-        def run(e: LLMEngine) -> list[list[int] | None]:
+                            release: list[str] = ()) -> list[list[int] | str | None]:
+        """``reserve`` for several requests in one call, after releasing the
+        reservations of ``release`` (requests that ended at their first token:
+        the controller sends them with its next round). Per item: the block
+        ids, None where there is no room, or why it was refused (a str)."""
+        def run(e: LLMEngine) -> list[list[int] | str | None]:
             for rid in release:
                 self._drop(e, rid)
-            return [self._reserve(e, it.request_id, it.token_ids) for it in items]
+            return [self._reserve(e, it.request_id, it.token_ids, it.generation)
+                    for it in items]
         return await self.loop.call(run)
 
     async def admit(self, request_id: str, prompt_token_ids: list[int],
@@ -157,17 +160,35 @@ class DecodeWorker:
         return model_info(self.engine)
 
     # ----- engine thread ------------------------------------------------------
-    def _reserve(self, e: LLMEngine, request_id: str, token_ids: list[int]) -> list[int] | None:
-        blocks = e.reserve(request_id, token_ids)
+    def _reserve(self, e: LLMEngine, request_id: str, token_ids: list[int],
+                 generation: int = 0) -> list[int] | str | None:
+        # The controller reserves only for a new dispatch: whatever this worker
+        # still holds under the id belongs to an older one (e.g. a late call of
+        # a replaced controller) and goes.
+        self._drop(e, request_id)
+        try:
+            blocks = e.reserve(request_id, token_ids)
+        except ValueError as exc:
+            return str(exc) or "refused"
         if blocks is not None:
             self.receiver.expect(request_id, blocks)
             self._leases[request_id] = time.monotonic() + self.spec.lease_s
+            self._dispatch[request_id] = generation
         return blocks
 
     def _admit(self, e: LLMEngine, it: AdmitItem, kv_ok: bool) -> str:
-        if not e.is_reserved(it.request_id):
+        try:
+            return self._admit_one(e, it, kv_ok)
+        except ValueError:
+            e.abort(it.request_id)
+            return "aborted"
+
+    def _admit_one(self, e: LLMEngine, it: AdmitItem, kv_ok: bool) -> str:
+        # a late admit of an older dispatch must not take a newer reservation
+        if not e.is_reserved(it.request_id) or self._dispatch.get(it.request_id) != it.generation:
             return "aborted"
         self._leases.pop(it.request_id, None)
+        self._dispatch.pop(it.request_id, None)
         received = self.receiver.take(it.request_id)
         if received is not None:
             self._remember_arrivals(it.request_id, received.layer_arrival_s)
@@ -199,6 +220,7 @@ class DecodeWorker:
 
     def _drop(self, e: LLMEngine, request_id: str) -> bool:
         self._leases.pop(request_id, None)
+        self._dispatch.pop(request_id, None)
         self.receiver.cancel(request_id)
         return e.abort(request_id)
 

@@ -73,6 +73,7 @@ class ReserveItem:
 
     request_id: str
     token_ids: list[int]  # prompt + outputs so far: the KV that will arrive
+    generation: int = 0  # the dispatch it is for; only an admit of the same one uses it
 
 
 @dataclass(frozen=True)
@@ -86,3 +87,4 @@ class AdmitItem:
     params: SamplingParams
     priority: float = 0.0  # scheduler rank under KV pressure (workers/sequence.py)
     boost_steps: int = 0  # steps it keeps a raised priority
+    generation: int = 0  # the dispatch it belongs to (must match the reservation's)

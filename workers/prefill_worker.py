@@ -135,6 +135,7 @@ class PrefillWorker:
         errors = []
         for state in states:
             job = state.job
+            self._drop_stale(e, job.request_id)
             self._jobs[job.request_id] = state
             params = replace(job.params, max_tokens=len(job.output_token_ids) + 1)
             try:
@@ -183,6 +184,15 @@ class PrefillWorker:
             transfer_s=result.seconds if result else 0.0,
             queue_s=max(0.0, started_s - state.submitted_s), prefill_s=done_s - started_s,
             error=result.error if result else "no KV was exported", generation=job.generation))
+
+    def _drop_stale(self, e: LLMEngine, request_id: str) -> None:
+        """A job for an id this worker still holds: the old one belongs to an
+        older dispatch (e.g. a late call of a replaced controller) and goes."""
+        old = self._jobs.pop(request_id, None)
+        if old is not None:
+            e.abort(request_id)
+            if not old.result.done():
+                old.result.set_result(_aborted(request_id, old.job.generation))
 
     def _after_step(self) -> None:
         self._load_snapshot = self._load(self.engine)

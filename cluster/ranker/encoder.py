@@ -19,8 +19,9 @@ LayerNorm and GELU stay fp32) run:
 - ``bf16``: bfloat16 weights and activations in the matmuls;
 - ``int8``: weights int8 per output channel, activations quantized per token
   on the fly, exact int32 accumulation (``torch._int_mm``), so the result is
-  the same on every CPU. About 2.5x faster than fp32 on one thread; the shipped
-  head's test-split tau moves from 0.393 to 0.394 (BENCHMARKS.md).
+  the same on every CPU. 1.5-2.2x faster than fp32 on one thread (300 serving
+  prompts, loaded 2-core machine); the shipped head's test-split tau moves from
+  0.393 to 0.394 (BENCHMARKS.md).
 
 Query, key and value projections run as one fused matmul in every precision.
 """

@@ -145,8 +145,8 @@ class RankerService:
         tokenizer = load_tokenizer(config.model.source)
         log_ = (CompletionLog(redis, config.redis.namespace, spec.log_prompts, spec.log_cap)
                 if spec.log_completions else None)
-        return cls(Ranker.load(spec.head_path), tokenizer.decode, log_, OnlineTau(spec.tau_window),
-                   spec.max_batch)
+        return cls(Ranker.load(spec.head_path, spec.precision), tokenizer.decode, log_,
+                   OnlineTau(spec.tau_window), spec.max_batch, chunk=spec.chunk)
 
     def swap(self, head: str | bytes) -> dict:
         """A head file's path, or its bytes (from a CLI on another machine)."""

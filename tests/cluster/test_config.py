@@ -39,6 +39,8 @@ def test_disaggregated_example_values():
     ({"pools": [POOL, {**POOL, "name": "p", "role": "prefill"}]}, "cannot be combined"),
     ({"pools": [POOL], "server": {"grpc_port": 70000}}, r"server.grpc_port: 70000 must be in \[0, 65535\]"),
     ({"pools": [POOL], "redis": {"url": "http://x"}}, "redis.url: 'http://x' must start with redis://"),
+    ({"pools": [POOL], "ranker": {"precision": "int4"}}, "ranker.precision: 'int4' is not allowed"),
+    ({"pools": [POOL], "ranker": {"chunk": 0}}, "ranker.chunk: 0 must be"),
 ])
 def test_bad_values_are_named(data, message):
     with pytest.raises(ConfigError, match=message):

@@ -183,3 +183,17 @@ def test_every_acknowledged_submit_is_recovered_by_a_new_controller(redis_server
         assert await fresh.start() == 9
         assert await finish_all(fresh, [f"q{i}" for i in range(9)]) == [[7]] * 9
     asyncio.run(go())
+
+
+def test_stream_never_moves_a_cursor_back(redis_server):
+    """After a restart the journal may hold fewer tokens than a client has
+    seen; the chunk must keep the client's cursor (no duplicate later)."""
+    ns = f"cursor-{random.randrange(1 << 30)}"
+
+    async def go():
+        ctl, _, _ = make_controller(redis_server, ns, answer=False)
+        await ctl.start()
+        await ctl.submit_many(items(1, "c"))
+        chunk = await ctl.stream("c0", 5, 0.05)
+        assert (chunk.token_ids, chunk.cursor, chunk.finished) == ([], 5, False)
+    asyncio.run(go())
