@@ -48,17 +48,22 @@ class ClusterClient:
         return await ctl.submit.remote(request_id, prompt_token_ids, params)
 
     async def stream(self, request_id: str, cursor: int = 0) -> AsyncIterator[StreamChunk]:
+        """One streaming call (``Controller.stream_chunks``) per controller: a
+        chunk per Ray object as tokens arrive; resumed from the cursor on a
+        replacement controller."""
         while True:
+            ctl = await self.controller()
+            chunks = ctl.stream_chunks.options(num_returns="streaming").remote(request_id, cursor)
             try:
-                chunk = await (await self.controller()).stream.remote(request_id, cursor)
+                async for ref in chunks:
+                    chunk = await ref
+                    cursor = chunk.cursor
+                    if chunk.token_ids or chunk.finished:
+                        yield chunk
+                    if chunk.finished:
+                        return
             except RayActorError:
                 await self.controller(fresh=True)
-                continue
-            cursor = chunk.cursor
-            if chunk.token_ids or chunk.finished:
-                yield chunk
-            if chunk.finished:
-                return
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[StreamChunk]:

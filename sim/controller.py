@@ -65,13 +65,15 @@ class SimController:
         self._block_size = prefill[0].spec.block_size
         self._by_id = {w.worker_id: w for w in [*prefill, *decode]}
         self.dispatch_s = dispatch_s  # the control plane's delay before the prompt reaches P
+        # the shared ``SchedulerPolicy.order`` (pure, no state) puts a lone request first
+        self._plain_order = type(scheduler).order is SchedulerPolicy.order
 
     # ----- arrivals ------------------------------------------------------------------
     def arrive(self, tr: Tracker) -> None:
         r = tr.req
-        view = RequestView(r.request_id, r.prompt_tokens, r.output_tokens, r.arrival_s,
-                           score=tr.score, true_output_tokens=r.output_tokens,
-                           prefix_hashes=self._prefix_hashes(r))
+        view = RequestView(r.request_id, r.prompt_tokens, r.output_tokens, r.arrival_s, 0,
+                           tr.score, r.output_tokens,  # score, true_output_tokens
+                           self._prefix_hashes(r) if self.use_prefix_index else ())
         reason = self._too_long(r) or self._refused(view)
         if reason:
             tr.rejected = reason
@@ -124,12 +126,18 @@ class SimController:
         if not waiting:
             return
         self.rounds += 1
-        order = self.scheduler.order(SchedulingRound(self.clock.now, self.rounds, tuple(waiting)))
+        now = self.clock.now
+        if len(waiting) == 1 and self._plain_order:  # one request: nothing to order
+            order = waiting
+        else:
+            order = self.scheduler.order(SchedulingRound(now, self.rounds, tuple(waiting)))
         prefill, decode, router = self.prefill, self.decode, self.router
         sent = 0
         for view in order:
-            pviews = [w.view() for w in prefill]
-            dviews = pviews if self.colocated else [w.view() for w in decode]
+            # a worker's cached view while it holds (``SimWorker.view``, without the call)
+            pviews = [w.cached_view if now < w.view_until else w.view() for w in prefill]
+            dviews = pviews if self.colocated else \
+                [w.cached_view if now < w.view_until else w.view() for w in decode]
             route = router.route(view, pviews, dviews,
                                  self._hits(view) if view.prefix_hashes else None)
             if route is None:

@@ -205,7 +205,11 @@ class LatencyModel:
         o = self.ops
         pairs = decode_ctx_sum
         if prefill_chunks:
-            pairs += sum(n * c + n * (n + 1) / 2 for n, c in prefill_chunks)
+            if len(prefill_chunks) == 1:  # the usual step: no generator
+                n, c = prefill_chunks[0]
+                pairs += n * c + n * (n + 1) / 2
+            else:
+                pairs += sum(n * c + n * (n + 1) / 2 for n, c in prefill_chunks)
         return self.layers * (num_tokens * o.linear_flops_per_token + pairs * o.attn_flops_per_pair)
 
 

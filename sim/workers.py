@@ -141,8 +141,10 @@ class SimWorker:
         self._plan: StepPlan | None = None
         self._step_start = 0.0
         self._window: DecodeWindow | None = None
-        self._view: WorkerView | None = None
-        self._view_until = -_INF  # the cached view holds while now < this
+        # the view last computed, valid while now < view_until (the controller reads
+        # both, to skip the call for a view that holds)
+        self.cached_view: WorkerView | None = None
+        self.view_until = -_INF
 
     @property
     def worker_id(self) -> str:
@@ -227,29 +229,30 @@ class SimWorker:
             self.events.push(now, WAKE, self._on_wake)
 
     def _touch(self) -> None:
-        self._view_until = -_INF  # recompute (the old view is reused if equal)
+        self.view_until = -_INF  # recompute (the old view is reused if equal)
 
     # ----- the load a policy sees ------------------------------------------------------
     def view(self) -> WorkerView:
         """The worker's load now. Inside a decode window the planner would already
         have grown the sequences' blocks for the step in progress: counted here."""
         now = self.clock.now
-        if now < self._view_until:
-            return self._view
+        if now < self.view_until:
+            return self.cached_view
         free, until = self.blocks.num_free_blocks, _INF
         if self.state is WINDOW:  # the view holds until the step in progress ends
             until, grown = self._window.advance(now)
             free += self._pooled - grown
         elif self.batch.members:
             free += self._pooled - self.batch.growth(self._step_in_progress())
-        self._view_until = until
-        v = self._view
+        self.view_until = until
+        v = self.cached_view
         if v is None or v.free_kv_blocks != free or v.queued_prefill_tokens != self.backlog \
                 or v.running != self.held:
             s, b = self.spec, self.spec.batch
-            v = self._view = WorkerView(s.worker_id, s.role, s.gpu_type, self.backlog, self.held,
-                                        free, self.blocks.num_blocks, s.block_size,
-                                        b.max_num_batched_tokens, b.max_num_seqs)
+            v = self.cached_view = WorkerView(s.worker_id, s.role, s.gpu_type, self.backlog,
+                                              self.held, free, self.blocks.num_blocks,
+                                              s.block_size, b.max_num_batched_tokens,
+                                              b.max_num_seqs)
         return v
 
     def _step_in_progress(self) -> int:
@@ -319,7 +322,7 @@ class SimWorker:
             self._first_gaps(w.end(first))
         self.state = WINDOW
         self._version += 1
-        self._view_until = -_INF  # _touch
+        self.view_until = -_INF  # _touch
         self.events.push(w.end(last), STEP_DONE, self._on_step_done, self._version)
         return True
 
@@ -383,7 +386,7 @@ class SimWorker:
         self._plan, self._step_start = plan, now
         self.state = STEP
         self._version += 1
-        self._view_until = -_INF  # _touch
+        self.view_until = -_INF  # _touch
         self.events.push(now + dt, STEP_DONE, self._on_step_done, self._version)
 
     def _skip_cached(self, seq: Sequence) -> None:
@@ -407,7 +410,7 @@ class SimWorker:
             self._apply_step()
         if self.inbox:
             self._flush_inbox()
-        self._view_until = -_INF  # _touch
+        self.view_until = -_INF  # _touch
         self.hooks.on_change()
         self._start_next()
 

@@ -20,9 +20,12 @@ the releases of requests that ended at their first token, ``admit_batch``,
 ``release_batch``, ``submit_batch``): one Ray call per worker per scheduling
 round, each running its items in one engine-thread command.
 
-With role ``mixed`` (colocated baseline) the controller calls ``submit`` and
-the same engine prefills and decodes. A reservation never admitted is
-released when its lease expires.
+With role ``mixed`` (colocated baseline) the controller calls ``submit_batch``
+and the same engine prefills and decodes. A reservation never admitted is
+released when its lease expires. Each reservation remembers its dispatch
+(generation): a new reservation drops whatever an older dispatch of the same
+id left here, and only an admit of the same dispatch can use it (a late call
+of a replaced controller cannot).
 """
 
 from __future__ import annotations

@@ -10,9 +10,12 @@ wanted, and takes the time from the snapshot (it has no clock of its own).
 ``queue-depth`` wants, of three signals, the largest (clamped to the pool's
 [min_replicas, max_replicas], moving at most ``max_step`` at a time):
 
-    queue     waiting > target_waiting_per_replica x (ready + pending):
-              ceil(waiting / target_waiting_per_replica); any waiting at all
-              keeps the current size (the pool is full: no scale-down)
+    queue     waiting > target_waiting_per_replica x (ready + pending): the
+              fewest replicas n that leave at most that many waiting each,
+              n = ceil((running + waiting) / (capacity + target)), where a
+              replica's capacity is max_num_seqs or what its KV holds at the
+              present KV per sequence (at least one more than now); any
+              waiting at all keeps the current size (no scale-down)
     KV        ceil(ready x kv_usage / target_kv_usage)
     batch     ceil(running / max_num_seqs): the running sequences must fit
 
@@ -150,7 +153,8 @@ class QueueDepth(ScalingPolicy):
         per_replica = spec.target_waiting_per_replica * slack
         queue = 0
         if snap.waiting > per_replica * current:
-            queue = math.ceil(snap.waiting / per_replica)
+            total = snap.running + snap.waiting
+            queue = max(current + 1, math.ceil(total / (self._capacity(snap) + per_replica)))
         elif snap.waiting > 0:
             queue = current
         signals = {  # ties go to the first
@@ -163,6 +167,17 @@ class QueueDepth(ScalingPolicy):
         why = (f"waiting {snap.waiting}, running {snap.running}, kv {snap.kv_usage:.2f} on "
                f"{snap.replicas}+{snap.pending} replicas: {signal} wants {signals[signal]}")
         return target, why
+
+    @staticmethod
+    def _capacity(snap: ScalingSnapshot) -> int:
+        """Sequences one replica holds: its batch cap, or fewer when KV runs
+        out first at the present KV per running sequence."""
+        cap = max(1, snap.max_num_seqs)
+        if snap.running and snap.replicas and snap.kv_usage > 0:
+            per_seq = snap.replicas * snap.kv_usage / snap.running  # share of one replica's KV
+            if per_seq * cap > 1:
+                cap = max(1, math.floor(1 / per_seq + 1e-9))
+        return cap
 
     def _step(self, pool: str, current: int, target: int, why: str) -> ScalingDecision:
         step = max(-self.spec.max_step, min(self.spec.max_step, target - current))

@@ -36,7 +36,7 @@ def snap(waiting=0, running=0, replicas=1, pending=0, kv=0.0, seqs=8, now=100.0,
     (snap(waiting=5), 2, UP, "queue wants 2"),
     (snap(waiting=9, replicas=2), 3, UP, "queue wants 3"),
     (snap(waiting=9, replicas=1, pending=2), 3, HOLD, "queue wants 3"),  # pods on the way
-    (snap(waiting=100), 4, UP, "queue wants 25"),  # capped at max_replicas
+    (snap(waiting=100), 4, UP, "queue wants 9"),  # capped at max_replicas
     (snap(kv=0.9, running=4), 2, UP, "kv wants 2"),
     (snap(replicas=3, kv=0.2, running=6), 1, DOWN, "kv wants 1"),
     (snap(replicas=3, kv=0.1, running=12), 2, DOWN, "batch wants 2"),
@@ -71,7 +71,7 @@ def test_scale_up_waits_for_the_upscale_delay():
     assert policy.decide(snap(now=10, **busy)).action == HOLD
     assert policy.decide(snap(now=14, **busy)).action == HOLD
     assert "up in 1.0 s" in policy.decide(snap(now=14, **busy)).reason
-    assert policy.decide(snap(now=15, **busy)).desired_replicas == 4
+    assert policy.decide(snap(now=15, **busy)).desired_replicas == 2  # 20 over 8 slots + 4 waiting each
 
 
 def test_an_interrupted_wish_starts_its_delay_again():
