@@ -8,12 +8,13 @@ Lifecycle of a request at the controller::
     round    (on arrivals and whenever a worker's load changes: a DISPATCH
              event, which sorts after the instant's landings, finished steps
              and arrivals; an arrival with none of those left runs it at once)
-             -> ``scheduler.order(SchedulingRound)`` -> for each request in
-                that order: ``router.route(request, prefill views, decode
-                views, prefix hits)``; dispatch while it finds room, stop at
-                the first ``None``; the rest get ``waited_rounds + 1``, and
-                workers stop fast-forwarding (the next round comes at the
-                next step boundary of any worker)
+             -> ``scheduler.order(SchedulingRound)`` (a lone request needs no
+                ordering: skipped for the shared ``SchedulerPolicy.order``)
+             -> for each request in that order: ``router.route(request,
+                prefill views, decode views, prefix hits)``; dispatch while
+                it finds room, stop at the first ``None``; the rest get
+                ``waited_rounds + 1``, and workers stop fast-forwarding (the
+                next round comes at the next step boundary of any worker)
     dispatch -> colocated: the mixed worker queues the prompt;
                 disaggregated: the decode worker reserves KV blocks, the
                 prefill worker queues the prompt (after the control plane's

@@ -76,7 +76,7 @@ class BlockManager:
         self._head = 0
         self._base = 0  # position of _queue[0] since the start (the queue is trimmed)
         self._queued_at = list(range(num_blocks))  # block id -> position of its live entry
-        self._num_free = num_blocks
+        self.num_free_blocks = num_blocks  # read-only outside (an attribute: read per step)
         self._stale = 0  # entries of revived blocks still in the queue
         self._cached: dict[int, int] = {}  # block hash -> block id
         self._tables: dict[str, list[int]] = {}  # seq id -> block ids
@@ -85,10 +85,6 @@ class BlockManager:
         self.prefix_hits = 0  # of which found
 
     # ----- queries -------------------------------------------------------
-    @property
-    def num_free_blocks(self) -> int:
-        return self._num_free
-
     def block_table(self, seq_id: str) -> list[int]:
         return self._tables[seq_id]
 
@@ -129,7 +125,7 @@ class BlockManager:
             return None
         if not self.enable_prefix_caching:  # fresh blocks only
             n = -(-len(token_ids) // self.block_size)
-            if n > self._num_free:
+            if n > self.num_free_blocks:
                 return None
             table = self._tables[seq_id] = self._take_fresh(n)
             return Allocation(tuple(table), 0)
@@ -202,7 +198,7 @@ class BlockManager:
     def _take(self, block_id: int) -> None:
         if self._ref[block_id] == 0:  # a cached block revived from the free queue
             self._queued_at[block_id] = -1
-            self._num_free -= 1
+            self.num_free_blocks -= 1
             self._stale += 1
         self._ref[block_id] += 1
 
@@ -215,7 +211,7 @@ class BlockManager:
             ids, self._head = self._live_entries(head, n)
         else:
             ids, self._head = self._queue[head:head + n], head + n
-        self._num_free -= n
+        self.num_free_blocks -= n
         if self.enable_prefix_caching:
             ref = self._ref
             for b in ids:
@@ -255,8 +251,8 @@ class BlockManager:
         queue = self._queue
         if not self.enable_prefix_caching:  # one owner per block: all of them go back
             queue += block_ids
-            self._num_free += len(block_ids)
-            assert self._num_free <= self.num_blocks, "a block freed twice"
+            self.num_free_blocks += len(block_ids)
+            assert self.num_free_blocks <= self.num_blocks, "a block freed twice"
             return
         ref, queued_at = self._ref, self._queued_at
         for b in block_ids:
@@ -266,4 +262,4 @@ class BlockManager:
             if n == 1:
                 queued_at[b] = self._base + len(queue)
                 queue.append(b)
-                self._num_free += 1
+                self.num_free_blocks += 1

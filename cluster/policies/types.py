@@ -3,8 +3,8 @@
 The controller (real workers, wall-clock time) and the simulator (simulated
 workers, simulated time) both fill these dataclasses and read the decisions.
 
-The snapshots are frozen. ``RequestView`` and ``WorkerView`` write their
-``__init__`` out: the one ``dataclass`` generates for a frozen class sets
+The snapshots are frozen. ``RequestView``, ``WorkerView`` and ``Route`` write
+their ``__init__`` out: the one ``dataclass`` generates for a frozen class sets
 each field through ``object.__setattr__`` and costs three times as much,
 and the simulator builds a view for every request and for every worker
 whose load changed, millions per run. Field order, defaults, equality,
@@ -99,6 +99,11 @@ class Route:
 
     prefill_worker: str
     decode_worker: str
+
+    def __init__(self, prefill_worker: str, decode_worker: str):
+        d = self.__dict__  # frozen: written once, here (one per dispatched request)
+        d["prefill_worker"] = prefill_worker
+        d["decode_worker"] = decode_worker
 
 
 @dataclass(frozen=True)
