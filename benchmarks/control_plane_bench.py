@@ -797,7 +797,7 @@ def print_tables(report: dict) -> None:
         print(head + "\n" + "-" * len(head))
         print(f"{'in-process LLMEngine.step() loop':<52} {i['inprocess_itl_p50_ms']:>7.2f} "
               f"{i['inprocess_itl_mean_ms']:>7.2f} {i['inprocess_itl_p90_ms']:>7.2f}")
-        labels = {"cluster": "cluster, ClusterClient.generate (stream per chunk)",
+        labels = {"cluster": "cluster, ClusterClient.generate",
                   "cluster_gen": "cluster, Controller.stream_chunks generator"}
         for path, p in i["paths"].items():
             print(f"{labels[path]:<52} {p['itl_p50_ms']:>7.2f} {p['itl_mean_ms']:>7.2f} "
