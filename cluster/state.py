@@ -174,9 +174,6 @@ class StateStore:
                           arrival_s: float) -> None:
         await self.apply([self.op_new(request_id, prompt, params, arrival_s)])
 
-    async def journal_route(self, request_id: str, prefill: str, decode: str) -> None:
-        await self.apply([self.op_route(request_id, prefill, decode)])
-
     async def journal_tokens(self, batch: list[tuple[str, list[int], list[str]]]) -> None:
         """Append streamed tokens of several requests in one round trip."""
         await self.apply([self.op_tokens(*item) for item in batch])

@@ -49,11 +49,7 @@ class Mailbox(Generic[T]):
         self._bind_loop()
         items, end = self._take(cursor)
         if not items and timeout_s > 0:
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
-            except TimeoutError:
-                pass
+            await self._wait(timeout_s)
             items, end = self._take(cursor)
         return items, end
 
@@ -65,13 +61,19 @@ class Mailbox(Generic[T]):
         while True:
             items, cursor = self._peek(cursor)
             if not items:
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), idle_s)
-                except TimeoutError:
-                    pass
+                await self._wait(idle_s)
                 items, cursor = self._peek(cursor)
             yield items, cursor
+
+    async def _wait(self, timeout_s: float) -> None:
+        """Until the next ``put`` or ``timeout_s``. No wake-up is lost: a put
+        from another thread sets the event through the loop, which runs it only
+        after this coroutine yields, i.e. after the clear."""
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout_s)
+        except TimeoutError:
+            pass
 
     def end(self) -> int:
         with self._lock:
