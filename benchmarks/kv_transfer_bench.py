@@ -50,8 +50,8 @@ total CPU time / 2, whatever its overlap.
 gRPC path performs on the payload, measured in this process.
 
 ``--what-if`` also runs Baton's gRPC path with other settings: 2 and 4 MiB
-chunks (``GrpcKVSender(chunk_bytes=...)``), and, when the ``isal`` package is
-installed, CRC-32 by zlib on both sides (what a deployment without ``isal``
+chunks (``GrpcKVSender(chunk_bytes=...)``), gRPC's default 16 KiB HTTP/2 frames
+instead of Baton's 16 MiB ones, and, when the ``isal`` package is installed, CRC-32 by zlib on both sides (what a deployment without ``isal``
 gets).
 
 ``--profile SECONDS`` loops gRPC transfers while ``py-spy record --native``
@@ -93,11 +93,18 @@ GRPC_FLOOR_METHOD = "/bench.Floor/Push"
 
 
 def crc_patch(variant: str) -> None:
-    """What-if ``zlib``: CRC-32 by zlib in this process (same values as ISA-L)."""
+    """What-ifs in this process: ``zlib``: CRC-32 by zlib (same values as ISA-L);
+    ``frames16k``: gRPC's default 16 KiB HTTP/2 frames instead of Baton's."""
     if variant == "zlib":
         import kvtransfer.integrity
 
         kvtransfer.integrity.crc32 = zlib.crc32
+    elif variant == "frames16k":
+        import kvtransfer.grpc_transport as gt
+
+        gt._OPTIONS = [o for o in gt._OPTIONS if o[0] != "grpc.http2.max_frame_size"]
+        gt._SERVER_OPTIONS = [o for o in gt._SERVER_OPTIONS
+                              if o[0] != "grpc.http2.max_frame_size"]
 
 
 def cpu_s(pid: int) -> float:
@@ -304,7 +311,9 @@ class KVPath(_Path):
         block_ids = random.Random(self.n).sample(range(self.cache_blocks), self.n_blocks)
         self.conn.send(("expect", rid, block_ids))
         self.conn.recv()
-        saved = integrity.crc32
+        import kvtransfer.grpc_transport as gt
+
+        saved = integrity.crc32, gt._OPTIONS, gt._SERVER_OPTIONS
         crc_patch(self.variant)
         result = None
 
@@ -319,7 +328,7 @@ class KVPath(_Path):
         try:
             out = self.timed(send)
         finally:
-            integrity.crc32 = saved
+            integrity.crc32, gt._OPTIONS, gt._SERVER_OPTIONS = saved
         self.conn.send(("take", rid))
         _, state, nbytes = self.conn.recv()
         if not result.ok or state != "success":
@@ -448,7 +457,7 @@ def breakdown(layers, chunk: int) -> list[dict]:
         try:
             crc_blocks()
         finally:
-            integrity.crc32 = saved
+            integrity.crc32, gt._OPTIONS, gt._SERVER_OPTIONS = saved
 
     def encode():
         for h, r in zip(headers, raws, strict=True):
@@ -598,6 +607,8 @@ def build_paths(args, layers, say) -> list:
         for mib in (2, 4):
             paths.append(KVPath(f"grpc, {mib} MiB chunks", "grpc", "baton", layers,
                                 cache_blocks, threads, mib * MIB))
+        paths.append(KVPath("grpc, 16 KiB HTTP/2 frames (gRPC's default)", "grpc",
+                            "frames16k", layers, cache_blocks, threads, chunk))
         if CRC32_IMPL == "isal":
             paths.append(KVPath("grpc, CRC-32 by zlib", "grpc", "zlib", layers, cache_blocks,
                                 threads, chunk))
@@ -633,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="chunk size of gRPC and the TCP peers (default: Baton's CHUNK_BYTES)")
     ap.add_argument("--transports", default="grpc,nccl")
     ap.add_argument("--what-if", action="store_true",
-                    help="also run Baton's gRPC with 2/4 MiB chunks and with zlib's CRC-32")
+                    help="also run Baton's gRPC with 2/4 MiB chunks, 16 KiB frames, zlib's CRC-32")
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="intra-op threads per process (workers use 1)")

@@ -19,8 +19,8 @@ scheduler policy is ``ltr`` or completion logging is on)::
     swap(path)                   a retrained head replaces the current one
                                  between two batches (see ``Ranker.swap_head``)
 
-``stats`` counts prompts, batches and the encoder's busy seconds, so the
-overhead of ranking can be set against end-to-end latency.
+``stats`` counts prompts, batches and the encoder's busy (wall) and CPU
+seconds, so the overhead of ranking can be set against end-to-end latency.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class RankerStats:
     prompts: int = 0  # prompts scored
     batches: int = 0  # encoder calls
     busy_s: float = 0.0  # wall seconds inside encoder + head calls
+    cpu_s: float = 0.0  # CPU seconds of those calls (wall seconds with several torch threads)
     largest_batch: int = 0
     failures: int = 0  # batches that raised (their requests got no score)
 
@@ -90,7 +91,9 @@ class RankerService:
         t0 = time.perf_counter()
         keep = self.completions is not None and self.completions.store == "features"
         try:
-            scores, feats = await asyncio.to_thread(self._score_texts, [a.text for _, a in batch])
+            scores, feats, cpu = await asyncio.to_thread(self._score_texts,
+                                                         [a.text for _, a in batch])
+            self.stats.cpu_s += cpu
         except Exception:  # noqa: BLE001 - ranking is advisory: serve unranked
             log.exception("ranker failed on a batch of %d prompts", len(batch))
             self.stats.failures += 1
@@ -107,8 +110,16 @@ class RankerService:
                 await self._complete(rid)
 
     def _score_texts(self, texts: list[str]):
+        """Scores, features and the CPU seconds they took. Wall time on shared cores
+        also counts waiting for a core; this thread's CPU time does not. With more
+        than one torch thread the other threads' share is not seen: wall time then."""
+        import torch
+
+        one = torch.get_num_threads() == 1
+        c0, w0 = time.thread_time(), time.perf_counter()
         scores, x = self.ranker.score_and_features(texts)
-        return scores, list(x)
+        cpu = time.thread_time() - c0 if one else time.perf_counter() - w0
+        return scores, list(x), cpu
 
     async def on_finish(self, request_id: str, output_tokens: int, reason: str) -> None:
         """Learn from a finished request now, or as soon as its score is ready
@@ -162,5 +173,6 @@ class RankerService:
         s = self.stats
         return {"head_path": self.ranker.head_path, "precision": self.ranker.precision,
                 "prompts": s.prompts, "batches": s.batches,
-                "busy_s": s.busy_s, "largest_batch": s.largest_batch, "failures": s.failures,
+                "busy_s": s.busy_s, "cpu_s": s.cpu_s, "largest_batch": s.largest_batch,
+                "failures": s.failures,
                 "online_tau": self.tau.value}

@@ -521,3 +521,23 @@ def test_sharegpt_json_is_read_record_by_record_up_to_the_truncation():
     text = "[" + ", ".join(json.dumps(r) for r in records) + ', {"id": "e", "conversa'
     assert sharegpt_first_turns(text) == [{"id": "a", "prompt": "Hi?", "response": "Hello!"},
                                           {"id": "d", "prompt": "Sum 2+2", "response": "4"}]
+
+
+def test_stats_count_cpu_seconds_apart_from_waiting():
+    import asyncio
+    import time
+
+    class Sleepy(_FakeRanker):  # waits like an encoder starved of a core: wall, no CPU
+        def score_and_features(self, texts):
+            time.sleep(0.2)
+            return super().score_and_features(texts)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        svc = _service(Sleepy())
+        asyncio.run(svc.on_arrival("a", list(b"hi")))
+    finally:
+        torch.set_num_threads(threads)
+    assert svc.stats.busy_s >= 0.2
+    assert 0 <= svc.stats.cpu_s < 0.1
