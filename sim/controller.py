@@ -22,7 +22,8 @@ Lifecycle of a request at the controller::
 
 The policy objects come from ``cluster.policies`` by name: this module only
 builds their snapshots and carries out their decisions. Worker views are
-each worker's cached ``SimWorker.view()``, rebuilt only when its load changed.
+each worker's cached ``SimWorker.view()``, refreshed only when its load may
+have changed (inside a decode window: once the members' KV takes new blocks).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class SimController:
         self.prefill, self.decode = prefill, decode
         self.colocated = prefill is decode
         self.events, self.clock, self.on_reject = events, clock, on_reject
-        self.waiting: list[RequestView] = []
+        self.waiting: list[RequestView] = []  # one list, changed in place (the workers read it)
         self.trackers: dict[str, Tracker] = {}
         self.rounds = 0
         self.dispatch_order: list[str] = []  # request ids in dispatch order
@@ -64,6 +65,10 @@ class SimController:
         self._max_prompt_blocks = max(w.blocks.num_blocks for w in prefill)
         self._max_total_blocks = max(w.blocks.num_blocks for w in decode)
         self._block_size = prefill[0].spec.block_size
+        # no request of at most this many tokens is too long (``_too_long``)
+        self._max_fit_tokens = min(self.max_model_len,
+                                   self._max_prompt_blocks * self._block_size,
+                                   self._max_total_blocks * self._block_size)
         self._by_id = {w.worker_id: w for w in [*prefill, *decode]}
         self.dispatch_s = dispatch_s  # the control plane's delay before the prompt reaches P
         # the shared ``SchedulerPolicy.order`` (pure, no state) puts a lone request first
@@ -75,14 +80,25 @@ class SimController:
         view = RequestView(r.request_id, r.prompt_tokens, r.output_tokens, r.arrival_s, 0,
                            tr.score, r.output_tokens,  # score, true_output_tokens
                            self._prefix_hashes(r) if self.use_prefix_index else ())
-        reason = self._too_long(r) or self._refused(view)
+        total = r.prompt_tokens + r.output_tokens
+        reason = self._too_long(r) if total > self._max_fit_tokens else ""
+        if not reason:
+            decision = self.admission.admit(len(self.waiting), view)
+            reason = "" if decision.accepted else decision.reason
         if reason:
             tr.rejected = reason
             self.on_reject(tr)
             return
         self.trackers[r.request_id] = tr
         self.waiting.append(view)
-        self._round_after_arrival()
+        # the round: at once when no event sorts before a DISPATCH pushed now, as that
+        # event would run it next (one event fewer per request)
+        heap = self.events.heap
+        if self._round_pending or (heap and heap[0][0] == self.clock.now
+                                   and heap[0][1] < DISPATCH):
+            self.request_round()
+        else:
+            self._round()
 
     def _too_long(self, r) -> str:
         if r.prompt_tokens + r.output_tokens > self.max_model_len:
@@ -95,10 +111,6 @@ class SimController:
                     "worker's KV cache")
         return ""
 
-    def _refused(self, view: RequestView) -> str:
-        decision = self.admission.admit(len(self.waiting), view)
-        return "" if decision.accepted else decision.reason
-
     def _prefix_hashes(self, r) -> tuple[int, ...]:
         if not (self.use_prefix_index and r.hash_ids):
             return ()
@@ -110,16 +122,6 @@ class SimController:
         if self.waiting and not self._round_pending:
             self._round_pending = True
             self.events.push(self.clock.now, DISPATCH, self._round)
-
-    def _round_after_arrival(self) -> None:
-        """An arrival ends its event: when no event sorts before a DISPATCH pushed
-        now, the round runs at once, as that event would next (one event fewer
-        per request)."""
-        heap = self.events.heap
-        if self._round_pending or (heap and heap[0][0] == self.clock.now and heap[0][1] < DISPATCH):
-            self.request_round()
-        else:
-            self._round()
 
     def _round(self, _=None) -> None:
         self._round_pending = False
@@ -135,10 +137,10 @@ class SimController:
         prefill, decode, router = self.prefill, self.decode, self.router
         sent = 0
         for view in order:
-            # a worker's cached view while it holds (``SimWorker.view``, without the call)
-            pviews = [w.cached_view if now < w.view_until else w.view() for w in prefill]
+            # ``SimWorker.view`` written out: a worker's cached view while it holds
+            pviews = [w.cached_view if now < w.view_until else w.refresh_view() for w in prefill]
             dviews = pviews if self.colocated else \
-                [w.cached_view if now < w.view_until else w.view() for w in decode]
+                [w.cached_view if now < w.view_until else w.refresh_view() for w in decode]
             route = router.route(view, pviews, dviews,
                                  self._hits(view) if view.prefix_hashes else None)
             if route is None:
@@ -146,11 +148,11 @@ class SimController:
             self._dispatch(view, route.prefill_worker, route.decode_worker)
             sent += 1
         if sent == len(waiting):
-            self.waiting = []
+            waiting.clear()
             return
         gone = {v.request_id for v in order[:sent]}
-        self.waiting = [replace(v, waited_rounds=v.waited_rounds + 1)
-                        for v in waiting if v.request_id not in gone]
+        waiting[:] = [replace(v, waited_rounds=v.waited_rounds + 1)
+                      for v in waiting if v.request_id not in gone]
         # a round at every step boundary from now on, as when stepping
         for w in self._by_id.values():
             w.hold()
@@ -173,7 +175,7 @@ class SimController:
         tr.dispatch_s = self.clock.now
         tr.prefill_worker, tr.decode_worker = prefill_id, decode_id
         self.dispatch_order.append(view.request_id)
-        p = self._worker(prefill_id)
+        p = self._by_id.get(prefill_id) or self._worker(prefill_id)
         if not self.colocated:
             self._worker(decode_id).reserve(tr)
         if view.prefix_hashes:

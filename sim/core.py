@@ -29,6 +29,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from cluster.policies import BoundedQueue, make_router, make_scheduler
 from sim.events import ARRIVAL, LANDED, Clock, EventQueue
@@ -42,6 +43,12 @@ from sim.transfer import Link, TransferNetwork
 from sim.workers import Hooks, SimWorker, WorkerSpec
 from sim.workload import Request, Workload
 from workers.batch_planner import BatchConfig
+
+_BY_ARRIVAL = attrgetter("arrival_s")  # requests by arrival time
+_BY_INDEX = attrgetter("req.index")  # trackers in workload order
+# allocations (net) between two young-generation collections in the event loop
+# (CPython's default: 700, about one collection per 700 requests)
+_LOOP_GC_THRESHOLD = 100_000
 
 
 @dataclass
@@ -73,6 +80,7 @@ class Simulation:
         self.network = TransferNetwork(self.events, self.clock, spec.link_latency_s)
         self.controller = self._controller()
         self.hooks.on_change = self.controller.request_round  # the hottest hook: no hop
+        self.hooks.waiting = self.controller.waiting
         self.trackers: list[Tracker] = []
         self._upcoming: Iterator[Request] = iter(())  # requests not yet in the event queue
         self._done = 0
@@ -128,28 +136,32 @@ class Simulation:
         h.on_finish = self._on_finish
         h.on_change = self._on_change  # replaced by the controller's own, once it exists
         h.on_plan_prefill_done = self._on_plan_prefill_done
-        h.requests_waiting = lambda: bool(self.controller.waiting)
+        h.waiting = []  # the controller's own list, once it exists
         return h
 
     # ----- the run ----------------------------------------------------------------------------
     def run(self) -> SimResult:
         t_wall = time.perf_counter()
         # requests known up front enter the event queue one at a time: a small heap
-        self._upcoming = iter(sorted(self.workload.initial(), key=lambda r: r.arrival_s))
+        self._upcoming = iter(sorted(self.workload.initial(), key=_BY_ARRIVAL))
         self._push_upcoming()
         # the workload's requests, and the finished requests' trackers, live until the
         # run ends: the cyclic collector's full passes would walk them all again and
         # again (5% of a million-request run); frozen (here, and in _on_finish) they
-        # are skipped
+        # are skipped. The loop makes no cyclic garbage: its young objects (a
+        # request's sequence, block table, trackers) are walked far less often too
         gc.freeze()
+        thresholds = gc.get_threshold()
+        gc.set_threshold(_LOOP_GC_THRESHOLD, *thresholds[1:])
         try:
             n = self._loop(_progress_bar(self.workload.num_requests) if self.progress else None)
         finally:
+            gc.set_threshold(*thresholds)
             gc.unfreeze()
         wall = time.perf_counter() - t_wall
         summary = summarize(self.trackers, self._usage(), self.spec.slo)
         summary.extra = self._facts(n)
-        return SimResult(summary, sorted(self.trackers, key=lambda t: t.req.index),
+        return SimResult(summary, sorted(self.trackers, key=_BY_INDEX),
                          list(self.by_id.values()), self.controller.dispatch_order, wall, n)
 
     def _loop(self, bar) -> int:
@@ -179,17 +191,17 @@ class Simulation:
             self._push_arrival(req, self._arrive_upcoming)
 
     def _arrive_upcoming(self, tr: Tracker) -> None:
-        self._push_upcoming()
+        req = next(self._upcoming, None)  # _push_upcoming, written out (once per request)
+        if req is not None:
+            self._push_arrival(req, self._arrive_upcoming)
         self.controller.arrive(tr)
 
     def _push_arrival(self, req, on_arrival=None) -> None:
-        tr = Tracker(req, self._score(req.output_tokens))
+        # the simulated ranker's score: higher = shorter, with log-normal error
+        tr = Tracker(req, -math.log(req.output_tokens)
+                     + self._ranker.gauss(0.0, self.spec.ranker_noise))
         self.trackers.append(tr)
         self.events.push(req.arrival_s, ARRIVAL, on_arrival or self.controller.arrive, tr)
-
-    def _score(self, output_tokens: int) -> float:
-        """Simulated ranker: higher = shorter, with log-normal error."""
-        return -math.log(output_tokens) + self._ranker.gauss(0.0, self.spec.ranker_noise)
 
     # ----- hooks -------------------------------------------------------------------------------
     def _on_change(self) -> None:
@@ -230,9 +242,10 @@ class Simulation:
         self._done += 1
         if not self._done & 0xFFFF:
             gc.freeze()  # the trackers finished so far (see run)
-        nxt = self.workload.next_after(now)
-        if nxt is not None:
-            self._push_arrival(nxt)
+        if self.workload.closed:
+            nxt = self.workload.next_after(now)
+            if nxt is not None:
+                self._push_arrival(nxt)
 
     def _on_reject(self, tr: Tracker) -> None:
         self._on_finish(tr, self.clock.now)

@@ -32,6 +32,8 @@ import math
 from sim.tracker import Tracker
 from workers.sequence import Sequence
 
+_INF = float("inf")
+
 
 class Member:
     __slots__ = ("seq", "tracker", "y", "joined_at", "outputs", "table_blocks", "finish_step",
@@ -61,13 +63,17 @@ class DecodeBatch:
         self.block_size = block_size
         self.members: dict[str, Member] = {}  # request id -> member
         self.joined: list[Member] = []  # members whose first step is not yet scheduled
-        self._y_sum = 0
+        self.y_sum = 0  # sum of the members' y: their KV length in step s is y_sum + n s
         self._q_sum = 0  # sum of y_i // block_size
-        self._phase = [0] * block_size  # counts of y_i % block_size
+        # members by y mod block_size: step s adds phase[(1 - s) % block_size] blocks
+        # (a DecodeWindow reads the list itself, while it is fixed)
+        self.phase = [0] * block_size
         self._table_sum = 0
         self._finishes: list[tuple[int, float, int, Member]] = []  # (step, -priority, serial, m)
         self._serial = 0
-        self._last_growth = (-1, 0)  # (step, growth): later steps are a few increments away
+        # ``growth`` last computed, kept up to date as members join and leave: later
+        # steps are a few increments away
+        self._g_step, self._g_blocks = -1, 0
         # the worker's longest steps, for token gaps: last step of each recorded run
         # and its longest step, kept decreasing (the max over steps >= s is the first
         # entry at or after s)
@@ -86,8 +92,11 @@ class DecodeBatch:
         self._serial += 1  # the planner's order among equal priorities: running order
         heapq.heappush(self._finishes, (m.finish_step, -seq.priority, self._serial, m))
 
-    def pop_finished(self, step: int) -> list[Member]:
+    def pop_finished(self, step: int) -> list[Member] | tuple[()]:
         """Members whose last token was sampled in ``step``, in the planner's order."""
+        if self._finishes[0][0] != step:  # (the batch has members: the heap holds them)
+            assert self._finishes[0][0] > step, "a member finished unseen"
+            return ()
         done = []
         while self._finishes and self._finishes[0][0] == step:
             m = heapq.heappop(self._finishes)[3]
@@ -101,36 +110,37 @@ class DecodeBatch:
         self.__init__(self.block_size)
 
     def _add(self, m: Member, sign: int) -> None:
-        self._last_growth = (-1, 0)
-        q, r = divmod(m.y, self.block_size)
-        self._y_sum += sign * m.y
+        bs = self.block_size
+        q, r = divmod(m.y, bs)
+        self.y_sum += sign * m.y
         self._q_sum += sign * q
-        self._phase[r] += sign
+        self.phase[r] += sign
         self._table_sum += sign * m.table_blocks
+        if self._g_step >= 0:  # the member's own growth in that step
+            self._g_blocks += sign * (-(-(m.y + self._g_step) // bs) - m.table_blocks)
 
     # ----- the batch in step s ---------------------------------------------------------
-    @property
-    def phase(self) -> list[int]:
-        """Members by ``y mod block_size``: step s adds ``phase[(1 - s) % block_size]``
-        blocks (the list itself, for a ``DecodeWindow`` that runs while it is fixed)."""
-        return self._phase
-
     def next_finish(self) -> int:
         return self._finishes[0][0]
 
+    def window_start(self, first: int) -> tuple[int, int, int]:
+        """What a window from step ``first`` needs: ``(next_finish(), growth(first),
+        kv_tokens(first))``."""
+        return self._finishes[0][0], self.growth(first), self.y_sum + len(self.members) * first
+
     def kv_tokens(self, step: int) -> int:
         """Total KV length of the members in ``step``, its new tokens included."""
-        return self._y_sum + len(self.members) * step
+        return self.y_sum + len(self.members) * step
 
     def kv_tokens_over(self, first: int, last: int) -> int:
         """``kv_tokens`` summed over steps ``first..last``."""
         m = last - first + 1
-        return m * self._y_sum + len(self.members) * (first + last) * m // 2
+        return m * self.y_sum + len(self.members) * (first + last) * m // 2
 
     def growth(self, step: int) -> int:
         """KV blocks the members hold in ``step`` beyond their own tables at join."""
-        bs, phase = self.block_size, self._phase
-        last, blocks = self._last_growth
+        bs, phase = self.block_size, self.phase
+        last, blocks = self._g_step, self._g_blocks
         if 0 <= last <= step <= last + 4:
             # step s adds a block for each member whose y + s - 1 fills its last one
             for s in range(last + 1, step + 1):
@@ -144,7 +154,7 @@ class DecodeBatch:
                 blocks -= phase[0]
             else:
                 blocks += sum(phase[bs - r + 1:])
-        self._last_growth = (step, blocks)
+        self._g_step, self._g_blocks = step, blocks
         return blocks
 
     def last_fitting_step(self, first: int, last: int, room: int) -> int:
@@ -184,7 +194,7 @@ class DecodeWindow:
     given the batch's ``blocks_first`` and ``phase``."""
 
     __slots__ = ("start_s", "first", "last", "first_s", "growth_s", "_phase", "_bs", "_at",
-                 "_at_end", "_at_blocks")
+                 "_at_from", "_at_end", "_to", "_to_end", "_blocks")
 
     def __init__(self, start_s: float, first: int, last: int, first_s: float, growth_s: float,
                  blocks_first: int = 0, phase: list[int] | None = None):
@@ -194,10 +204,18 @@ class DecodeWindow:
         self.growth_s = growth_s  # each later step lasts this much longer
         # the batch's counts of y mod block_size (constant while the window runs):
         # step s takes phase[(1 - s) % block_size] new blocks
-        self._phase = phase or [0]
-        self._bs = len(self._phase)  # the block size
-        # ``advance``'s cursor: a step, when it ends, the members' growth in it
-        self._at, self._at_end, self._at_blocks = first, start_s + first_s, blocks_first
+        self._phase = phase = phase or [0]
+        self._bs = bs = len(phase)  # the block size
+        # ``advance``'s cursor: the step it last found in progress and when that
+        # step starts and ends (``step_at`` reads them too); the last step from it
+        # on before one that takes a new block, when that one ends, and the
+        # members' growth in all of them
+        self._at, self._at_from, self._at_end = first, start_s, start_s + first_s
+        self._blocks = blocks_first
+        s = first
+        while s < last and not phase[-s % bs]:  # step s + 1 takes no block
+            s += 1
+        self._to, self._to_end = s, self._at_end if s == first else self.end(s)
 
     def end(self, step: int) -> float:
         """When ``step`` ends (``start_s`` for ``first - 1``)."""
@@ -208,31 +226,50 @@ class DecodeWindow:
         return self.first_s + self.growth_s * (step - self.first)
 
     def advance(self, t: float) -> tuple[float, int]:
-        """``(end, blocks)`` of the step in progress at ``t`` (``step_at(t)``): when
-        it ends, and the members' growth in it (``DecodeBatch.growth``). ``t`` is
-        no earlier than at the previous call: a cursor moves forward, about one
-        step per call."""
-        s, e, blocks, last = self._at, self._at_end, self._at_blocks, self.last
-        phase, bs = self._phase, self._bs
-        if e <= t and s < last:
-            start, a, b, first = self.start_s, self.first_s, self.growth_s, self.first
-            while e <= t and s < last:
-                s += 1
-                m = s - first + 1
-                e = start + m * a + b * (m * (m - 1) // 2)  # end(s)
-                blocks += phase[(1 - s) % bs]
-            self._at, self._at_end, self._at_blocks = s, e, blocks
-        elif s > last:  # cut behind the cursor: every step up to ``last`` has ended
+        """``(until, blocks)``: the members' growth in the step in progress at
+        ``t`` (``DecodeBatch.growth`` of ``step_at(t)``), and until when it holds:
+        the end of the last step before the next one that takes a block (of the
+        window's last step if none does). ``t`` is no earlier than at the
+        previous call: the cursor moves forward, a step or two per call."""
+        s, e, last = self._to, self._to_end, self.last
+        if e > t and s <= last:
+            return e, self._blocks
+        blocks, phase, bs = self._blocks, self._phase, self._bs
+        if s > last:  # cut behind the cursor
             while s > last:
                 blocks -= phase[(1 - s) % bs]
                 s -= 1
             e = self.end(s)
-            self._at, self._at_end, self._at_blocks = s, e, blocks
+            self._at, self._at_from, self._at_end = s, _INF, e  # (not read by step_at)
+        elif s < last:
+            start, a, b, first = self.start_s, self.first_s, self.growth_s, self.first
+            # by m = s - first + 1 (end(s) = start + m a + b m (m - 1) / 2), written
+            # out: a view's hottest loop
+            m = s - first + 1
+            m_last, k, tri = m + last - s, (2 - first) % bs, m * (m - 1) // 2
+            while True:  # to the step in progress
+                tri += m
+                m += 1
+                blocks += phase[(k - m) % bs]  # phase[(1 - s) % bs]
+                prev, e = e, start + m * a + b * tri
+                if e > t or m == m_last:
+                    break
+            s = first + m - 1
+            self._at, self._at_from, self._at_end = s, prev, e
+            if s < last and not phase[-s % bs]:  # and past the steps that take no block
+                s += 1
+                while s < last and not phase[-s % bs]:
+                    s += 1
+                m = s - first + 1
+                e = start + m * a + b * (m * (m - 1) // 2)
+        self._to, self._to_end, self._blocks = s, e, blocks
         return e, blocks
 
     def step_at(self, t: float, before_step_done: bool = False) -> int:
         """The step in progress at ``t``. A step ending exactly at ``t`` is done,
         except for events that sort before STEP_DONE (``before_step_done``)."""
+        if self._at_from < t < self._at_end and self._at <= self.last:
+            return self._at  # strictly inside the cursor's step (a view was just taken)
         total = self.last - self.first + 1
         start, a, b = self.start_s, self.first_s, self.growth_s
         # u steps end at start + a u + b u (u - 1) / 2: solve for u, then settle the

@@ -15,6 +15,7 @@ ignores stale callbacks.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
@@ -32,15 +33,17 @@ class EventKind(IntEnum):
 LANDED, STEP_DONE, ARRIVAL, DISPATCH, WAKE = (int(k) for k in EventKind)
 
 
+_heappush = heapq.heappush  # (a module global: one lookup fewer per event)
+
+
 class EventQueue:
     def __init__(self) -> None:
         # (time_s, kind, id, fn, arg): plain tuples, ordered by their first three
         self.heap: list[tuple[float, int, int, Callable[[Any], None], Any]] = []
-        self._ids = 0
+        self._ids = itertools.count(1)
 
     def push(self, time_s: float, kind: int, fn: Callable[[Any], None], arg: Any = None) -> None:
-        self._ids += 1
-        heapq.heappush(self.heap, (time_s, kind, self._ids, fn, arg))
+        _heappush(self.heap, (time_s, kind, next(self._ids), fn, arg))
 
     def pop(self) -> tuple[float, Callable[[Any], None], Any]:
         time_s, _, _, fn, arg = heapq.heappop(self.heap)

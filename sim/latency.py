@@ -161,18 +161,28 @@ class LatencyModel:
         """One step: ``decode_ctx_sum`` = total KV length (incl. the new token) of its
         decode sequences; ``prefill_chunks`` = (new tokens, cached tokens) per chunk."""
         o, e = self.ops, self.profile
-        linear = max(num_tokens * o.linear_flops_per_token / self._flop_rate,
+        flop_rate, mem_rate, attn_rate, kv_rate = (self._flop_rate, self._mem_rate,
+                                                   self._attn_flop_rate, self._kv_rate)
+        linear = max(num_tokens * o.linear_flops_per_token / flop_rate,
                      (o.linear_weight_bytes + num_tokens * o.linear_act_bytes_per_token)
-                     / self._mem_rate)
-        elem = num_tokens * o.elem_bytes_per_token / self._mem_rate
-        attn = self._decode_attention(decode_ctx_sum)
+                     / mem_rate)
+        elem = num_tokens * o.elem_bytes_per_token / mem_rate
+        # attention: decode sequences by their total KV length, each prefill chunk by
+        # its (new x cached + new^2 / 2) scores (written out: a step each)
+        attn = max(decode_ctx_sum * o.attn_flops_per_pair / attn_rate,
+                   decode_ctx_sum * o.kv_bytes_per_token / kv_rate)
         for new, cached in prefill_chunks:
-            attn += self._prefill_attention(new, cached)
-        comm = self._ar_calls * (self._ar_latency
-                                 + num_tokens * o.allreduce_bytes_per_token / self._ar_rate)
-        layer = linear + elem + attn + comm + e.layer_overhead_s
-        head = max(logit_rows * o.head_flops_per_row / self._flop_rate,
-                   (o.head_weight_bytes + logit_rows * o.head_act_bytes_per_row) / self._mem_rate)
+            pairs = new * cached + new * (new + 1) / 2
+            attn += max(pairs * o.attn_flops_per_pair / attn_rate,
+                        ((cached + new) * o.kv_bytes_per_token + new * o.q_bytes_per_token)
+                        / kv_rate)
+        layer = linear + elem + attn
+        if self._ar_calls:  # the all-reduces (TP > 1; nothing to add otherwise)
+            layer += self._ar_calls * (self._ar_latency
+                                       + num_tokens * o.allreduce_bytes_per_token / self._ar_rate)
+        layer += e.layer_overhead_s
+        head = max(logit_rows * o.head_flops_per_row / flop_rate,
+                   (o.head_weight_bytes + logit_rows * o.head_act_bytes_per_row) / mem_rate)
         return (e.step_overhead_s + num_seqs * e.seq_overhead_s
                 + len(prefill_chunks) * e.prefill_seq_overhead_s + self.layers * layer + head)
 
@@ -192,12 +202,11 @@ class LatencyModel:
         return max(ctx_sum * o.attn_flops_per_pair / self._attn_flop_rate,
                    ctx_sum * o.kv_bytes_per_token / self._kv_rate)
 
-    def _prefill_attention(self, new: int, cached: int) -> float:
+    def decode_flops(self, num_tokens: int, decode_ctx_sum: int) -> float:
+        """``model_flops`` of decode steps alone (no prefill chunk)."""
         o = self.ops
-        pairs = new * cached + new * (new + 1) / 2
-        return max(pairs * o.attn_flops_per_pair / self._attn_flop_rate,
-                   ((cached + new) * o.kv_bytes_per_token + new * o.q_bytes_per_token)
-                   / self._kv_rate)
+        return self.layers * (num_tokens * o.linear_flops_per_token
+                              + decode_ctx_sum * o.attn_flops_per_pair)
 
     def model_flops(self, num_tokens: int, decode_ctx_sum: int,
                     prefill_chunks: tuple[tuple[int, int], ...] | list = ()) -> float:

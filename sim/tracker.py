@@ -32,12 +32,3 @@ class Tracker:
         self.transfer_s = 0.0  # time its KV spent on the link (disaggregated)
         self.rejected = ""  # admission refusal reason ("" = accepted)
         self.score = score  # simulated ranker score (ltr policy)
-
-    def record_token(self, t: float) -> None:
-        if self.first_token_s is None:
-            self.first_token_s = t
-        else:
-            gap = t - self.last_token_s
-            if gap > self.max_gap_s:
-                self.max_gap_s = gap
-        self.last_token_s = t

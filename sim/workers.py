@@ -35,6 +35,11 @@ interchangeable without prefix caching, which is why it is off there), so
 the block manager's free count, and every decision, is the planner's at each
 step. Times agree with stepping one by one up to float rounding
 (``tests/sim/test_fast_forward.py``).
+
+The load a policy sees (``view``): the view last computed holds until the
+worker's state changes, or inside a window until a step takes new KV blocks
+(``DecodeWindow.advance``); a view nobody else holds any more is refreshed in
+place (``tests/sim/test_views.py``: a policy that keeps views sees snapshots).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from sys import getrefcount
 
 from cluster.policies import WorkerView
 from sim.decode_batch import DecodeBatch, DecodeWindow, Member
@@ -57,6 +63,22 @@ from workers.sampling import SamplingParams
 from workers.sequence import Sequence, SequenceStatus
 
 _INF = float("inf")
+
+
+class _RefProbe:
+    """``SimWorker.view``'s way of holding its cached view, to count references."""
+
+    def __init__(self) -> None:
+        self.cached_view = object()
+
+    def count(self) -> int:
+        v = self.cached_view
+        return getrefcount(v)
+
+
+# ``getrefcount`` of a cached view only its worker holds (on CPython 3.11: the
+# attribute, the local name, the call's argument; measured, not assumed)
+_UNSHARED = _RefProbe().count()
 
 
 class State(Enum):
@@ -105,8 +127,8 @@ class Hooks:
     on_finish: Callable[[Tracker, float], None]  # last token sampled
     on_change: Callable[[], None]  # load changed: the controller may dispatch
     on_plan_prefill_done: Callable[[Tracker, float, float], None]  # (tracker, t0, t1) KV export
-    requests_waiting: Callable[[], bool]  # the controller holds requests: it runs a round
-    #                                       at every step boundary, so no window spans two
+    waiting: list  # the controller's waiting requests (its list itself): while any wait,
+    #                it runs a round at every step boundary, so no window spans two
 
 
 class SimWorker:
@@ -119,6 +141,9 @@ class SimWorker:
         self.hooks = hooks
         self.fast_forward = (fast_forward and spec.role != "prefill"
                              and not spec.enable_prefix_caching)
+        self._max_tokens = spec.batch.max_num_batched_tokens  # tokens per step
+        self._step_done = self._on_step_done  # the bound method, made once (an event each)
+        self._decode_lines: dict[int, tuple[float, float]] = {}  # batch size -> decode_line
         self.blocks = BlockManager(spec.num_kv_blocks, spec.block_size, spec.enable_prefix_caching)
         self._noise = random.Random(spec.seed) if spec.prefill_step_noise else None
         self.planner = BatchPlanner(spec.batch, self.blocks)
@@ -143,7 +168,10 @@ class SimWorker:
         self._window: DecodeWindow | None = None
         # the view last computed, valid while now < view_until (the controller reads
         # both, to skip the call for a view that holds)
-        self.cached_view: WorkerView | None = None
+        b = spec.batch
+        self.cached_view = WorkerView(spec.worker_id, spec.role, spec.gpu_type, 0, 0,
+                                      spec.num_kv_blocks, spec.num_kv_blocks, spec.block_size,
+                                      b.max_num_batched_tokens, b.max_num_seqs)
         self.view_until = -_INF
 
     @property
@@ -170,9 +198,8 @@ class SimWorker:
         """Decode worker: hold blocks for the prompt's KV before it is sent."""
         if self.batch:  # the block manager's free count must be exact
             self._pool_blocks(self.batch.growth(self._step_in_progress()))
-        alloc = self.blocks.allocate(tr.req.request_id, [0] * tr.req.prompt_tokens,
-                                     reuse_prefix=False)
-        assert alloc is not None, f"{self.worker_id}: router placed {tr.req.request_id} without room"
+        ok = self.blocks.allocate_fresh(tr.req.request_id, tr.req.prompt_tokens)
+        assert ok, f"{self.worker_id}: router placed {tr.req.request_id} without room"
         self.reserved += 1
         self.held += 1
         self._touch()
@@ -217,7 +244,7 @@ class SimWorker:
         """``before_step_done``: the caller's event sorts before STEP_DONE at equal
         times (a KV landing), so a step ending right now still picks it up."""
         self.inbox.append(seq)
-        self._touch()
+        self.view_until = -_INF  # _touch
         if self.state is IDLE:
             self._schedule_wake(self.clock.now)
         elif self.state is WINDOW:
@@ -235,24 +262,34 @@ class SimWorker:
     def view(self) -> WorkerView:
         """The worker's load now. Inside a decode window the planner would already
         have grown the sequences' blocks for the step in progress: counted here."""
-        now = self.clock.now
-        if now < self.view_until:
+        if self.clock.now < self.view_until:
             return self.cached_view
-        free, until = self.blocks.num_free_blocks, _INF
-        if self.state is WINDOW:  # the view holds until the step in progress ends
-            until, grown = self._window.advance(now)
+        return self.refresh_view()
+
+    def refresh_view(self) -> WorkerView:
+        """``view`` once ``cached_view`` no longer holds (``now >= view_until``)."""
+        now = self.clock.now
+        free, w = self.blocks.num_free_blocks, self._window
+        if w is not None:  # it holds while the members' growth does
+            self.view_until, grown = w.advance(now)
             free += self._pooled - grown
-        elif self.batch.members:
-            free += self._pooled - self.batch.growth(self._step_in_progress())
-        self.view_until = until
+        else:
+            self.view_until = _INF
+            if self.batch.members:
+                free += self._pooled - self.batch.growth(self._step_in_progress())
         v = self.cached_view
-        if v is None or v.free_kv_blocks != free or v.queued_prefill_tokens != self.backlog \
+        if getrefcount(v) == _UNSHARED:
+            # Only this worker holds its last view: the policies that read it
+            # returned long ago and kept no reference (they are pure), so no one
+            # can tell the load written into it from a new snapshot (``with_load``),
+            # which costs five times as much.
+            fields = v.__dict__
+            fields["queued_prefill_tokens"] = self.backlog
+            fields["running"] = self.held
+            fields["free_kv_blocks"] = free
+        elif v.free_kv_blocks != free or v.queued_prefill_tokens != self.backlog \
                 or v.running != self.held:
-            s, b = self.spec, self.spec.batch
-            v = self.cached_view = WorkerView(s.worker_id, s.role, s.gpu_type, self.backlog,
-                                              self.held, free, self.blocks.num_blocks,
-                                              s.block_size, b.max_num_batched_tokens,
-                                              b.max_num_seqs)
+            v = self.cached_view = v.with_load(self.backlog, self.held, free)
         return v
 
     def _step_in_progress(self) -> int:
@@ -277,11 +314,12 @@ class SimWorker:
         self.inbox.clear()
 
     def _start_next(self) -> None:
-        b = self.batch
-        newcomers = self._newcomers if b.members else self.running
+        b, running = self.batch, self.running
+        newcomers = self._newcomers if b.members else running
         if self._newcomers:
             self._newcomers = []
-        if self.fast_forward and self.running and self._decoding(newcomers):
+        if self.fast_forward and running and len(running) <= self._max_tokens \
+                and (not newcomers or self._decoding(newcomers)):
             trackers, k, table = self.trackers, self.steps_done, self.blocks.block_table
             for seq in newcomers:
                 rid = seq.request_id
@@ -292,12 +330,12 @@ class SimWorker:
         self._planner_step()
 
     def _decoding(self, seqs: list[Sequence]) -> bool:
-        """Whether the planner's next step for ``seqs`` is one decode token each."""
-        if len(self.running) > self.spec.batch.max_num_batched_tokens:
-            return False
+        """Whether the planner's next step for ``seqs`` is one decode token each
+        (given that the token budget holds one for every running sequence)."""
         trackers = self.trackers
         for s in seqs:
-            if not (s.num_uncomputed == 1 and s.num_computed_tokens > 0 and s.boost_steps <= 0
+            computed = s.num_computed_tokens
+            if not (s.num_tokens - computed == 1 and computed > 0 and s.boost_steps <= 0
                     and not trackers[s.request_id].prefill_left):
                 return False
         return True
@@ -307,24 +345,32 @@ class SimWorker:
         if self.waiting:
             return self._admission_step()
         b, first = self.batch, self.steps_done + 1
-        room = self.blocks.num_free_blocks + self._pooled
-        last = first if self.hooks.requests_waiting() else b.next_finish()
-        if b.growth(last) > room:
+        last, grown, kv = b.window_start(first)
+        if self.hooks.waiting:
+            last = first
+        n, room = len(b.members), self.blocks.num_free_blocks + self._pooled
+        # a member takes a block per block_size steps: check the exact growth only
+        # when that bound does not fit
+        if grown + n * ((last - first) // self.spec.block_size + 1) > room \
+                and b.growth(last) > room:
             last = b.last_fitting_step(first, last, room)
             if last < first:
                 return False
-        n = len(b.members)
-        fixed_s, per_token_s = self.latency.decode_line(n)
-        w = self._window = DecodeWindow(self.clock.now, first, last,
-                                        fixed_s + per_token_s * b.kv_tokens(first), per_token_s * n,
-                                        b.growth(first), b.phase)
+        line = self._decode_lines.get(n)  # (LatencyModel.decode_line, cached here too)
+        fixed_s, per_token_s = line or self._decode_line(n)
+        w = self._window = DecodeWindow(self.clock.now, first, last, fixed_s + per_token_s * kv,
+                                        per_token_s * n, grown, b.phase)
         if b.joined:
             self._first_gaps(w.end(first))
         self.state = WINDOW
-        self._version += 1
+        self._version = version = self._version + 1
         self.view_until = -_INF  # _touch
-        self.events.push(w.end(last), STEP_DONE, self._on_step_done, self._version)
+        self.events.push(w.end(last), STEP_DONE, self._step_done, version)
         return True
+
+    def _decode_line(self, n: int) -> tuple[float, float]:
+        line = self._decode_lines[n] = self.latency.decode_line(n)
+        return line
 
     def _admission_step(self) -> bool:
         """One step: the batch decodes, the planner admits waiting prompts beside it."""
@@ -333,8 +379,7 @@ class SimWorker:
         if grown > self.blocks.num_free_blocks + self._pooled:
             return False
         self._pool_blocks(grown)
-        plan = self.planner.plan_admissions(self.waiting, self.running,
-                                            self.spec.batch.max_num_batched_tokens - n)
+        plan = self.planner.plan_admissions(self.waiting, self.running, self._max_tokens - n)
         self.stats.planner_calls += 1
         tokens, rows, prefill = n, n, []
         for c in plan.chunks:
@@ -387,7 +432,7 @@ class SimWorker:
         self.state = STEP
         self._version += 1
         self.view_until = -_INF  # _touch
-        self.events.push(now + dt, STEP_DONE, self._on_step_done, self._version)
+        self.events.push(now + dt, STEP_DONE, self._step_done, self._version)
 
     def _skip_cached(self, seq: Sequence) -> None:
         """Prompt tokens the planner served from the prefix cache leave the backlog."""
@@ -411,7 +456,8 @@ class SimWorker:
         if self.inbox:
             self._flush_inbox()
         self.view_until = -_INF  # _touch
-        self.hooks.on_change()
+        if self.hooks.waiting:  # (the controller has nothing to dispatch otherwise)
+            self.hooks.on_change()
         self._start_next()
 
     def _apply_step(self) -> None:
@@ -422,7 +468,9 @@ class SimWorker:
         if b.members:  # an admission step: the batch decoded beside the plan's prompts
             st.decode_tokens += len(b.members)
             b.record_steps(self.steps_done, now - self._step_start)
-            self._finish_members()
+            finished = b.pop_finished(self.steps_done)
+            if finished:
+                self._finish_members(finished)
         trackers, caching = self.trackers, self.spec.enable_prefix_caching
         for c in plan.chunks:
             seq, k = c.seq, c.num_tokens
@@ -447,7 +495,13 @@ class SimWorker:
 
     def _sample(self, seq: Sequence, tr: Tracker, now: float) -> None:
         seq.output_token_ids.append(0)
-        tr.record_token(now)
+        if tr.first_token_s is None:
+            tr.first_token_s = now
+        else:
+            gap = now - tr.last_token_s
+            if gap > tr.max_gap_s:
+                tr.max_gap_s = gap
+        tr.last_token_s = now
         if self.spec.role == "prefill":
             self._remove_running(seq)  # blocks stay until the KV has left (release)
             self.trackers.pop(seq.request_id)
@@ -490,10 +544,14 @@ class SimWorker:
         st.steps += steps
         st.windows += 1
         st.decode_tokens += steps * n
-        st.flops += self.latency.model_flops(steps * n, b.kv_tokens_over(first, last))
-        b.record_steps(last, w.duration(last))
+        # (b.kv_tokens_over(first, last), written out)
+        st.flops += self.latency.decode_flops(steps * n,
+                                              steps * b.y_sum + n * (first + last) * steps // 2)
+        b.record_steps(last, w.first_s + w.growth_s * (last - first))  # w.duration(last)
         self._window = None
-        self._finish_members()
+        finished = b.pop_finished(last)
+        if finished:
+            self._finish_members(finished)
 
     def _end_window_at(self, last: int) -> None:
         """Stop the window after step ``last`` (new work, or fewer free blocks)."""
@@ -501,8 +559,9 @@ class SimWorker:
         if last >= w.last:
             return
         w.last = last
+        self.view_until = -_INF  # _touch: the view may have held past the new end
         self._version += 1
-        self.events.push(w.end(last), STEP_DONE, self._on_step_done, self._version)
+        self.events.push(w.end(last), STEP_DONE, self._step_done, self._version)
 
     def _first_gaps(self, first_end_s: float) -> None:
         """Members joined at this boundary sample their next token at ``first_end_s``."""
@@ -514,12 +573,9 @@ class SimWorker:
                 tr.max_gap_s = gap
         joined.clear()
 
-    def _finish_members(self) -> None:
-        b = self.batch
-        finished = b.pop_finished(self.steps_done)
-        if not finished:
-            return
-        now = self.clock.now
+    def _finish_members(self, finished: list[Member]) -> None:
+        """Members whose last token was sampled in the step just done."""
+        b, now = self.batch, self.clock.now
         for m in finished:
             seq, tr = m.seq, m.tracker
             gap = b.longest_step_since(m.gaps_from)
@@ -567,7 +623,7 @@ class SimWorker:
             return
         bs = self.spec.block_size
         if not self.blocks.has(self._pool_id):
-            assert self.blocks.allocate(self._pool_id, [0] * (blocks * bs), reuse_prefix=False)
+            assert self.blocks.allocate_fresh(self._pool_id, blocks * bs)
         elif blocks > self._pooled:
             assert self.blocks.append(self._pool_id, blocks * bs)
         else:
@@ -581,14 +637,35 @@ def _params(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens)
 
 
+_ZEROS: dict[int, list[int]] = {}  # prompt length -> its shared dummy ids
+_ZEROS_MAX_IDS = 1 << 22  # what they may hold in all (32 MiB)
+_zeros_held = 0
+
+
 def _prompt_tokens(r, block_size: int) -> list[int]:
     """Dummy prompt ids; with Mooncake hash ids, each 512-token block is filled
-    with its id so equal ids give equal KV-block hashes (prefix reuse)."""
+    with its id so equal ids give equal KV-block hashes (prefix reuse).
+
+    Without hash ids, prompts of one length share one list of zeros (nothing
+    writes a sequence's prompt ids; a million 9 KB lists cost a few percent of
+    a run), as long as the lists held stay under ``_ZEROS_MAX_IDS`` ids."""
     if not r.hash_ids:
-        return [0] * r.prompt_tokens
+        ids = _ZEROS.get(r.prompt_tokens)
+        if ids is None:
+            ids = [0] * r.prompt_tokens
+            _share_zeros(ids)
+        return ids
     from sim.workload import MOONCAKE_BLOCK_TOKENS
     ids: list[int] = []
     for h in r.hash_ids:
         ids.extend([h + 1] * MOONCAKE_BLOCK_TOKENS)
     ids.extend([0] * (r.prompt_tokens - len(ids)))
     return ids[:r.prompt_tokens]
+
+
+def _share_zeros(ids: list[int]) -> None:
+    global _zeros_held
+    if _zeros_held + len(ids) <= _ZEROS_MAX_IDS:
+        _ZEROS[len(ids)] = ids
+        _zeros_held += len(ids)
+

@@ -21,6 +21,7 @@ text at run time; the data may not be committed).
 from __future__ import annotations
 
 import csv
+import gc
 import gzip
 import json
 import random
@@ -33,6 +34,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ARRIVALS = ("poisson", "gamma", "closed", "trace")
 TRACES = ("azure-conv", "azure-code", "mooncake", "sharegpt")
 MOONCAKE_BLOCK_TOKENS = 512  # tokens named by one Mooncake hash id
+_setattr = object.__setattr__  # past a frozen dataclass's own __setattr__
 
 
 @dataclass(frozen=True)
@@ -47,16 +49,13 @@ class Request:
 
     def __init__(self, index: int, arrival_s: float, prompt_tokens: int, output_tokens: int,
                  hash_ids: tuple[int, ...] = ()):
-        d = self.__dict__  # frozen: written once, here (the generated one costs 3x; 1M a run)
-        d["index"] = index
-        d["arrival_s"] = arrival_s
-        d["prompt_tokens"] = prompt_tokens
-        d["output_tokens"] = output_tokens
-        d["hash_ids"] = hash_ids
-
-    @property
-    def request_id(self) -> str:
-        return f"r{self.index}"
+        # frozen: written once, here, as a whole new __dict__ (the generated __init__
+        # costs 3x, 1M a run; see cluster.policies.types). ``request_id`` is no
+        # field: ``r{index}``, read several times per request
+        _setattr(self, "__dict__", {"index": index, "arrival_s": arrival_s,
+                                    "prompt_tokens": prompt_tokens,
+                                    "output_tokens": output_tokens, "hash_ids": hash_ids,
+                                    "request_id": f"r{index}"})
 
 
 @dataclass(frozen=True)
@@ -197,15 +196,22 @@ def build_workload(spec: WorkloadSpec) -> Workload:
     else:
         rows = _lengths(spec, rng)
         times = _arrival_times(spec, rng)
-    requests = [Request(i, t, _clip(r.prompt_tokens, spec.max_prompt_tokens),
-                        _clip(r.output_tokens, spec.max_output_tokens),
-                        r.hash_ids if spec.arrival == "trace" else ())
-                for i, (t, r) in enumerate(zip(times, rows, strict=False))]
+    max_prompt, max_output = spec.max_prompt_tokens, spec.max_output_tokens  # clipped to these
+    hashed = spec.arrival == "trace"
+    # the requests all live on: the cyclic collector would only walk the ones made
+    # so far again and again while a million are made
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        requests = [Request(i, t,
+                            min(r.prompt_tokens, max_prompt) if max_prompt else r.prompt_tokens,
+                            min(r.output_tokens, max_output) if max_output else r.output_tokens,
+                            r.hash_ids if hashed else ())
+                    for i, (t, r) in enumerate(zip(times, rows, strict=False))]
+    finally:
+        if enabled:
+            gc.enable()
     return Workload(spec, requests, closed=spec.arrival == "closed")
-
-
-def _clip(tokens: int, limit: int | None) -> int:
-    return min(tokens, limit) if limit else tokens
 
 
 def _lengths(spec: WorkloadSpec, rng: random.Random) -> list[TraceRow]:

@@ -42,6 +42,11 @@ class Chunk:
     seq: Sequence
     num_tokens: int  # computed this step, from seq.num_computed_tokens
 
+    def __init__(self, seq: Sequence, num_tokens: int):
+        # frozen: written once, here, as a whole new __dict__ (the generated __init__
+        # sets each field through object.__setattr__: 3x the cost, once per chunk)
+        object.__setattr__(self, "__dict__", {"seq": seq, "num_tokens": num_tokens})
+
 
 @dataclass
 class StepPlan:
@@ -118,16 +123,24 @@ class BatchPlanner:
     def _admit(self, waiting, running, plan: StepPlan, budget: int) -> None:
         if plan.preempted:
             return  # memory is short: no admissions this step
+        blocks, caching = self.blocks, self.blocks.enable_prefix_caching
         while waiting and budget > 0 and len(running) < self.config.max_num_seqs:
             seq = waiting[0]
-            alloc = self.blocks.allocate(seq.request_id, seq.token_ids)
-            if alloc is None:
+            num_tokens = seq.num_tokens
+            if caching:
+                alloc = blocks.allocate(seq.request_id, seq.token_ids)
+                if alloc is None:
+                    break
+                cached = alloc.num_cached_tokens
+            elif blocks.allocate_fresh(seq.request_id, num_tokens):
+                cached = 0  # only the number of tokens matters: no copy of their ids
+            else:
                 break
             waiting.popleft()
-            seq.num_computed_tokens = alloc.num_cached_tokens
-            seq.num_cached_tokens = max(seq.num_cached_tokens, alloc.num_cached_tokens)
+            seq.num_computed_tokens = cached
+            seq.num_cached_tokens = max(seq.num_cached_tokens, cached)
             seq.status = SequenceStatus.RUNNING
             running.append(seq)
-            n = min(seq.num_uncomputed, self.config.prefill_chunk_size, budget)
+            n = min(num_tokens - cached, self.config.prefill_chunk_size, budget)  # uncomputed
             plan.chunks.append(Chunk(seq, n))
             budget -= n

@@ -3,7 +3,10 @@
 Lifecycle: for the request at the front of the scheduler's order, the
 controller (or simulator) calls ``route(request, prefill, decode, prefix_hits)``
 with the live workers of each role (a mixed pool's workers as both lists).
-``None`` means no worker has room now: the request keeps waiting.
+``None`` means no worker has room now: the request keeps waiting. For a mixed
+pool ``route`` asks ``pick_mixed`` (``pick`` among the workers with room for
+both phases; ``LeastLoaded`` does both in one pass: it runs for every
+dispatched request over every worker).
 
 Room: a prefill worker takes a prompt while its queue stays under two steps of
 its token budget (or is empty); a decode worker needs free KV blocks for the
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from operator import attrgetter
 from typing import ClassVar
 
 from cluster.policies.types import RequestView, Route, WorkerView
@@ -43,12 +45,7 @@ class RouterPolicy(ABC):
             if w.role != "mixed":
                 break
         else:  # colocated: one worker does both
-            w = self.pick(request, [
-                w for w in decode if w.alive and w.running < w.max_num_seqs
-                and total <= w.free_kv_blocks * w.block_size  # kv_blocks_for(total) fit
-                and (w.queued_prefill_tokens == 0
-                     or prompt <= 2 * w.max_num_batched_tokens - w.queued_prefill_tokens)],
-                hits, "prefill")
+            w = self.pick_mixed(request, decode, hits)
             return Route(w.worker_id, w.worker_id) if w else None
         p = self.pick(request, [
             w for w in prefill if w.alive and (
@@ -59,6 +56,18 @@ class RouterPolicy(ABC):
             w for w in decode if w.alive and w.running < w.max_num_seqs
             and total <= w.free_kv_blocks * w.block_size], hits, "decode")
         return Route(p.worker_id, d.worker_id) if p and d else None
+
+    def pick_mixed(self, request: RequestView, workers: Sequence[WorkerView],
+                   prefix_hits: Mapping[str, int]) -> WorkerView | None:
+        """The mixed worker for ``request``: ``pick`` among those with room for its
+        prompt and for its KV (``prefill_fits`` and ``decode_fits``, written out)."""
+        prompt, total = request.prompt_tokens, request.prompt_tokens + request.max_tokens
+        return self.pick(request, [
+            w for w in workers if w.alive and w.running < w.max_num_seqs
+            and total <= w.free_kv_blocks * w.block_size  # kv_blocks_for(total) fit
+            and (w.queued_prefill_tokens == 0
+                 or prompt <= 2 * w.max_num_batched_tokens - w.queued_prefill_tokens)],
+            prefix_hits, "prefill")
 
     @abstractmethod
     def pick(self, request: RequestView, candidates: list[WorkerView],
@@ -81,19 +90,30 @@ class RoundRobin(RouterPolicy):
         return ordered[i % len(ordered)]
 
 
-_PREFILL_LOAD = attrgetter("queued_prefill_tokens", "running", "worker_id")  # smallest first
-
-
 class LeastLoaded(RouterPolicy):
     """Prefill: fewest queued prompt tokens. Decode: most free KV blocks."""
 
     name = "least-loaded"
 
+    def pick_mixed(self, request, workers, prefix_hits):
+        # ``pick`` of the fitting workers with their load keys from the same pass
+        # (the index i: the first of equal keys, as ``min`` picks)
+        prompt, total = request.prompt_tokens, request.prompt_tokens + request.max_tokens
+        keys = [(q, r, w.worker_id, i) for i, w in enumerate(workers)
+                if w.alive and (r := w.running) < w.max_num_seqs
+                and total <= w.free_kv_blocks * w.block_size
+                and ((q := w.queued_prefill_tokens) == 0
+                     or prompt <= 2 * w.max_num_batched_tokens - q)]
+        return workers[min(keys)[3]] if keys else None
+
     def pick(self, request, candidates, prefix_hits, role):
         if not candidates:
             return None
         if role == "prefill":
-            return min(candidates, key=_PREFILL_LOAD)
+            # min(candidates, key=(queued, running, id)) with the keys from one list
+            # comprehension (a key function's attribute reads take the slow path)
+            keys = [(w.queued_prefill_tokens, w.running, w.worker_id) for w in candidates]
+            return candidates[keys.index(min(keys))]
         return max(candidates, key=lambda w: (w.free_kv_blocks, -w.running, w.worker_id))
 
 
@@ -102,6 +122,7 @@ class PrefixAware(LeastLoaded):
     (from the prefix-block index); ties and misses fall back to least loaded."""
 
     name = "prefix-aware"
+    pick_mixed = RouterPolicy.pick_mixed  # through its own ``pick``
 
     def pick(self, request, candidates, prefix_hits, role):
         if role != "prefill" or not candidates:

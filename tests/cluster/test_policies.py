@@ -159,3 +159,34 @@ def test_routes_agree_with_the_fit_rules():
                 d = ref.pick(r, [v for v in decode if decode_fits(v, r)], {}, "decode")
                 expected = (p.worker_id, d.worker_id) if p and d else None
             assert (route and (route.prefill_worker, route.decode_worker)) == expected
+
+
+def test_least_loaded_prefill_pick_is_the_first_smallest_load():
+    import random
+    from operator import attrgetter
+
+    from cluster.policies.router import decode_fits, prefill_fits
+    key = attrgetter("queued_prefill_tokens", "running", "worker_id")
+    rng = random.Random(1)
+    for _ in range(500):  # many ties, duplicate ids included: the first smallest wins
+        views = [WorkerView(f"w{rng.randrange(4)}", "mixed", "H100", rng.choice([0, 0, 16, 300]),
+                            rng.randrange(3), rng.randrange(0, 12), 100, rng.choice([4, 16]),
+                            256, rng.randrange(1, 4), rng.random() > 0.1)
+                 for _ in range(rng.randrange(1, 9))]
+        assert make_router("least-loaded").pick(req("r", 0), views, {}, "prefill") \
+            is min(views, key=key)
+        # and the mixed pool's own pass (fit rules and keys at once)
+        r = req("r", 0, prompt=rng.randrange(1, 600), max_tokens=rng.randrange(1, 60))
+        fitting = [v for v in views if prefill_fits(v, r) and decode_fits(v, r)]
+        assert make_router("least-loaded").pick_mixed(r, views, {}) is \
+            (min(fitting, key=key) if fitting else None)
+
+
+def test_with_load_is_replace_of_the_load_fields():
+    import dataclasses
+    v = worker("w", free=7)
+    w = v.with_load(5, 3, 2)
+    assert w == dataclasses.replace(v, queued_prefill_tokens=5, running=3, free_kv_blocks=2)
+    assert hash(w) == hash(dataclasses.replace(w)) and v.free_kv_blocks == 7
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        w.running = 4

@@ -113,13 +113,20 @@ def test_batch_blocks_and_finishes_match_each_sequence():
     assert batch.last_fitting_step(13, 39, batch.growth(30)) == max(
         s for s in range(13, 40) if batch.growth(s) <= batch.growth(30))
     # finishes at the step sampling the last output token: 7 + 3 - 1, 7 + 9 - 1, ...
+    batch.growth(9)  # (the last growth, kept up to date as members leave)
     assert [m.seq.request_id for m in batch.pop_finished(9)] == ["r1"]
+    for step in range(9, 15):
+        assert batch.growth(step) == sum(-(-(c + step - k) // bs) - table
+                                         for c, k, table in (seqs[0], seqs[2], seqs[3]))
     assert batch.next_finish() == 15 and batch.pop_finished(15)[0].seq.request_id == "r2"
+    for step in range(15, 40):
+        assert batch.growth(step) == sum(-(-(c + step - k) // bs) - table
+                                         for c, k, table in (seqs[0], seqs[3]))
 
 
 def test_window_cursor_follows_step_at_and_growth_through_cuts():
     # the views' cursor (``advance``) against ``step_at`` and ``DecodeBatch.growth``
-    # at every step end, just before and between ends, with cuts behind and ahead
+    # (and how long that growth holds) at every step end, just before and between ends, with cuts behind and ahead
     bs, batch = 16, DecodeBatch(16)
     for i, computed in enumerate((100, 16, 31, 47, 58, 63)):
         seq = Sequence(f"r{i}", [0] * computed, SamplingParams(max_tokens=500), i,
@@ -134,6 +141,14 @@ def test_window_cursor_follows_step_at_and_growth_through_cuts():
             w.last = w.step_at(t) - 2  # cut behind the cursor
         elif t > w.end(30) and w.last == 60:
             w.last = 45  # cut ahead of it
-        end, blocks = w.advance(t)
-        step = w.step_at(t)
-        assert (end, blocks) == (w.end(step), batch.growth(step)), t
+        until, blocks = w.advance(t)
+        step = w.step_at(t)  # from the cursor when t is inside its step
+        assert step == next((s for s in range(w.first, w.last + 1) if w.end(s) > t), w.last)
+        assert w.step_at(t, before_step_done=True) == next(
+            (s for s in range(w.first, w.last + 1) if w.end(s) >= t), w.last)
+        assert blocks == batch.growth(step), t
+        # it holds until the end of the last step before the next that takes a block
+        held = step
+        while held < w.last and batch.growth(held + 1) == blocks:
+            held += 1
+        assert until == w.end(held), t

@@ -110,9 +110,13 @@ def test_matches_reference_on_random_operations(caching, seed):
                 [rng.randrange(3) for _ in range(rng.randrange(0, 3 * bs))]
             reuse = rng.random() < 0.8
             assert new.can_allocate(toks_, reuse) == ref.can_allocate(toks_, reuse)
-            a, b = new.allocate(sid, toks_, reuse), ref.allocate(sid, toks_, reuse)
-            assert a == b
-            if a is not None:
+            if rng.random() < 0.3:  # by number of tokens alone: allocate without reuse
+                a = new.allocate_fresh(sid, len(toks_))
+                assert a == (ref.allocate(sid, toks_, reuse_prefix=False) is not None)
+            else:
+                a, b = new.allocate(sid, toks_, reuse), ref.allocate(sid, toks_, reuse)
+                assert a == b
+            if a:
                 tokens[sid] = toks_
         elif op < 0.6:
             sid = rng.choice(live)
@@ -140,7 +144,7 @@ def test_matches_reference_on_random_operations(caching, seed):
         assert new.num_free_blocks == ref.num_free_blocks
         assert (new.prefix_hits, new.prefix_queries) == (ref.prefix_hits, ref.prefix_queries)
         for sid in tokens:
-            assert new.block_table(sid) == ref.block_table(sid)
+            assert list(new.block_table(sid)) == ref.block_table(sid)
     assert new._cached == ref._cached
 
 
