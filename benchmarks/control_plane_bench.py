@@ -49,13 +49,20 @@ CPU per call) closes (a).
 random byte tokens, ``--itl-tokens`` tokens, greedy, EOS ignored):
 - in-process: ``LLMEngine.step()`` loop (1 torch thread, like a worker); a
   token's time = when the ``step()`` that produced it returned;
-- cluster: ``tiny-disagg`` over gRPC via ``Deployment``, streamed two ways:
-  ``cluster.ray_client.ClusterClient.generate`` (one ``Controller.stream``
-  call per chunk) and one ``Controller.stream_chunks`` streaming-generator
-  call; a token's time = when the chunk carrying it reached the client
-  (tokens of one chunk share a time).
+- cluster: ``tiny-disagg`` (KV over gRPC) via ``Deployment``, streamed three
+  ways: ``cluster.ray_client.ClusterClient.generate`` (tokens through the
+  request's Redis output channel, merged with one lazy
+  ``Controller.stream_chunks`` call for catch-up, finish and safety net),
+  one plain ``Controller.stream_chunks`` streaming call (a Ray item per
+  chunk), and the path users stream through: the cluster's own gRPC
+  frontend (``Controller.start_frontends``, served by the controller
+  process) with ``cluster.client.BatonClient.stream`` in the driver, token
+  ids in; a token's time = when the chunk carrying it reached the client
+  (tokens of one chunk share a time). In every path the decode worker's
+  events reach the controller through its Redis event channel
+  (``cluster.token_channel``).
 ITL = gaps between consecutive tokens of the request (the first gap is
-token 1 -> token 2). Runs alternate (in-process, cluster, cluster generator)
+token 1 -> token 2). Runs alternate (in-process, then each cluster path)
 ``--itl-reps`` times after one warm-up each; gaps are pooled. Reported: p50
 and mean ITL of each, the p50 difference (target <= 1 ms), the cluster's
 chunking, the control plane's CPU per token and the decode engine thread's
@@ -66,6 +73,11 @@ Usage::
     python benchmarks/control_plane_bench.py                 # (a) 20000 requests, then (b)
     python benchmarks/control_plane_bench.py --only throughput --requests 2000
     python benchmarks/control_plane_bench.py --profile 8 --json out.json
+    python benchmarks/control_plane_bench.py --only itl --threads --itl-profile 8
+
+``--threads`` adds each process's CPU per token by thread name;
+``--itl-profile S`` py-spies the decode worker, the controller and the driver
+while each cluster path streams for S seconds (``--py-spy`` names the binary).
 """
 
 from __future__ import annotations
@@ -497,20 +509,35 @@ def profile_controller(ctl, pid: int, submit_all, wait_done, done_so_far: int, s
         sent += 500
         done_so_far = wait_done(done_so_far + ok)
     proc.wait(timeout=120)
+    return {**summarize_py_spy(out_file), "requests": sent}
+
+
+def summarize_py_spy(raw_file: Path, top_n: int = 30) -> dict:
+    """Inclusive share of each frame (function + file) over the samples where
+    the process was doing something (not the event loop waiting for I/O), and
+    the leaf frames' own ("self") share."""
     incl: dict[str, int] = {}
+    leaf: dict[str, int] = {}
     total = 0
-    for line in out_file.read_text().splitlines():
+
+    def name(f: str) -> str:
+        return f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
+    text = raw_file.read_text() if raw_file.exists() else ""
+    for line in text.splitlines():
         stack, _, cnt = line.rpartition(" ")
         frames = stack.split(";")
-        if any(x in frames[-1] for x in ("select", "epoll", "_run_once (asyncio/base_events")):
-            continue  # the event loop waiting for I/O
+        if any(x in frames[-1] for x in ("select", "epoll", "_run_once (asyncio/base_events",
+                                         "wait (threading", "get (queue")):
+            continue  # waiting for I/O or for work
         total += int(cnt)
-        for fr in {f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
-                   + ")" for f in frames[1:]}:
+        for fr in {name(f) for f in frames[1:]}:
             incl[fr] = incl.get(fr, 0) + int(cnt)
-    top = sorted(incl.items(), key=lambda kv: -kv[1])[:30]
-    return {"active_samples": total, "requests": sent,
-            "inclusive": [(k, v / max(total, 1)) for k, v in top]}
+        leaf[name(frames[-1])] = leaf.get(name(frames[-1]), 0) + int(cnt)
+    top = sorted(incl.items(), key=lambda kv: -kv[1])[:top_n]
+    top_leaf = sorted(leaf.items(), key=lambda kv: -kv[1])[:top_n]
+    return {"active_samples": total,
+            "inclusive": [(k, v / max(total, 1)) for k, v in top],
+            "self": [(k, v / max(total, 1)) for k, v in top_leaf]}
 
 
 # ----- (b) inter-token latency ----------------------------------------------------------------
@@ -540,8 +567,8 @@ def inprocess_times(prompt: list[int], max_tokens: int) -> list[float]:
 async def cluster_times(cluster_name: str, prompt: list[int], max_tokens: int, rid: str,
                         generator: bool = False):
     """Stream one request through the cluster: with ``ClusterClient.generate``
-    (one ``Controller.stream`` call per chunk), or with ``generator``, one
-    ``Controller.stream_chunks`` streaming-generator call for the request."""
+    (its Redis output channel plus a lazy ``Controller.stream_chunks``), or
+    with ``generator``, one plain ``stream_chunks`` call made here."""
     from cluster.ray_client import ClusterClient
     from workers.sampling import SamplingParams
 
@@ -568,6 +595,23 @@ async def cluster_times(cluster_name: str, prompt: list[int], max_tokens: int, r
     return times, chunks, tokens, ctl_times
 
 
+def grpc_times(client, prompt: list[int], max_tokens: int, rid: str):
+    """Stream one request through the cluster's own gRPC frontend (served by
+    the controller process) with ``cluster.client.BatonClient.stream``, token
+    ids in; a token's time = when the message carrying it reached the client."""
+    from cluster.client import Delta
+
+    times, chunks, tokens = [], [], []
+    for item in client.stream(prompt, request_id=rid, max_tokens=max_tokens, temperature=0.0,
+                              ignore_eos=True):
+        now = time.perf_counter()
+        if isinstance(item, Delta) and item.token_ids:
+            times += [now] * len(item.token_ids)
+            tokens += item.token_ids
+            chunks.append((now, len(item.token_ids)))
+    return times, chunks, tokens, []
+
+
 def schedstat(pid: int, tid: int) -> tuple[float, float]:
     """(seconds on a CPU, seconds runnable but waiting for a CPU) of one thread."""
     with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
@@ -582,26 +626,65 @@ def _engine_probe(self):  # runs inside the decode worker actor (via __ray_call_
     return os.getpid(), tid, self.engine.stats.steps, self.engine.stats.busy_s
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of a process, summed by thread name (the
+    kernel's 15-character ``comm``: Ray's C++ threads have their own names)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue  # the thread ended
+        comm = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw.rsplit(")", 1)[1].split()
+        out[comm] = out.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def thread_delta_ms(before: dict, after: dict, tokens: int) -> dict[str, float]:
+    """Per-thread-name CPU ms per token between two ``thread_cpu_s`` readings."""
+    return {k: (v - before.get(k, 0.0)) * 1e3 / tokens for k, v in after.items()
+            if v - before.get(k, 0.0) > 0}
+
+
 def gaps_ms(times: list[float]) -> list[float]:
     return [(b - a) * 1e3 for a, b in zip(times, times[1:])]
 
 
-CLUSTER_PATHS = {"cluster": False, "cluster_gen": True}  # path -> streaming generator
+# path -> how its tokens are streamed (see ``stream_path``)
+CLUSTER_PATHS = ("cluster", "cluster_gen", "grpc")
+PATH_LABELS = {"cluster": "cluster, ClusterClient.generate",
+               "cluster_gen": "cluster, plain Controller.stream_chunks generator",
+               "grpc": "cluster, gRPC frontend (BatonClient.stream)"}
 
 
-def run_itl(redis_server, prompt_len: int, max_tokens: int, reps: int, say) -> dict:
+def stream_path(path: str, cfg_name: str, grpc_client, prompt: list[int], max_tokens: int,
+                rid: str):
+    if path == "grpc":
+        return grpc_times(grpc_client, prompt, max_tokens, rid)
+    return asyncio.run(cluster_times(cfg_name, prompt, max_tokens, rid, path == "cluster_gen"))
+
+
+def run_itl(redis_server, prompt_len: int, max_tokens: int, reps: int, say,
+            profile_s: float = 0.0, py_spy: str = "py-spy") -> dict:
     import threading
 
     import ray
 
+    from cluster.client import BatonClient
     from cluster.config import load_config
     from cluster.launcher import Deployment
 
     cfg = load_config("tiny-disagg")
     name = f"itl-{os.getpid()}"
     cfg = replace(cfg, name=name, transport="grpc",
-                  redis=replace(cfg.redis, url=redis_server.url, namespace=name))
+                  redis=replace(cfg.redis, url=redis_server.url, namespace=name),
+                  server=replace(cfg.server, host="127.0.0.1", auth_token_env=None))
     dep = Deployment(cfg).start()
+    grpc_port = ray.get(dep.controller.start_frontends.remote(0, 0))["grpc_port"]
+    grpc_client = BatonClient(f"127.0.0.1:{grpc_port}")
     decode = next(h for role, _, h in dep.workers.values() if role == "decode")
     ctl_pid = ray.get(dep.controller.__ray_call__.remote(lambda self: os.getpid()))
     my_tid = threading.get_native_id()
@@ -612,8 +695,10 @@ def run_itl(redis_server, prompt_len: int, max_tokens: int, reps: int, say) -> d
     ctl_gaps = {k: [] for k in CLUSTER_PATHS}
     diag = {k: [] for k in ("inprocess", *CLUSTER_PATHS)}
     same = True
-    pids = {"decode worker": None, "controller": ctl_pid, "client (driver)": os.getpid(),
+    pids = {"decode worker": ray.get(decode.__ray_call__.remote(_engine_probe))[0],
+            "controller": ctl_pid, "client (driver)": os.getpid(),
             "redis": redis_server._proc.pid}
+    profiles = {}
     try:
         for rep in range(reps + 1):  # rep 0 = warm-up of each
             prompt = [rng.randrange(256) for _ in range(prompt_len)]
@@ -632,15 +717,16 @@ def run_itl(redis_server, prompt_len: int, max_tokens: int, reps: int, say) -> d
                     "engine_thread_runq_wait": (x1[1] - x0[1]) / dt})
                 gaps["inprocess"] += gaps_ms(t_ip)
             line = f"  itl rep {rep}/{reps}: in-process p50 {pct(gaps_ms(t_ip), .5):.2f} ms"
-            for path, generator in CLUSTER_PATHS.items():
+            for path in CLUSTER_PATHS:
                 pid, tid, st0, b0 = ray.get(decode.__ray_call__.remote(_engine_probe))
-                pids["decode worker"] = pid
                 y0, cpu0 = schedstat(pid, tid), {k: cpu_s(p) for k, p in pids.items()}
+                th0 = {k: thread_cpu_s(p) for k, p in pids.items()}
                 t0 = time.perf_counter()
-                t_cl, chunks, tokens, ctl_t = asyncio.run(
-                    cluster_times(cfg.name, prompt, max_tokens, f"itl-{path}-{rep}", generator))
+                t_cl, chunks, tokens, ctl_t = stream_path(path, cfg.name, grpc_client, prompt,
+                                                          max_tokens, f"itl-{path}-{rep}")
                 dt = time.perf_counter() - t0
                 y1, cpu1 = schedstat(pid, tid), {k: cpu_s(p) for k, p in pids.items()}
+                th1 = {k: thread_cpu_s(p) for k, p in pids.items()}
                 _, _, st1, b1 = ray.get(decode.__ray_call__.remote(_engine_probe))
                 same = same and tokens == ref
                 if rep == 0:
@@ -651,7 +737,9 @@ def run_itl(redis_server, prompt_len: int, max_tokens: int, reps: int, say) -> d
                     "busy_ms_per_step": (b1 - b0) * 1e3 / max(1, st1 - st0),
                     "engine_thread_on_cpu": (y1[0] - y0[0]) / dt,
                     "engine_thread_runq_wait": (y1[1] - y0[1]) / dt,
-                    "control_plane_cpu_ms_per_token": cpu_tok})
+                    "control_plane_cpu_ms_per_token": cpu_tok,
+                    "threads_cpu_ms_per_token": {k: thread_delta_ms(th0[k], th1[k], len(tokens))
+                                                 for k in pids}})
                 gaps[path] += gaps_ms(t_cl)
                 ctl_gaps[path] += gaps_ms(ctl_t)
                 chunk_gaps[path] += gaps_ms([t for t, _ in chunks])
@@ -659,7 +747,12 @@ def run_itl(redis_server, prompt_len: int, max_tokens: int, reps: int, say) -> d
                 line += f", {path} p50 {pct(gaps_ms(t_cl), .5):.2f} ms ({len(chunks)} chunks)"
             if rep:
                 say(line)
+        if profile_s > 0:
+            profiles = profile_itl(pids, profile_s, py_spy, say, lambda path, i: stream_path(
+                path, cfg.name, grpc_client, [rng.randrange(256) for _ in range(prompt_len)],
+                max_tokens, f"itl-prof-{path}-{i}"))
     finally:
+        grpc_client.close()
         dep.shutdown()
     ip50 = pct(gaps["inprocess"], 0.5)
 
@@ -672,7 +765,7 @@ def run_itl(redis_server, prompt_len: int, max_tokens: int, reps: int, say) -> d
         return {
             "itl_p50_ms": p50, "itl_mean_ms": statistics.fmean(gaps[path]),
             "itl_p90_ms": pct(gaps[path], 0.9),
-            "controller_itl_p50_ms": pct(ctl_gaps[path], 0.5),
+            "controller_itl_p50_ms": pct(ctl_gaps[path], 0.5) if ctl_gaps[path] else None,
             "chunk_gap_p50_ms": pct(chunk_gaps[path], 0.5),
             "tokens_per_chunk_mean": statistics.fmean(chunk_sizes[path]),
             "added_p50_ms": p50 - ip50,
@@ -680,6 +773,8 @@ def run_itl(redis_server, prompt_len: int, max_tokens: int, reps: int, say) -> d
             "control_plane_cpu_ms_per_token": {
                 k: statistics.fmean(d["control_plane_cpu_ms_per_token"][k] for d in diag[path])
                 for k in cp_keys},
+            "threads_cpu_ms_per_token": _mean_threads(d["threads_cpu_ms_per_token"]
+                                                      for d in diag[path]),
             "met": p50 - ip50 <= TARGET_ITL_ADDED_MS}
     paths = {path: path_report(path) for path in CLUSTER_PATHS}
     main_path = paths["cluster"]
@@ -693,8 +788,45 @@ def run_itl(redis_server, prompt_len: int, max_tokens: int, reps: int, say) -> d
             side: {k: avg(side, k) for k in ("busy_ms_per_step", "engine_thread_on_cpu",
                                              "engine_thread_runq_wait")}
             for side in diag},
+        "profiles": profiles,
         "target_added_ms": TARGET_ITL_ADDED_MS, "met": main_path["met"],
     }
+
+
+def _mean_threads(runs) -> dict[str, dict[str, float]]:
+    """Mean over runs of {process: {thread name: CPU ms per token}}."""
+    runs = list(runs)
+    out: dict[str, dict[str, float]] = {}
+    for run in runs:
+        for proc, threads in run.items():
+            for t, v in threads.items():
+                out.setdefault(proc, {})[t] = out.get(proc, {}).get(t, 0.0) + v / len(runs)
+    return {p: dict(sorted(ts.items(), key=lambda kv: -kv[1])) for p, ts in out.items()}
+
+
+def profile_itl(pids: dict, seconds: float, py_spy: str, say, run_one) -> dict:
+    """py-spy (raw, non-blocking) the decode worker, the controller and the
+    driver while requests of each cluster path stream one at a time for
+    ``seconds``; returns each process's summary per path."""
+    out = {}
+    for path in CLUSTER_PATHS:
+        tmp = Path(tempfile.mkdtemp(prefix=f"itlprof-{path}-"))
+        say(f"profiling {path} with {py_spy} for {seconds:.0f} s ...")
+        procs = {k: subprocess.Popen(
+            [py_spy, "record", "--pid", str(p), "--duration", str(int(seconds)), "--rate", "250",
+             "--nonblocking", "--format", "raw", "-o", str(tmp / f"{k.split()[0]}.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for k, p in pids.items() if k != "redis"}
+        time.sleep(1.0)
+        t_end, i = time.monotonic() + seconds - 1.5, 0
+        while time.monotonic() < t_end:
+            run_one(path, i)
+            i += 1
+        for proc in procs.values():
+            proc.wait(timeout=120)
+        out[path] = {k: {**summarize_py_spy(tmp / f"{k.split()[0]}.txt"), "requests": i}
+                     for k in procs}
+    return out
 
 
 # ----- main ------------------------------------------------------------------------------
@@ -719,6 +851,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--itl-reps", type=int, default=3)
     ap.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                     help="also py-spy the controller under load for SECONDS")
+    ap.add_argument("--itl-profile", type=float, default=0.0, metavar="SECONDS",
+                    help="also py-spy the decode worker, controller and driver while each "
+                         "cluster path streams for SECONDS")
+    ap.add_argument("--threads", action="store_true",
+                    help="print each process's CPU per token by thread name")
     ap.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
     ap.add_argument("--json", nargs="?", const="-", default=None,
                     help="write JSON to this file ('-' or no value: stdout)")
@@ -750,15 +887,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.only in (None, "itl"):
                 say(f"(b) ITL: tiny model, {args.itl_tokens} tokens, in-process vs cluster ...")
                 report["itl"] = run_itl(redis_server, args.itl_prompt_len, args.itl_tokens,
-                                        args.itl_reps, say)
+                                        args.itl_reps, say, args.itl_profile, args.py_spy)
         finally:
             ray.shutdown()
     report["wall_s"] = time.perf_counter() - t_start
-    emit_report(report, args.json, print_tables)
+    emit_report(report, args.json, lambda r: print_tables(r, args.threads))
     return 0
 
 
-def print_tables(report: dict) -> None:
+def print_tables(report: dict, threads: bool = False) -> None:
     t = report.get("throughput")
     if t:
         print(f"\n(a) controller throughput: {t['requests']} requests "
@@ -797,17 +934,21 @@ def print_tables(report: dict) -> None:
         print(head + "\n" + "-" * len(head))
         print(f"{'in-process LLMEngine.step() loop':<52} {i['inprocess_itl_p50_ms']:>7.2f} "
               f"{i['inprocess_itl_mean_ms']:>7.2f} {i['inprocess_itl_p90_ms']:>7.2f}")
-        labels = {"cluster": "cluster, ClusterClient.generate",
-                  "cluster_gen": "cluster, Controller.stream_chunks generator"}
         for path, p in i["paths"].items():
-            print(f"{labels[path]:<52} {p['itl_p50_ms']:>7.2f} {p['itl_mean_ms']:>7.2f} "
+            print(f"{PATH_LABELS[path]:<52} {p['itl_p50_ms']:>7.2f} {p['itl_mean_ms']:>7.2f} "
                   f"{p['itl_p90_ms']:>7.2f} {p['added_p50_ms']:>+9.2f}")
-            print(f"{'  at the controller (token_times)':<52} {p['controller_itl_p50_ms']:>7.2f}"
-                  f"   ({p['tokens_per_chunk_mean']:.2f} tokens per chunk)")
+            at_ctl = p["controller_itl_p50_ms"]
+            print(f"{'  at the controller (token_times)':<52} "
+                  + (f"{at_ctl:>7.2f}" if at_ctl is not None else f"{'-':>7}")
+                  + f"   ({p['tokens_per_chunk_mean']:.2f} tokens per chunk)")
             cp = p["control_plane_cpu_ms_per_token"]
             print("  control-plane CPU per streamed token (ms): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in cp.items())
                   + f"; total {sum(cp.values()):.2f}")
+            if threads:
+                for proc, ts in p["threads_cpu_ms_per_token"].items():
+                    print(f"    {proc}: " + ", ".join(f"{t} {v:.2f}" for t, v in ts.items()
+                                                      if v >= 0.01))
         d = i["diagnostics"]
         print("decode engine, per step (model forward) and its thread's share of wall time:")
         for side in d:
@@ -817,6 +958,16 @@ def print_tables(report: dict) -> None:
         print(f"added p50 (ClusterClient): {i['added_p50_ms']:+.2f} ms; target <= "
               f"{i['target_added_ms']:.0f} ms -> {'MET' if i['met'] else 'MISSED'}; "
               f"tokens identical: {i['tokens_identical']}")
+        g = i["paths"].get("grpc")
+        if g:
+            print(f"added p50 (gRPC frontend, what users stream through): "
+                  f"{g['added_p50_ms']:+.2f} ms -> {'MET' if g['met'] else 'MISSED'}")
+        for path, procs in (i.get("profiles") or {}).items():
+            for proc, prof in procs.items():
+                print(f"\npy-spy, {PATH_LABELS[path]}, {proc} ({prof['active_samples']} active "
+                      f"samples, {prof['requests']} requests): self share, top frames")
+                for k, v in prof["self"][:12]:
+                    print(f"  {v * 100:5.1f}%  {k}")
     print(f"\nwall {report['wall_s']:.0f} s")
 
 

@@ -9,7 +9,7 @@ Lifecycle of a request (see DESIGN.md, "A request's life")::
     dispatch    decode reserves KV blocks -> prefill computes and streams KV
                 layer by layer -> first token delivered -> decode admits
                 (or recomputes if the transfer failed) -> tokens arrive through
-                the decode worker's token stream
+                the decode worker's event channel (or Ray stream)
     finish      journal closed, completed log appended, blocks freed by workers
 
 Batching: the work of a scheduling round goes out as ONE call per worker
@@ -18,8 +18,18 @@ worker; ``submit_batch`` per mixed worker); prefill results come back through
 each prefill worker's ``stream_results`` generator and are followed by one
 ``admit_batch`` per decode worker (reservations of requests that ended at
 their first token are freed with the next ``reserve_batch``, or a
-``release_batch`` within ``RELEASE_DELAY_S``). Token events come through each
-decode worker's ``stream_outputs`` generator. Journal writes go
+``release_batch`` within ``RELEASE_DELAY_S``). Token events come from each
+decode worker's Redis event channel (cluster/token_channel.py: one message
+per engine step, no Ray call; one subscriber connection for all workers),
+its ``stream_outputs`` generator then bringing only heartbeats; a worker
+without the channel, or whose channel falls behind, is followed through
+``stream_outputs`` items instead (events are numbered, so each is delivered
+once whichever way it came, and a gap is fetched from the worker). A driver
+client following a request with ``stream_chunks(..., lazy=True)`` gets its
+tokens through the request's Redis output channel (published as they are
+delivered, one write, no reply awaited) and, through Ray, only a catch-up
+chunk, the finished chunk, and a chunk every ``idle_s`` as a safety net.
+Journal writes go
 through a ``JournalBatcher`` (one Redis command per event-loop tick); a
 submit is acknowledged only once its entry is written. ``submit_many`` takes
 many requests in one call.
@@ -43,8 +53,10 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import ray
+import redis
 from ray.exceptions import RayActorError
 
 from cluster.config import ClusterConfig
@@ -61,7 +73,15 @@ from cluster.policies import (
 from cluster.policies.scaling import PoolLoad, ScalingDecision, measure_pool
 from cluster.policies.scheduler import Placement
 from cluster.state import JournalBatcher, StateStore, password_from_env
+from cluster.token_channel import (
+    RespConnection,
+    Subscriber,
+    decode_batch,
+    encode_tokens,
+    output_channel,
+)
 from workers.block_manager import block_hashes
+from workers.mailbox import wait_event
 from workers.messages import (
     AdmitItem,
     PrefillJob,
@@ -110,6 +130,8 @@ class SubmitOutcome:
 log = logging.getLogger("baton.controller")
 
 RELEASE_DELAY_S = 0.02  # a reservation to free waits at most this long for the next round
+HEARTBEAT_S = 0.25  # a decode worker followed through Redis sends a Ray heartbeat this often
+RAY_FALLBACK_S = 5.0  # a worker whose Redis channel fell behind is followed through Ray this long
 
 
 @dataclass(frozen=True)
@@ -124,6 +146,7 @@ class StreamChunk:
     finish_reason: str | None
     timing: dict  # queue_s, prefill_s, kv_transfer_s, ttft_s, total_s (when known)
     token_times: list[float]  # wall-clock time each token reached the controller
+    texts: list[str] = field(default_factory=list)  # text delta of each token
 
 
 @dataclass
@@ -141,6 +164,14 @@ class _Worker:
     # (wall clock; inf until then); dropped once a load taken after that arrives
     in_transit: dict[object, float] = field(default_factory=dict)
     retiring: bool = False  # being drained by retire_worker: routed no new work
+    # a decode worker's Redis event channel (None: events only through Ray),
+    # whether we are subscribed to it, the event count its last heartbeat
+    # reported, and until when (monotonic) to follow it through Ray instead
+    events_channel: str | None = None
+    subscribed: bool = False
+    heard_end: int = 0
+    ray_until: float = 0.0
+    deliver_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one batch at a time
     # requests whose KV reservation is no longer needed: released with the next
     # reserve_batch to this worker, or by a release_batch within RELEASE_DELAY_S
     releases: list[str] = field(default_factory=list)
@@ -163,6 +194,9 @@ class _Request:
     prefix_hashes: tuple[int, ...] = ()
     timing: dict = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    followers: int = 0  # lazy stream_chunks calls: its tokens go to its output channel
+    # set when a lazy follower must get a chunk now (finished, or the output channel failed)
+    resync: asyncio.Event = field(default_factory=asyncio.Event)
     finished_at: float | None = None
     decoding: bool = False  # admitted on its decode worker (prefill no longer needed)
     score: float | None = None  # ranker score on arrival (higher = shorter); None until scored
@@ -209,6 +243,12 @@ class Controller:
         if redis_password is None:
             redis_password = password_from_env(config.redis.password_env)
         self.store = StateStore(config.redis.url, config.redis.namespace, redis_password)
+        self._redis_password = redis_password  # for the event subscriber; never logged
+        self._events: Subscriber | None = None  # decode workers' event channels
+        self._out: RespConnection | None = None  # requests' output channels (publishing)
+        self._out_lock = asyncio.Lock()
+        self._events_lock = asyncio.Lock()  # (re)connecting and subscribing
+        self._by_channel: dict[bytes, _Worker] = {}
         self.journal = JournalBatcher(self.store)  # one Redis pipeline per event-loop tick
         self.workers: dict[str, _Worker] = {}
         self._requests: dict[str, _Request] = {}
@@ -243,14 +283,34 @@ class Controller:
         self.max_model_len, self.vocab_size = info["max_model_len"], info["vocab_size"]
         self.ranker = await asyncio.to_thread(_load_ranker, self.config, self.store.r)
         recovered = await self._recover()
-        for w in self.workers.values():  # skip events and results of dispatches before us
-            _, w.cursor, w.load = await getattr(w.handle, _poll_method(w)).remote(1 << 62, 0.0)
+        for w in self.workers.values():
+            await self._attach(w)
         self._spawn(self._schedule_loop())
         self._spawn(self._ticker())
+        self._spawn(self._read_events())
         for w in self.workers.values():
             self._spawn(self._poll(w))
         self._ready.set()
         return recovered
+
+    async def _attach(self, w: _Worker) -> None:
+        """Subscribe to a decode worker's event channel, then skip the events
+        and results of dispatches before us (in this order: every event after
+        the cursor is then received)."""
+        if w.role != "prefill":
+            w.events_channel = await self._event_channel(w)
+            if w.events_channel is not None:
+                await self._subscribe(w)
+        _, w.cursor, w.load = await getattr(w.handle, _poll_method(w)).remote(1 << 62, 0.0)
+
+    @staticmethod
+    async def _event_channel(w: _Worker) -> str | None:
+        """The worker's Redis event channel; None if it has none (no Redis, its
+        publisher is down, or a worker that predates event channels)."""
+        try:
+            return await w.handle.event_channel.remote()
+        except AttributeError:
+            return None
 
     async def _recover(self) -> int:
         entries = await self.store.inflight()
@@ -370,35 +430,97 @@ class Controller:
 
     async def stream(self, request_id: str, cursor: int = 0, timeout_s: float = 5.0) -> StreamChunk:
         """Tokens after ``cursor``; waits up to ``timeout_s`` for at least one."""
+        req = await self._request(request_id)
+        if len(req.tokens) <= cursor and req.finish_reason is None:
+            req.changed.clear()
+            await wait_event(req.changed, timeout_s)
+        return _chunk(req, cursor)
+
+    async def stream_chunks(self, request_id: str, cursor: int = 0, idle_s: float = 5.0,
+                            lazy: bool = False):
+        """``stream`` as an async generator, called with ``num_returns="streaming"``:
+        one chunk as soon as tokens after ``cursor`` exist (an empty one after
+        ``idle_s`` without any), until the finished chunk. One Ray call per
+        request instead of one per chunk.
+
+        ``lazy`` (the caller subscribed to the request's output channel, see
+        ``token_channel``): the tokens after ``cursor`` at once, then only the
+        finished chunk and, every ``idle_s``, whatever is new (a safety net
+        for lost messages); every token while the channel is down."""
+        if not lazy:
+            while True:
+                chunk = await self.stream(request_id, cursor, idle_s)
+                cursor = chunk.cursor
+                yield chunk
+                if chunk.finished:
+                    return
+        req = await self._request(request_id)
+        req.followers += 1
+        try:
+            await self._open_output()
+            while True:
+                chunk = _chunk(req, cursor)
+                cursor = chunk.cursor
+                yield chunk
+                if chunk.finished:
+                    return
+                await self._await_lazy(req, cursor, idle_s)
+        finally:
+            req.followers -= 1
+
+    async def token_channel(self) -> dict | None:
+        """Where a driver client subscribes to requests' output channels: the
+        Redis URL without credentials, the namespace, and the NAME of the
+        environment variable holding the password (never the password)."""
+        if await self._open_output() is None:
+            return None
+        return {"url": _public_url(self.config.redis.url), "namespace": self.config.redis.namespace,
+                "password_env": self.config.redis.password_env}
+
+    async def _request(self, request_id: str) -> _Request:
         await self._ready.wait()
         req = self._requests.get(request_id) or await self._from_journal(request_id)
         if req is None:
             raise UnknownRequest(request_id)
-        if len(req.tokens) <= cursor and req.finish_reason is None:
-            req.changed.clear()
-            try:
-                await asyncio.wait_for(req.changed.wait(), timeout_s)
-            except TimeoutError:
-                pass
-        # After a controller restart the journal may hold fewer tokens than the
-        # caller has seen (they are being regenerated): never move its cursor back.
-        end = max(cursor, len(req.tokens))
-        return StreamChunk(request_id, req.tokens[cursor:end], "".join(req.texts[cursor:end]),
-                           end, req.finish_reason is not None, req.finish_reason,
-                           dict(req.timing, arrival_s=req.arrival_s),
-                           req.token_times[cursor:end])
+        return req
 
-    async def stream_chunks(self, request_id: str, cursor: int = 0, idle_s: float = 5.0):
-        """``stream`` as an async generator, called with ``num_returns="streaming"``:
-        one chunk as soon as tokens after ``cursor`` exist (an empty one after
-        ``idle_s`` without any), until the finished chunk. One Ray call per
-        request instead of one per chunk."""
-        while True:
-            chunk = await self.stream(request_id, cursor, idle_s)
-            cursor = chunk.cursor
-            yield chunk
-            if chunk.finished:
-                return
+    async def _await_lazy(self, req: _Request, cursor: int, idle_s: float) -> None:
+        """Until a lazy follower needs a chunk: the request finished or the
+        output channel failed (``resync``), ``idle_s`` passed, or (channel
+        down) a new token."""
+        if self._out is None or not self._out.healthy:
+            if len(req.tokens) <= cursor and req.finish_reason is None:
+                req.changed.clear()
+                await wait_event(req.changed, idle_s)
+            return
+        req.resync.clear()
+        if req.finish_reason is None:
+            await wait_event(req.resync, idle_s)
+
+    async def _open_output(self) -> RespConnection | None:
+        """The connection requests' tokens are published on (None if Redis
+        cannot be reached: followers then get every token through Ray)."""
+        async with self._out_lock:
+            if self._out is None or not self._out.healthy:
+                try:
+                    self._out = await RespConnection.open(self.config.redis.url,
+                                                          self._redis_password)
+                except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
+                    log.warning("cannot open the output channels (%s)", type(exc).__name__)
+                    self._out = None
+            return self._out
+
+    def _publish_tokens(self, req: _Request, start: int, now: float) -> None:
+        """Tokens ``start:`` of a followed request on its output channel."""
+        try:
+            self._out.publish_nowait(
+                output_channel(self.config.redis.namespace, req.request_id),
+                encode_tokens(start, req.tokens[start:], req.texts[start:], now))
+        except (OSError, redis.RedisError):
+            self._out = None  # the next lazy call reopens it
+            for r in self._requests.values():
+                if r.followers:
+                    r.resync.set()  # their followers get tokens through Ray meanwhile
 
     async def _from_journal(self, request_id: str) -> _Request | None:
         """A request finished under a previous controller, still in the journal."""
@@ -475,6 +597,8 @@ class Controller:
                            if r.route is not None and r.finish_reason is None),
             "workers": [{"worker_id": w.worker_id, "role": w.role, "gpu_type": w.gpu_type,
                          "alive": w.alive, "running": w.load.running,
+                         "events_via": None if w.role == "prefill" else
+                         "redis" if self._events_via_redis(w) else "ray",
                          "free_kv_blocks": w.load.free_kv_blocks,
                          "total_kv_blocks": w.load.total_kv_blocks,
                          "device": w.load.device_name} for w in self.workers.values()],
@@ -502,9 +626,9 @@ class Controller:
         w = _Worker(worker_id, role, gpu_type, handle, await handle.load.remote())
         if role != "prefill":
             w.kv_endpoint = await handle.kv_endpoint.remote()
-        _, w.cursor, w.load = await getattr(handle, _poll_method(w)).remote(1 << 62, 0.0)
+        await self._attach(w)
         self.workers[worker_id] = w
-        self._spawn(self._poll(w))  # token events, or prefill results
+        self._spawn(self._poll(w))
         self._wake.set()
         return True
 
@@ -854,27 +978,32 @@ class Controller:
     # ----- token delivery --------------------------------------------------------------
     async def _poll(self, w: _Worker) -> None:
         """Follow a worker until it dies or is retired, through its streaming
-        generator: a decode (or mixed) worker's token events are delivered in
-        order; a prefill worker's results are handled in a task of their own
-        (admission may wait for KV verdicts) while the stream goes on."""
-        prefill = w.role == "prefill"
-        method = w.handle.stream_results if prefill else w.handle.stream_outputs
+        generator: a prefill worker's results are handled in a task of their own
+        (admission may wait for KV verdicts) while the stream goes on; a decode
+        (or mixed) worker's events are delivered in order from the generator's
+        items, or, while its Redis event channel keeps up, by ``_read_events``,
+        the generator then only bringing heartbeats."""
         while w.alive:
-            gen = method.options(num_returns="streaming").remote(w.cursor)
+            via_redis = self._events_via_redis(w)
+            gen = self._open_stream(w, via_redis)
             try:
                 async for ref in gen:
-                    if prefill:
+                    if w.role == "prefill":
                         results, w.cursor, w.load = await ref
                         if results:
                             self._spawn(self._on_prefill_results(w, results))
+                    elif via_redis:
+                        _, end, _, _ = await ref
+                        if not (w.subscribed and self._heartbeat(w, end)):
+                            break  # the channel fell behind: follow the worker through Ray
                     else:
-                        events, w.cursor, load, load_at = await ref
-                        w.load = load or w.load
-                        self._landed(w, load_at)
-                        await self._on_token_events(w, events)
+                        events, end, load, load_at = await ref
+                        await self._on_batch(w, end - len(events), events, load, load_at)
+                        if self._events_via_redis(w) and await self._publishing(w):
+                            break  # the channel is usable again: heartbeats only
                     if not w.alive:
                         break
-            except RayActorError:
+            except (RayActorError, WorkerDied):
                 await self._mark_dead(w)
                 return
             except Exception:  # noqa: BLE001 - re-follow; a dead worker fails the ping
@@ -884,6 +1013,110 @@ class Controller:
                     return
             finally:
                 _cancel(gen)
+
+    def _open_stream(self, w: _Worker, via_redis: bool):
+        if w.role == "prefill":
+            return w.handle.stream_results.options(num_returns="streaming").remote(w.cursor)
+        method = w.handle.stream_outputs.options(num_returns="streaming")
+        if not via_redis:
+            return method.remote(w.cursor)
+        w.heard_end = 0  # nothing heard yet: the first heartbeat sets the bar
+        return method.remote(w.cursor, HEARTBEAT_S, False)
+
+    def _events_via_redis(self, w: _Worker) -> bool:
+        return w.subscribed and time.monotonic() >= w.ray_until
+
+    async def _publishing(self, w: _Worker) -> bool:
+        """Whether the worker's publisher works (if not, ask again after
+        ``RAY_FALLBACK_S``)."""
+        if await self._event_channel(w) == w.events_channel:
+            return True
+        w.ray_until = time.monotonic() + RAY_FALLBACK_S
+        return False
+
+    def _heartbeat(self, w: _Worker, end: int) -> bool:
+        """False if events the worker had published by its previous heartbeat
+        (``HEARTBEAT_S`` ago) have still not arrived through Redis: the worker
+        is then followed through Ray (from our cursor: nothing is lost) for
+        ``RAY_FALLBACK_S``."""
+        lagging = w.cursor < w.heard_end
+        w.heard_end = end
+        if lagging:
+            log.warning("%s's event channel fell behind; following it through Ray for %.0f s",
+                        w.worker_id, RAY_FALLBACK_S)
+            w.ray_until = time.monotonic() + RAY_FALLBACK_S
+        return not lagging
+
+    async def _subscribe(self, w: _Worker) -> None:
+        """Returns once Redis confirmed the subscription (or it failed: the
+        worker is then followed through Ray until ``_read_events`` retries)."""
+        try:
+            async with self._events_lock:
+                if self._events is None:
+                    self._events = await Subscriber.open(self.config.redis.url,
+                                                         self._redis_password)
+                await self._events.subscribe(w.events_channel)
+        except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
+            log.warning("subscribing to %s's events failed (%s)", w.worker_id,
+                        type(exc).__name__)
+            if self._events is not None:
+                self._events.close()  # _read_events sees it fail and starts over
+            return
+        self._by_channel[w.events_channel.encode()] = w
+        w.subscribed = True
+
+    async def _read_events(self) -> None:
+        """Deliver the messages of every decode worker's event channel, in
+        order; after a lost connection, resubscribe (what was published
+        meanwhile shows as a gap, fetched from the worker)."""
+        while True:
+            sub = self._events
+            if sub is None:
+                await asyncio.sleep(1.0)
+                for w in [w for w in self.workers.values() if w.alive and w.events_channel]:
+                    await self._subscribe(w)
+                continue
+            try:
+                messages = await sub.messages()
+            except (OSError, redis.RedisError) as exc:
+                log.warning("the decode workers' event channels failed (%s); resubscribing",
+                            type(exc).__name__)
+                self._events = None
+                for w in self.workers.values():
+                    w.subscribed = False
+                continue
+            for channel, payload in messages:
+                w = self._by_channel.get(channel)
+                if w is not None and w.alive:
+                    try:
+                        await self._on_entry(w, payload)
+                    except WorkerDied:
+                        pass  # noted by _mark_dead
+
+    async def _on_entry(self, w: _Worker, payload: bytes) -> None:
+        try:
+            b = decode_batch(payload)
+        except (ValueError, TypeError) as exc:
+            log.warning("skipping a malformed message of %s's event channel: %s", w.worker_id,
+                        exc)
+            return
+        await self._on_batch(w, b.start, b.events, b.load, b.load_at)
+
+    async def _on_batch(self, w: _Worker, start: int, events: list[TokenEvent],
+                        load: WorkerLoad | None, load_at: float) -> None:
+        """Deliver a worker's events numbered ``start``, ``start + 1``, ...: in
+        order, each once (Redis and Ray may both bring some), fetching any the
+        Redis channel lost from the worker's mailbox."""
+        async with w.deliver_lock:
+            w.load = load or w.load
+            if load_at:
+                self._landed(w, load_at)
+            if start > w.cursor:  # some never arrived: every event since our cursor
+                events, end, w.load = await self._call(w, "next_outputs", w.cursor, 0.0)
+                start = end - len(events)
+            fresh = events[w.cursor - start:] if start < w.cursor else events
+            w.cursor = max(w.cursor, start + len(events))
+            await self._on_token_events(w, fresh)
 
     def _landed(self, w: _Worker, load_at: float) -> None:
         """Requests the worker's load (taken at ``load_at``) counts already."""
@@ -911,15 +1144,19 @@ class Controller:
         batch = []
         for ev in events:
             r = req or self._requests[ev.request_id]
+            n = len(ev.token_ids)
             if not r.tokens:
                 r.timing["ttft_s"] = now - r.arrival_s
                 self.metrics.observe_ttft(r.timing["ttft_s"])
-            self.metrics.observe_tokens(r.token_times[-1] if r.token_times else None,
-                                        [now] * len(ev.token_ids))
-            r.tokens.extend(ev.token_ids)
-            r.texts.extend([ev.text] + [""] * (len(ev.token_ids) - 1))
-            r.token_times.extend([now] * len(ev.token_ids))
-            batch.append((r.request_id, ev.token_ids, [ev.text] + [""] * (len(ev.token_ids) - 1)))
+            self.metrics.observe_tokens(r.token_times[-1] if r.token_times else None, now, n)
+            start = len(r.tokens)
+            texts = [ev.text] if n == 1 else [ev.text] + [""] * (n - 1)
+            r.tokens += ev.token_ids
+            r.texts += texts
+            r.token_times += [now] * n
+            batch.append((r.request_id, ev.token_ids, texts))
+            if r.followers and self._out is not None:
+                self._publish_tokens(r, start, now)
             if ev.finish_reason is None:
                 r.changed.set()  # stream now; the journal follows (replay is token-exact)
         self.journal.tokens(batch)  # write-behind; a failure only costs recovery a replay
@@ -942,6 +1179,7 @@ class Controller:
         if self.ranker is not None:
             await self.ranker.on_finish(req.request_id, len(req.tokens), reason)
         req.changed.set()
+        req.resync.set()
         self._wake.set()
 
     def _forget_finished(self, keep_s: float = 120.0) -> None:
@@ -975,6 +1213,10 @@ class Controller:
         if not w.alive:
             return
         w.alive = False
+        w.subscribed = False
+        if w.events_channel is not None and self._by_channel.pop(w.events_channel.encode(),
+                                                                   None) is not None:
+            self._spawn(self._unsubscribe(w.events_channel))
         hit = [r for r in self._requests.values() if r.finish_reason is None and r.route
                and (w.worker_id == r.route.decode_worker
                     or w.worker_id == r.route.prefill_worker and not r.decoding)]
@@ -984,6 +1226,14 @@ class Controller:
             for o in other:
                 await self._safe(self.workers[o], "abort", req.request_id)
 
+    async def _unsubscribe(self, channel: str) -> None:
+        sub = self._events
+        if sub is not None:
+            try:
+                await sub.unsubscribe(channel)
+            except (OSError, redis.RedisError):
+                pass  # the connection is gone anyway; _read_events starts over
+
 
 class _Groups(dict):
     """Requests grouped by worker id (one batched call each)."""
@@ -992,12 +1242,38 @@ class _Groups(dict):
         self.setdefault(worker_id, []).append(req)
 
 
+def _chunk(req: _Request, cursor: int) -> StreamChunk:
+    """What a stream returns: the tokens after ``cursor``. After a controller
+    restart the journal may hold fewer tokens than the caller has seen (they
+    are being regenerated): its cursor never moves back."""
+    end = max(cursor, len(req.tokens))
+    texts = req.texts[cursor:end]
+    return StreamChunk(req.request_id, req.tokens[cursor:end], "".join(texts), end,
+                       req.finish_reason is not None, req.finish_reason,
+                       dict(req.timing, arrival_s=req.arrival_s), req.token_times[cursor:end],
+                       texts)
+
+
+def _public_url(url: str) -> str:
+    """``url`` without credentials (they never travel as Ray arguments)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query)
+                       if k not in ("password", "username")])
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
 def _poll_method(w: _Worker) -> str:
     return "next_results" if w.role == "prefill" else "next_outputs"
 
 
 def _cancel(gen) -> None:
     """Stop a worker's streaming generator we no longer read."""
+    if not isinstance(gen, ray.ObjectRefGenerator):
+        return  # a stand-in worker's (tests)
     try:
         ray.cancel(gen)
     except Exception:  # noqa: BLE001 - already finished, or its worker is gone

@@ -147,12 +147,13 @@ class ServingMetrics:
                                    ["pool", "state"], registry=r)
         r.register(_LiveCollector(snapshot))
 
-    def observe_tokens(self, previous_s: float | None, times: list[float]) -> None:
-        """``times``: arrival times of new tokens; ``previous_s``: the last one before."""
-        for t in times:
-            if previous_s is not None:
-                self.itl.observe(max(0.0, t - previous_s))
-            previous_s = t
+    def observe_tokens(self, previous_s: float | None, now: float, count: int) -> None:
+        """``count`` tokens arrived together at ``now``; ``previous_s``: when
+        the request's previous token did (None: these are its first)."""
+        if previous_s is not None:
+            self.itl.observe(max(0.0, now - previous_s))
+        for _ in range(count - 1):  # the rest of a multi-token step: no gap
+            self.itl.observe(0.0)
 
     def observe_ttft(self, seconds: float) -> None:
         self.ttft.observe(seconds)

@@ -8,12 +8,26 @@ Lifecycle of a disaggregated request::
                              request joins the continuous-batching loop; if the
                              transfer failed, the blocks are released and the
                              prompt is recomputed here instead
-    stream_outputs(cursor) -> the controller follows token events through a
-                             Ray streaming generator: one item per engine
-                             step, with the events of all its requests
-    next_outputs(cursor)  -> the same as a long-poll (one call returns every
-                             event since the last poll)
+    event channel         -> with Redis configured, the engine thread
+                             publishes each step's events (and its load when
+                             it changed) as ONE message on this worker's Redis
+                             channel (``event_channel()`` names it;
+                             cluster/token_channel.py): no Ray call, no
+                             event-loop wake-up per step
+    stream_outputs(cursor) -> the controller follows the worker through a Ray
+                             streaming generator: without the Redis channel,
+                             one item per engine step with the events of all
+                             its requests; with it (``events=False``), a
+                             heartbeat every ``idle_s`` carrying the number of
+                             events published so far, so the controller can
+                             tell when the channel lost some
+    next_outputs(cursor)  -> every event since ``cursor`` as a long-poll (also
+                             how the controller fetches events a channel lost)
     finish / abort        -> blocks freed
+
+Events are numbered in the worker's mailbox; the Redis messages and the Ray
+items carry the same numbers, so the controller keeps each event once
+whichever way it came.
 
 The controller uses the batched forms (``reserve_batch``, which also carries
 the releases of requests that ended at their first token, ``admit_batch``,
@@ -32,7 +46,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
+from cluster.token_channel import Publisher, encode_batch, events_channel
 from kvtransfer import make_receiver
 from kvtransfer.base import ReceiverCore, TransferState
 from workers.engine import LLMEngine, RequestOutput
@@ -57,6 +73,9 @@ class DecodeWorker:
         self.heartbeat = start_heartbeat(spec, kv_endpoint=self.receiver.endpoint)
         self._load_snapshot = self._load(self.engine)
         self._load_at = time.time()  # when _load_snapshot was taken (wall clock)
+        self._publisher = _event_publisher(spec)  # None: events go through Ray only
+        self._step_events: tuple[int, list[TokenEvent]] | None = None  # not yet published
+        self._published_load: WorkerLoad | None = None
         self.loop = EngineLoop(self.engine, self._on_outputs, self._after_step)
 
     # ----- actor methods --------------------------------------------------
@@ -128,17 +147,31 @@ class DecodeWorker:
         # engine thread would make every poll wait for a step boundary.
         return events, end, self._load_snapshot
 
-    async def stream_outputs(self, cursor: int, idle_s: float = 1.0):
+    async def stream_outputs(self, cursor: int, idle_s: float = 1.0, events: bool = True):
         """Async generator, called with ``num_returns="streaming"``: for each
         batch of events after ``cursor`` (or after ``idle_s`` without one, an
         empty batch) yields (events, the cursor after them, this worker's load
         or None if unchanged since the last item, the wall-clock time that load
-        was taken: it counts every request admitted before then)."""
+        was taken: it counts every request admitted before then).
+
+        ``events=False`` (the caller reads the Redis event channel): every
+        ``idle_s`` a heartbeat ([], the number of events published so far,
+        None, 0.0); loads travel with the channel's messages."""
+        if not events:
+            while True:
+                await asyncio.sleep(idle_s)
+                yield [], self._events.end(), None, 0.0
         sent = None
-        async for events, end in self._events.follow(cursor, idle_s):
+        async for batch, end in self._events.follow(cursor, idle_s):
             load = self._load_snapshot
-            yield events, end, None if load == sent else load, self._load_at
+            yield batch, end, None if load == sent else load, self._load_at
             sent = load
+
+    async def event_channel(self) -> str | None:
+        """The Redis channel this worker publishes its events to, while its
+        publisher works; None otherwise (follow ``stream_outputs`` instead)."""
+        p = self._publisher
+        return p.channel if p is not None and p.healthy else None
 
     async def load(self) -> WorkerLoad:
         return await self.loop.call(self._load)
@@ -230,12 +263,30 @@ class DecodeWorker:
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         events = [TokenEvent(o.request_id, o.new_token_ids, o.new_text,
                              o.finish_reason.value if o.finish_reason else None) for o in outputs]
-        self._events.put(events)
+        first = self._events.put(events)
+        if self._publisher is not None:
+            self._step_events = (first, events)  # published with the load, in _after_step
 
     def _after_step(self) -> None:
         self._expire_leases()
         self._load_at = time.time()
         self._load_snapshot = self._load(self.engine)
+        if self._publisher is not None:
+            self._publish()
+
+    def _publish(self) -> None:
+        """This step's events and (if it changed) the load, as one message.
+        A lost message loses nothing: the events stay in the mailbox, where
+        the controller fetches what its channel missed."""
+        step, self._step_events = self._step_events, None
+        load = self._load_snapshot
+        changed = load != self._published_load
+        if step is None and not changed:
+            return
+        first, events = step if step is not None else (self._events.end(), [])
+        payload = encode_batch(first, events, load if changed else None, self._load_at)
+        if self._publisher.publish(payload) and changed:
+            self._published_load = load
 
     def _expire_leases(self) -> None:
         now = time.monotonic()
@@ -245,3 +296,14 @@ class DecodeWorker:
     def _load(self, e: LLMEngine) -> WorkerLoad:
         queued = sum(s.num_uncomputed for s in e.waiting)
         return self.spec.load(queued, len(e.running) + len(e.waiting), e.blocks)
+
+
+def _event_publisher(spec: WorkerSpec) -> Publisher | None:
+    """Publishes this incarnation's events to Redis, if the worker has Redis
+    (a channel per incarnation: a restarted worker numbers from 0 again)."""
+    if spec.redis_url is None:
+        return None
+    from cluster.state import password_from_env
+
+    channel = events_channel(spec.namespace, spec.worker_id, uuid.uuid4().hex[:12])
+    return Publisher(spec.redis_url, password_from_env(spec.redis_password_env), channel)
