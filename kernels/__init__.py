@@ -3,6 +3,10 @@
 Every public wrapper takes ``impl="auto" | "triton" | "torch"`` (see
 ``kernels._dispatch``); ``auto`` runs Triton on CUDA tensors and torch
 elsewhere. ``import kernels`` works without triton installed.
+
+The paged decode attention wrappers also take ``impl="cpp"``: a C++ CPU
+kernel (``kernels.cpu_kernels``, with the engine's other C++ CPU ops),
+compiled on first use when the engine asks for it; ``auto`` never picks it.
 """
 
 from kernels.kv_blocks import (

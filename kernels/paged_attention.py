@@ -26,6 +26,9 @@ ValueError naming the bad argument. Strides are free (any layout).
 The Triton kernel runs one program per (sequence, kv head): it loads the
 group's query heads once and walks the sequence's blocks with an online
 softmax in float32. The torch reference gathers every block at once.
+``impl="cpp"`` runs the C++ CPU kernel of ``kernels.cpu_kernels`` (float32,
+loaded by ``kernels.cpu_kernels.load()``; ``auto`` never picks it): it reads
+each sequence's blocks in place, its own context only.
 
 ``decode_attention`` is the engine's CPU decode path over a contiguous
 (B, KVH, L, D) context (its decode buffer); ``paged_decode_attention_out``
@@ -38,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._dispatch import next_power_of_2, tl, triton, use_triton
+from kernels.cpu_kernels import paged_decode_attention_cpp
 
 
 def paged_decode_attention(
@@ -52,6 +56,8 @@ def paged_decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over a paged KV cache; see the module docstring."""
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    if impl == "cpp":
+        return paged_decode_attention_cpp(q, k_cache, v_cache, block_tables, context_lens, scale)
     if use_triton(impl, q, _paged_decode_kernel):
         return _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
@@ -67,11 +73,14 @@ def paged_decode_attention_out(
     *,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """The output only, for the engine's decode path when its contiguous
-    decode buffer cannot serve a step: on CPU the gathered context goes
-    through ``decode_attention`` (no log-sum-exp is materialised); on CUDA
-    the Triton kernel."""
+    """The output only, for the engine's decode path on the paged cache: on
+    CPU the C++ kernel (``impl="cpp"``) or the gathered context through
+    ``decode_attention`` (no log-sum-exp is materialised); on CUDA the
+    Triton kernel."""
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    if impl == "cpp":
+        return paged_decode_attention_cpp(
+            q, k_cache, v_cache, block_tables, context_lens, scale)[0]
     if use_triton(impl, q, _paged_decode_kernel):
         return _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)[0]
     k, v, valid = _gather_context(k_cache, v_cache, block_tables, context_lens)  # (B, L, KVH, D)

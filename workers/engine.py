@@ -49,6 +49,10 @@ class EngineConfig:
     # CPU: most memory for the contiguous copy of decoding sequences' KV that decode
     # attention reads (workers.kv_cache.DecodeKVBuffer); past it, or 0, it gathers paged blocks
     decode_buffer_bytes: int = 512 << 20
+    # CPU, float32: the C++ kernels of kernels.cpu_kernels (built on first use on the
+    # machine, ~15 s, then cached): decode attention reads the paged cache in place (no
+    # decode buffer), RMSNorm is one op. Off, or where they cannot build (a warning): torch
+    cpu_kernels: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -132,7 +136,8 @@ class LLMEngine:
         self.planner = BatchPlanner(BatchConfig(
             self.config.max_num_seqs, self.config.max_num_batched_tokens,
             self.config.prefill_chunk_size), self.blocks)
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.config.decode_buffer_bytes)
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.config.decode_buffer_bytes,
+                                  self.config.cpu_kernels)
         self.sampler = Sampler(self.config.seed)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -300,7 +305,7 @@ class LLMEngine:
         seq = chunk.seq
         start = seq.num_computed_tokens
         done = start + chunk.num_tokens == seq.num_tokens
-        return RunItem(seq.token_ids[start:start + chunk.num_tokens], start,
+        return RunItem(seq.token_slice(start, start + chunk.num_tokens), start,
                        list(self.blocks.block_table(seq.request_id)), "last" if done else "none",
                        seq.request_id)
 
@@ -308,8 +313,10 @@ class LLMEngine:
         sampled = [(c.seq, lg[-1]) for c, lg in zip(chunks, logits) if lg is not None]
         for c in chunks:
             c.seq.num_computed_tokens += c.num_tokens
-            self.blocks.commit_full_blocks(
-                c.seq.request_id, c.seq.token_ids[:c.seq.num_computed_tokens])
+        if self.blocks.enable_prefix_caching:  # without it there is nothing to commit
+            for c in chunks:
+                self.blocks.commit_full_blocks(
+                    c.seq.request_id, c.seq.token_slice(0, c.seq.num_computed_tokens))
         if not sampled:
             return []
         rows = torch.stack([lg for _, lg in sampled])  # (n, V)

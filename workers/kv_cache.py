@@ -13,6 +13,8 @@ Layout::
                        '- 0 = keys, 1 = values
     layer l -> (data[l, 0], data[l, 1]), each (num_blocks, block_size, KVH, D)
     slot s  -> block s // block_size, offset s % block_size
+    layer_caches[l].slots -> (num_blocks * block_size, 2, KVH, D): a step
+                     writes the new keys and values of its tokens in one index_put
 
 ``DecodeKVBuffer`` (CPU only) keeps a second, contiguous copy of the KV of
 the sequences that decode, so that decode attention reads (B, KVH, L, D)
@@ -24,11 +26,24 @@ stays the source of truth; see the class docstring.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from workers.model_config import ModelConfig
+
+_TYPECODES = {torch.int64: "q", torch.int32: "i"}
+
+
+def int_tensor(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype)`` for a flat list of ints, about 10x
+    cheaper: the list is packed by ``array`` in C, not inspected per element
+    (the runner builds a few such tensors every step)."""
+    if not values:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(array(_TYPECODES[dtype], values), dtype=dtype)
 
 
 def num_blocks_for_budget(cfg: ModelConfig, budget_bytes: int, block_size: int,
@@ -42,6 +57,14 @@ def num_blocks_for_budget(cfg: ModelConfig, budget_bytes: int, block_size: int,
     return int(blocks)
 
 
+class LayerCache(NamedTuple):
+    """One layer of the paged cache, as attention reads and writes it."""
+
+    k: torch.Tensor  # (num_blocks, block_size, KVH, D)
+    v: torch.Tensor  # (num_blocks, block_size, KVH, D)
+    slots: torch.Tensor  # (num_blocks * block_size, 2, KVH, D): the same memory by slot
+
+
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: str | torch.device = "cpu"):
@@ -49,6 +72,8 @@ class KVCache:
         self.data = torch.zeros(cfg.num_layers, 2, num_blocks, block_size,
                                 cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
         self.layers = [(self.data[i, 0], self.data[i, 1]) for i in range(cfg.num_layers)]
+        self.layer_caches = [LayerCache(k, v, self.data[i].flatten(1, 2).transpose(0, 1))
+                             for i, (k, v) in enumerate(self.layers)]
 
     @property
     def nbytes(self) -> int:
@@ -77,14 +102,16 @@ class _Mirrored:
 
 @dataclass(frozen=True)
 class DecodeGroup:
-    """Consecutive decode rows whose sequences share a bucket: one attention call."""
+    """Consecutive decode rows whose sequences share a bucket: one attention
+    call per layer. Built once per step; every layer reads the same views."""
 
     rows: int  # how many rows (they follow the previous group's); slots 0..rows-1
     slots: torch.Tensor  # (rows,) int64: 0..rows-1, where each row's new K/V goes
     positions: torch.Tensor  # (rows,) int64: ... and at which position
     context_len: int  # L: the group's longest context, new token included
     mask: torch.Tensor | None  # (rows, 1, 1, L) additive 0/-inf; None when all rows have L
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (S, KVH, C, D) keys, values
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (rows, KVH, L, D) keys, values
+    writes: list[torch.Tensor]  # per layer (S, C, 2, KVH, D): [slot, position] <- (2, KVH, D)
 
 
 @dataclass(frozen=True)
@@ -112,7 +139,7 @@ class _Bucket:
 
     def _set_data(self, data: torch.Tensor) -> None:
         self.data = data
-        self.layers = [(data[i, 0], data[i, 1]) for i in range(data.shape[0])]  # (S, KVH, C, D)
+        self.writes = list(data.permute(0, 2, 4, 1, 3, 5).unbind(0))  # per layer (S, C, 2, KVH, D)
 
     @property
     def slots(self) -> int:
@@ -284,13 +311,15 @@ class DecodeKVBuffer:
     def _step(self, seq_ids: list[str], starts: list[int]) -> DecodeStep:
         """Rows grouped by bucket, in slot order: every entry of every bucket
         decodes this step, so a group's rows are its bucket's slots 0..n-1."""
-        where = [self._where[s] for s in seq_ids]
-        order = sorted(range(len(seq_ids)), key=lambda r: (where[r][0].limit, where[r][1].slot))
-        groups, first = [], 0
-        for bucket in sorted(self._buckets.values(), key=lambda b: b.limit):
-            rows = order[first:first + bucket.held]
-            groups.append(_group(bucket, [starts[r] for r in rows]))
-            first += len(rows)
+        by_slot = {limit: [0] * b.held for limit, b in self._buckets.items()}
+        for row, seq_id in enumerate(seq_ids):
+            bucket, entry = self._where[seq_id]
+            by_slot[bucket.limit][entry.slot] = row
+        order, groups = [], []
+        for limit in sorted(by_slot):
+            rows = by_slot[limit]
+            order += rows
+            groups.append(_group(self._buckets[limit], [starts[r] for r in rows]))
         return DecodeStep(order, groups)
 
     # ----- membership ----------------------------------------------------
@@ -357,15 +386,19 @@ class DecodeKVBuffer:
 
 
 def _group(bucket: _Bucket, starts: list[int]) -> DecodeGroup:
-    batch = len(starts)
-    pos = torch.tensor(starts, dtype=torch.int64)  # (n,)
+    """The group of a bucket's ``len(starts)`` rows (slots 0..n-1) and the
+    per-layer views its attention reads and writes."""
+    n = len(starts)
+    pos = int_tensor(starts)  # (n,)
     context_len = max(starts) + 1
     mask = None
     if min(starts) + 1 != context_len:
         beyond = torch.arange(context_len)[None, :] > pos[:, None]  # (n, L)
-        mask = torch.zeros(batch, 1, 1, context_len, dtype=bucket.data.dtype)
+        mask = torch.zeros(n, 1, 1, context_len, dtype=bucket.data.dtype)
         mask.masked_fill_(beyond[:, None, None, :], float("-inf"))  # (n, 1, 1, L)
-    return DecodeGroup(batch, torch.arange(batch), pos, context_len, mask, bucket.layers)
+    read = bucket.data[:, :, :n, :, :context_len]  # (layers, 2, n, KVH, L, D)
+    layers = [kv.unbind(0) for kv in read.unbind(0)]
+    return DecodeGroup(n, torch.arange(n), pos, context_len, mask, layers, bucket.writes)
 
 
 def _grow(need: int, have: int, multiple: int, factor: float) -> int:

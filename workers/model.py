@@ -8,14 +8,18 @@ runner. Two forward paths share every weight:
   sequences; K/V written into the paged cache at ``meta.slot_mapping``; decode
   rows attend through the contiguous ``DecodeKVBuffer`` when the runner placed
   them there (``meta.decode_step``, CPU) or else the paged-decode-attention
-  kernel; prefill chunks attend to the KV already cached plus themselves
-  (chunked prefill, prefix reuse, verification);
+  kernel (Triton on CUDA; on CPU the C++ one with ``meta.cpu_kernels``, or
+  a gather + SDPA); prefill chunks attend to the KV already cached plus
+  themselves (chunked prefill, prefix reuse, verification). With
+  ``meta.cpu_kernels`` RMSNorm is a C++ op too;
 - ``forward_dense(input_ids)``: one sequence, full causal attention, no cache:
   the naive reference the paged path is tested against.
 
 Per forward, the RoPE tables of the step's positions are looked up once and
-shared by every layer. Weights are stored fused (``qkv``, ``gate_up``) as vLLM
-does: fewer, larger matmuls. The loader splits Hugging Face tensors into them.
+shared by every layer. q and k are rotated in place in the qkv projection's
+output, so each layer writes a token's K and V to the cache in one op.
+Weights are stored fused (``qkv``, ``gate_up``) as vLLM does: fewer, larger
+matmuls. The loader splits Hugging Face tensors into them.
 On CPU, large float32 inference matmuls run through oneDNN on a prepacked
 copy of the weight (``Linear``).
 """
@@ -30,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import decode_attention, paged_decode_attention_out
-from workers.kv_cache import DecodeGroup, DecodeStep
+from kernels import cpu_kernels, decode_attention, paged_decode_attention_out
+from workers.kv_cache import DecodeGroup, DecodeStep, LayerCache
 from workers.model_config import ModelConfig, RopeScaling
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, signed sin), each (T, 1, D)
@@ -60,6 +64,9 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor  # (num_decode,) int32; (0,) with decode_step
     prefills: list[PrefillSegment]
     decode_step: DecodeStep | None = None  # decode rows' places in the buffer; None = paged
+    # the C++ kernels of kernels.cpu_kernels: paged decode attention, RMSNorm; the runner
+    # sets it only where they are loaded and support the model
+    cpu_kernels: bool = False
 
 
 class Linear(nn.Linear):
@@ -105,7 +112,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cpu_kernel: bool = False) -> torch.Tensor:
+        if cpu_kernel:  # one C++ op
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
+        if x.dtype == torch.float32 and x.device.type == "cpu":
+            # the ops F.rms_norm runs on CPU, bit for bit, without its two float32 copies
+            return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps))).mul_(
+                self.weight)
         # computes in float32 and casts back before the weight, as HF does
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
@@ -148,11 +161,12 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
 
-def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """x (T, heads, D) rotated: x * cos + (x2, x1) * signed sin."""
+def apply_rope_(x: torch.Tensor, rope: Rope) -> None:
+    """Rotate x (T, heads, D) in place: x * cos + (x2, x1) * signed sin."""
     cos, sin = rope
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([x2, x1], dim=-1) * sin
+    swapped = torch.cat([x2, x1], dim=-1)  # (T, heads, D)
+    x.mul_(cos).add_(swapped.mul_(sin))
 
 
 class Attention(nn.Module):
@@ -168,21 +182,24 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def project(self, x: torch.Tensor, rope: Rope):
+    def project(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (T, H, D) and kv (T, 2, KVH, D): views of one projection, q and k
+        normed (Qwen3) and rotated in place, so K and V are written together."""
         T, H, KVH = x.shape[0], self.n_heads, self.n_kv
         qkv = self.qkv(x).view(T, H + 2 * KVH, self.head_dim)  # (T, H + 2 KVH, D)
-        qk, v = qkv[:, :H + KVH], qkv[:, H + KVH:]  # (T, H + KVH, D), (T, KVH, D)
+        qk = qkv[:, :H + KVH]  # (T, H + KVH, D)
         if self.q_norm is not None:
-            qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
-        qk = apply_rope(qk, rope)  # q and k rotated in one pass
-        return qk[:, :H], qk[:, H:], v
+            qk[:, :H] = self.q_norm(qk[:, :H])
+            qk[:, H:] = self.k_norm(qk[:, H:])
+        apply_rope_(qk, rope)  # q and k rotated in one pass
+        return qkv[:, :H], qkv[:, H:].unflatten(1, (2, KVH))
 
-    def forward(self, x, rope: Rope, meta: AttentionMetadata | None, kv_cache):
-        q, k, v = self.project(x, rope)
+    def forward(self, x, rope: Rope, meta: AttentionMetadata | None, kv_cache: LayerCache | None):
+        q, kv = self.project(x, rope)
         if meta is None:
-            out = self._dense(q, k, v)
+            out = self._dense(q, kv[:, 0], kv[:, 1])
         else:
-            out = self._paged(q, k, v, meta, kv_cache)
+            out = self._paged(q, kv, meta, kv_cache)
         return self.o_proj(out.reshape(x.shape[0], self.q_size))
 
     def _dense(self, q, k, v) -> torch.Tensor:
@@ -192,36 +209,35 @@ class Attention(nn.Module):
             is_causal=True, scale=self.scale, enable_gqa=True)
         return out[0].transpose(0, 1)
 
-    def _paged(self, q, k, v, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
-        k_cache, v_cache = kv_cache  # each (num_blocks, block_size, KVH, D)
-        k_cache.view(-1, self.n_kv, self.head_dim)[meta.slot_mapping] = k
-        v_cache.view(-1, self.n_kv, self.head_dim)[meta.slot_mapping] = v
+    def _paged(self, q, kv, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
+        # (slots, 2, KVH, D)[slot] = (T, 2, KVH, D): every new key and value at once
+        cache.slots.index_put_((meta.slot_mapping,), kv)
         nd = meta.num_decode
-        parts = [self._decode(q[:nd], k[:nd], v[:nd], meta, kv_cache)] if nd else []
+        parts = [self._decode(q[:nd], kv[:nd], meta, cache)] if nd else []
         for seg in meta.prefills:
             rows = slice(seg.start, seg.start + seg.num_tokens)
-            parts.append(self._prefill_segment(q[rows], k[rows], v[rows], seg, k_cache, v_cache))
+            parts.append(self._prefill_segment(q[rows], kv[rows, 0], kv[rows, 1], seg,
+                                               cache.k, cache.v))
         return parts[0] if len(parts) == 1 else torch.cat(parts)  # (T, H, D)
 
-    def _decode(self, q, k, v, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
+    def _decode(self, q, kv, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
         step = meta.decode_step
         if step is None:
             return paged_decode_attention_out(
-                q, *kv_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale)
+                q, cache.k, cache.v, meta.decode_block_tables, meta.decode_context_lens,
+                self.scale, impl="cpp" if meta.cpu_kernels else "auto")
         outs, first = [], 0
         for group in step.groups:  # rows [first, first + group.rows) share a bucket
             rows = slice(first, first + group.rows)
             first += group.rows
-            outs.append(self._decode_group(q[rows], k[rows], v[rows], group))
+            outs.append(self._decode_group(q[rows], kv[rows], group))
         return outs[0] if len(outs) == 1 else torch.cat(outs)  # (B, H, D)
 
-    def _decode_group(self, q, k, v, group: DecodeGroup) -> torch.Tensor:
-        n, length, at = group.rows, group.context_len, (group.slots, group.positions)
-        k_buf, v_buf = group.layers[self.layer_idx]  # each (S, KVH, C, D)
-        k_buf.transpose(1, 2).index_put_(at, k)  # (S, C, KVH, D)[slot, pos] = (n, KVH, D)
-        v_buf.transpose(1, 2).index_put_(at, v)
-        return decode_attention(q, k_buf[:n, :, :length], v_buf[:n, :, :length],
-                                group.mask, self.scale)  # (n, H, D)
+    def _decode_group(self, q, kv, group: DecodeGroup) -> torch.Tensor:
+        # (S, C, 2, KVH, D)[slot, pos] = (n, 2, KVH, D)
+        group.writes[self.layer_idx].index_put_((group.slots, group.positions), kv)
+        k, v = group.layers[self.layer_idx]  # each (n, KVH, L, D)
+        return decode_attention(q, k, v, group.mask, self.scale)  # (n, H, D)
 
     def _prefill_segment(self, q, k, v, seg: PrefillSegment, k_cache, v_cache):
         n, ctx = seg.num_tokens, seg.context_len
@@ -249,7 +265,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.ffn, dim=-1)  # (T, F) each
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -260,9 +276,10 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope: Rope, meta, kv_cache):
-        x = x + self.attn(self.input_norm(x), rope, meta, kv_cache)
-        return x + self.mlp(self.post_attn_norm(x))
+    def forward(self, x, rope: Rope, meta: AttentionMetadata | None, kv_cache):
+        fused = meta is not None and meta.cpu_kernels
+        x = x + self.attn(self.input_norm(x, fused), rope, meta, kv_cache)
+        return x + self.mlp(self.post_attn_norm(x, fused))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -277,7 +294,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg)
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches,
+    def forward(self, input_ids, positions, meta: AttentionMetadata,
+                kv_caches: list[LayerCache],
                 on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Hidden states (T, d) of a flattened batch; K/V go into ``kv_caches``.
         ``on_layer(i)`` runs as soon as layer i's K/V is in the cache (layer-wise
@@ -288,7 +306,7 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, rope, meta, cache)
             if on_layer is not None:
                 on_layer(i)
-        return self.norm(x)
+        return self.norm(x, meta.cpu_kernels)
 
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits (T, V) float32 of one sequence, full recompute, no cache."""

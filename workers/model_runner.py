@@ -6,7 +6,13 @@ cached) are put first so attention can batch them; prefill chunks follow as
 segments. On CPU the runner keeps a ``DecodeKVBuffer``: decode rows are
 placed in it (ordered by their slot) and attention reads contiguous views
 instead of gathering paged blocks every layer; the engine calls
-``forget(seq_id)`` when a sequence's blocks are freed.
+``forget(seq_id)`` when a sequence's blocks are freed. With
+``cpu_kernels=True`` (CPU, float32) the runner loads the C++ kernels of
+``kernels.cpu_kernels`` once, at construction (compiled on first use on the
+machine), sets ``meta.cpu_kernels`` every step and keeps no decode buffer:
+decode rows read their own blocks of the paged cache in place, and only
+their own context; RMSNorm is one op. Where the kernels cannot load or do
+not support the model, the runner works as without them.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.kv_cache import DecodeKVBuffer, DecodeStep, KVCache
+from kernels.cpu_kernels import SUPPORTED_GROUPS, SUPPORTED_HEAD_DIMS
+from kernels.cpu_kernels import load as load_cpu_kernels
+from workers.kv_cache import DecodeKVBuffer, DecodeStep, KVCache, int_tensor
 from workers.model import AttentionMetadata, LlamaForCausalLM, PrefillSegment
 
 
@@ -34,12 +42,16 @@ class RunItem:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, decode_buffer_bytes: int = 0):
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, decode_buffer_bytes: int = 0,
+                 cpu_kernels: bool = False):
         self.model = model
         self.kv = kv_cache
         on_cpu = kv_cache.data.device.type == "cpu"
+        self.cpu_kernels = (cpu_kernels and on_cpu and _kernel_fits(model, kv_cache)
+                            and load_cpu_kernels())
         self.decode_buffer = (DecodeKVBuffer(kv_cache, decode_buffer_bytes)
-                              if on_cpu and decode_buffer_bytes > 0 else None)
+                              if on_cpu and decode_buffer_bytes > 0 and not self.cpu_kernels
+                              else None)
 
     def forget(self, seq_id: str) -> None:
         """The sequence's blocks were freed (finished, aborted, preempted)."""
@@ -57,10 +69,12 @@ class ModelRunner:
             decodes = [decodes[r] for r in step.order]
         order = decodes + others
         input_ids, positions, meta, rows, counts = self._prepare([items[i] for i in order], step)
-        hidden = self.model(input_ids, positions, meta, self.kv.layers, on_layer)  # (T, d)
+        hidden = self.model(input_ids, positions, meta, self.kv.layer_caches, on_layer)  # (T, d)
         out: list[torch.Tensor | None] = [None] * len(items)
         if rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(rows)])  # (n, V)
+            if len(rows) < hidden.shape[0]:  # else every row, in order (all decodes)
+                hidden = hidden[int_tensor(rows)]
+            logits = self.model.compute_logits(hidden)  # (n, V)
             for idx, n, lg in zip(order, counts, logits.split(counts)):
                 out[idx] = lg if n else None
         return out
@@ -83,29 +97,43 @@ class ModelRunner:
     def _prepare(self, items: list[RunItem], step: DecodeStep | None):
         bs = self.kv.block_size
         ids, pos, slots, rows, counts, prefills = [], [], [], [], [], []
-        decodes = [it for it in items if it.is_decode]
+        num_decode = 0
         for it in items:
-            start, n = len(ids), len(it.token_ids)
+            start, n, first = len(ids), len(it.token_ids), it.start_pos
             ids += it.token_ids
-            span = range(it.start_pos, it.start_pos + n)
-            pos += span
-            slots += [it.block_table[p // bs] * bs + p % bs for p in span]
+            if it.is_decode:  # one token, one slot
+                num_decode += 1
+                pos.append(first)
+                slots.append(it.block_table[first // bs] * bs + first % bs)
+            else:
+                pos += range(first, first + n)
+                slots += [it.block_table[p // bs] * bs + p % bs for p in range(first, first + n)]
+                prefills.append(PrefillSegment(start, n, first + n, int_tensor(it.block_table)))
             wanted = _logit_rows(start, n, it.logits)
             rows += wanted
             counts.append(len(wanted))
-            if not it.is_decode:
-                prefills.append(PrefillSegment(
-                    start, n, it.start_pos + n, torch.tensor(it.block_table, dtype=torch.int64)))
-        paged = [] if step is not None else decodes  # the buffer needs no tables
+        T = len(ids)
+        packed = int_tensor(ids + pos + slots)  # one tensor, three (T,) views
+        paged = [] if step is not None else items[:num_decode]  # the buffer needs no tables
+        tables, context_lens = _decode_tables(paged)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            num_decode=len(decodes),
-            decode_block_tables=_pad_tables([d.block_table for d in paged]),
-            decode_context_lens=torch.tensor([d.start_pos + 1 for d in paged], dtype=torch.int32),
+            slot_mapping=packed[2 * T:],
+            num_decode=num_decode,
+            decode_block_tables=tables,
+            decode_context_lens=context_lens,
             prefills=prefills,
             decode_step=step,
+            cpu_kernels=self.cpu_kernels,
         )
-        return torch.tensor(ids), torch.tensor(pos), meta, rows, counts
+        return packed[:T], packed[T:2 * T], meta, rows, counts
+
+
+def _kernel_fits(model: LlamaForCausalLM, kv_cache: KVCache) -> bool:
+    """The C++ kernels handle this model's dtype and head shapes."""
+    cfg = model.cfg
+    return (kv_cache.data.dtype == torch.float32
+            and cfg.num_heads // cfg.num_kv_heads in SUPPORTED_GROUPS
+            and cfg.head_dim in SUPPORTED_HEAD_DIMS)
 
 
 def _logit_rows(start: int, n: int, which: str) -> range:
@@ -116,7 +144,10 @@ def _logit_rows(start: int, n: int, which: str) -> range:
     return range(start, start + n)
 
 
-def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
-    width = max((len(t) for t in tables), default=0)
-    padded = [t + [0] * (width - len(t)) for t in tables]
-    return torch.tensor(padded, dtype=torch.int32).reshape(len(tables), width)
+def _decode_tables(decodes: list[RunItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block tables (B, max_blocks) int32, zero-padded, and context lengths
+    (B,) int32 of paged decode rows: views of one tensor."""
+    width = max((len(d.block_table) for d in decodes), default=0)
+    flat = [b for d in decodes for b in d.block_table + [0] * (width - len(d.block_table))]
+    packed = int_tensor(flat + [d.start_pos + 1 for d in decodes], torch.int32)
+    return packed[:len(flat)].view(len(decodes), width), packed[len(flat):]

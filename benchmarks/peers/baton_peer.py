@@ -4,7 +4,9 @@ Run by ``benchmarks/engine_throughput.py`` with the project's own venv:
 ``python benchmarks/peers/baton_peer.py SPEC.json`` (see ``common.py``).
 Prefix caching is off: every repetition sends the same prompts, and reusing
 the previous repetition's KV would time no prefill at all. ``spec["threads"]``
-becomes ``EngineConfig.num_threads`` (None: torch's default).
+becomes ``EngineConfig.num_threads`` (None: torch's default);
+``spec["baton"]["cpu_kernels"]`` becomes ``EngineConfig.cpu_kernels``
+(their one-time build happens here, in ``load``, before anything is timed).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def load(spec: dict):
         num_kv_blocks=blocks, max_num_seqs=max(batch, 1),
         max_num_batched_tokens=opts.get("max_num_batched_tokens", 4096),
         prefill_chunk_size=opts.get("prefill_chunk_size", 512),
-        enable_prefix_caching=False, num_threads=spec.get("threads")))
+        enable_prefix_caching=False, num_threads=spec.get("threads"),
+        cpu_kernels=bool(opts.get("cpu_kernels", False))))
 
     def run(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)

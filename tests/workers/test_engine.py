@@ -335,3 +335,46 @@ def buf_bytes_per_token() -> int:
 
     cfg = tiny_config()
     return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
+
+
+# ----- the C++ CPU kernels (EngineConfig.cpu_kernels) ------------------------
+@pytest.fixture(scope="module")
+def cpu_kernel():
+    from kernels import cpu_kernels
+
+    if not cpu_kernels.load():
+        pytest.skip("the C++ CPU kernels cannot be built here")
+
+
+def test_cpu_kernels_equals_naive_recompute(make_engine, tiny_model, cpu_kernel):
+    engine = make_engine(prefill_chunk_size=64, max_num_batched_tokens=256,
+                         cpu_kernels=True)
+    assert engine.runner.cpu_kernels and engine.runner.decode_buffer is None
+    spy = LogitSpy(engine)
+    prompts = prompts_of(MIXED_LENS, seed=20)
+    outs = engine.generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, outs):
+        ref_tokens, ref_logits = naive_greedy(tiny_model.model, prompt, 32)
+        assert out.token_ids == ref_tokens
+        got = torch.stack(spy.rows[out.request_id])
+        assert torch.allclose(got, ref_logits, atol=1e-4, rtol=0)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_cpu_kernels_under_preemption_and_verification(make_engine, tiny_model, cpu_kernel):
+    prompts = prompts_of([60, 50, 70, 40], seed=3)
+    ref = make_engine().generate(prompts, GREEDY)
+    tight = make_engine(num_kv_blocks=14, block_size=16, cpu_kernels=True)
+    assert [o.token_ids for o in tight.generate(prompts, GREEDY)] == [r.token_ids for r in ref]
+    prompt = prompts_of([61], seed=12)[0]
+    ref_tokens, _ = naive_greedy(tiny_model.model, prompt, 14)
+    engine = make_engine(cpu_kernels=True)
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=14, ignore_eos=True))
+    for _ in range(4):  # prefill + 3 decodes through the kernel
+        engine.step()
+    draft = ref_tokens[4:6] + [(ref_tokens[6] + 1) % 256]  # third draft token is wrong
+    logits = engine.verify("r", draft)
+    assert [int(t) for t in logits.argmax(-1)[:3]] == ref_tokens[4:7]
+    engine.accept("r", ref_tokens[4:7])
+    rest = [t for o in engine.stream() for t in o.new_token_ids]
+    assert ref_tokens[:7] + rest == ref_tokens

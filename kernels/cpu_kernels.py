@@ -1,0 +1,122 @@
+"""C++ CPU kernels for the engine's float32 forward, built on first use.
+
+- ``paged_decode_attention_cpp``: the contract of ``paged_decode_attention``
+  (``kernels.paged_attention``, whose ``impl="cpp"`` lands here): q (B, H, D),
+  the paged k/v caches (num_blocks, block_size, KVH, D), block_tables
+  (B, max_blocks) int32, context_lens (B,) int32; returns out (B, H, D) and
+  lse (B, H). Unlike the torch reference (gather every block, then SDPA over
+  the longest context with a mask), it reads each sequence's own blocks in
+  place and only its ``context_lens[b]`` positions: no gathered copy, no
+  padding. One task per (sequence, kv head) on torch's intra-op threads. It
+  supports H / KVH in ``SUPPORTED_GROUPS`` and D in ``SUPPORTED_HEAD_DIMS``
+  (``supported``).
+- ``rms_norm``: x (T, d) * rsqrt(mean(x^2) + eps) * weight in one op (torch
+  runs about eight on CPU); other inputs go to torch.
+
+Sources: ``csrc/cpu_kernels.cpp``.
+
+Lifecycle: nothing is compiled at import. ``load()`` builds the extension
+with torch's C++ extension builder (a compiler and ninja are needed; about
+15 s on 2 cores) the first time a process on the machine calls it, then
+loads the cached build (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) in about a second; where it cannot build it
+warns once and returns False. The engine calls it only when
+``EngineConfig.cpu_kernels`` is set.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SUPPORTED_GROUPS = (1, 2, 4, 8)  # query heads per kv head; keep in step with pick() in the .cpp
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
+
+_lock = threading.Lock()
+_state: dict[str, bool] = {}  # "loaded": the outcome of this process's one build/load attempt
+
+
+def load() -> bool:
+    """Build (first time on this machine) or load the kernels; True if usable."""
+    with _lock:
+        if "loaded" not in _state:
+            _state["loaded"] = _build()
+        return _state["loaded"]
+
+
+def is_loaded() -> bool:
+    return _state.get("loaded", False)
+
+
+def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the attention kernel takes these inputs (it must also be loaded)."""
+    return (q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32
+            and q.shape[1] % k_cache.shape[2] == 0
+            and q.shape[1] // k_cache.shape[2] in SUPPORTED_GROUPS
+            and q.shape[2] in SUPPORTED_HEAD_DIMS)
+
+
+def paged_decode_attention_cpp(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention kernel; shapes already checked by ``paged_decode_attention``."""
+    if not is_loaded():
+        raise RuntimeError("impl='cpp' needs kernels.cpu_kernels.load() to have succeeded")
+    if not supported(q, k_cache):
+        raise ValueError(
+            f"impl='cpp' takes float32 CPU tensors with H / KVH in {SUPPORTED_GROUPS} and "
+            f"head_dim in {SUPPORTED_HEAD_DIMS}; got q {tuple(q.shape)} {q.dtype} on "
+            f"{q.device}, k_cache {tuple(k_cache.shape)}")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    return torch.ops.baton_cpu.paged_decode_attention(
+        q, k_cache, v_cache, block_tables, context_lens, float(scale))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim; one C++ op for float32 (T, d) inputs when the
+    kernels are loaded, else ``F.rms_norm``."""
+    if (is_loaded() and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
+            and x.device.type == "cpu" and x.is_contiguous()):
+        return torch.ops.baton_cpu.rms_norm(x, weight, eps)
+    return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
+
+
+def _build() -> bool:
+    from torch.utils.cpp_extension import load as load_extension
+
+    flags, tag = ["-O3"], "generic"
+    if _x86_has("avx2", "fma"):
+        flags, tag = flags + ["-mavx2", "-mfma"], "avx2"
+    try:
+        load_extension(f"baton_cpu_kernels_{tag}", [str(SOURCE)], extra_cflags=flags,
+                       is_python_module=False, verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a failed build: stay on torch
+        warnings.warn(f"CPU decode attention kernel unavailable ({exc!r:.300}); "
+                      "decode attention stays on torch", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def _x86_has(*flags: str) -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return all(flag in have for flag in flags)
+    except OSError:
+        pass
+    return False
