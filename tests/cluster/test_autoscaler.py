@@ -58,8 +58,8 @@ def test_burst_scales_decode_up_and_idle_scales_it_back(deploy, reference_tokens
                                                        request_id=f"a{i}") for t in c.token_ids]
             done[f"a{i}"] = (i % len(PROMPTS), tokens)
 
-    def served_by_new() -> bool:
-        return any(journal.hget(f"{ns}:req:{rid}", "decode_worker") == new for rid in done)
+    def served_by_new() -> bool:  # runs in a thread while users add to ``done``: copy first
+        return any(journal.hget(f"{ns}:req:{rid}", "decode_worker") == new for rid in list(done))
 
     async def scenario():
         users = [asyncio.create_task(user()) for _ in range(6)]
