@@ -49,17 +49,21 @@ class LogitSpy:
         return out
 
 
-def test_paged_chunked_engine_equals_naive_recompute(make_engine, tiny_model):
-    engine = make_engine(prefill_chunk_size=64, max_num_batched_tokens=256)
+def assert_equals_naive_recompute(engine, model, prompts) -> None:
+    """Greedy ids identical and logits within 1e-4 of a full recompute; blocks all freed."""
     spy = LogitSpy(engine)
-    prompts = prompts_of(MIXED_LENS)
     outs = engine.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs):
-        ref_tokens, ref_logits = naive_greedy(tiny_model.model, prompt, 32)
+        ref_tokens, ref_logits = naive_greedy(model, prompt, 32)
         assert out.token_ids == ref_tokens
         got = torch.stack(spy.rows[out.request_id])
         assert torch.allclose(got, ref_logits, atol=1e-4, rtol=0)
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_paged_chunked_engine_equals_naive_recompute(make_engine, tiny_model):
+    engine = make_engine(prefill_chunk_size=64, max_num_batched_tokens=256)
+    assert_equals_naive_recompute(engine, tiny_model.model, prompts_of(MIXED_LENS))
 
 
 def test_joining_and_leaving_mid_batch_changes_no_other_request(make_engine):
@@ -350,15 +354,7 @@ def test_cpu_kernels_equals_naive_recompute(make_engine, tiny_model, cpu_kernel)
     engine = make_engine(prefill_chunk_size=64, max_num_batched_tokens=256,
                          cpu_kernels=True)
     assert engine.runner.cpu_kernels and engine.runner.decode_buffer is None
-    spy = LogitSpy(engine)
-    prompts = prompts_of(MIXED_LENS, seed=20)
-    outs = engine.generate(prompts, GREEDY)
-    for prompt, out in zip(prompts, outs):
-        ref_tokens, ref_logits = naive_greedy(tiny_model.model, prompt, 32)
-        assert out.token_ids == ref_tokens
-        got = torch.stack(spy.rows[out.request_id])
-        assert torch.allclose(got, ref_logits, atol=1e-4, rtol=0)
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert_equals_naive_recompute(engine, tiny_model.model, prompts_of(MIXED_LENS, seed=20))
 
 
 def test_cpu_kernels_under_preemption_and_verification(make_engine, tiny_model, cpu_kernel):
