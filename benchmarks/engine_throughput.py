@@ -35,6 +35,7 @@ Usage::
     python benchmarks/engine_throughput.py                       # everything
     python benchmarks/engine_throughput.py --models tiny --batches 1,8 --peers hf
     python benchmarks/engine_throughput.py --peers hf,vllm,vllm@0-1 --json out.json
+    python benchmarks/engine_throughput.py --device cuda --peers hf   # on a GPU
 
 Baton runs with ``EngineConfig.cpu_kernels`` (the C++ CPU kernels of
 ``kernels/cpu_kernels.py``: paged decode attention, RMSNorm; compiled once
@@ -112,7 +113,7 @@ def peer_spec(engine: str, model_dir: Path, prompts: list[list[int]], args) -> d
     spec = {
         "model_dir": str(model_dir), "dtype": args.dtype, "output_len": args.output_len,
         "reps": args.reps, "warmup": args.warmup, "pad_token_id": PAD_TOKEN_ID,
-        "threads": args.threads,
+        "threads": args.threads, "device": args.device,
         "cases": [{"prompts": prompts[:b]} for b in args.batches],
         "baton": {"max_num_batched_tokens": args.baton_max_batched_tokens,
                   "prefill_chunk_size": args.baton_prefill_chunk,
@@ -400,6 +401,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda: Baton (Triton decode attention) and HF on the GPU; "
+                        "vLLM's CPU build is skipped there")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads for Baton and HF alike (default: torch's, i.e. all "
                         "cores); vLLM keeps its own OpenMP binding")
@@ -429,7 +433,13 @@ def parse_args(argv=None):
     return args
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return (f"GPU: {torch.cuda.get_device_name(torch.device(device))}, torch "
+                f"{torch.__version__}, CUDA {torch.version.cuda}, {os.cpu_count()} CPU cores, "
+                f"Python {platform.python_version()}")
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -449,7 +459,7 @@ def main(argv=None) -> dict:
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S %Z"), time.time()
     report = {"command": "python benchmarks/engine_throughput.py "
                          + shlex.join(sys.argv[1:] if argv is None else argv),
-              "machine": machine(), "started": started, "args": {
+              "machine": machine(args.device), "started": started, "args": {
                   k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "rows": [], "peers": [], "skipped": []}
     runnable = []

@@ -1,41 +1,76 @@
-"""Micro-benchmarks of the kernels package: median wall time per call.
+"""Micro-benchmarks of the kernels package: Triton against the torch reference.
 
-Usage: python benchmarks/kernels_bench.py [--device cpu|cuda] [--iters N]
+Usage::
 
-On CPU it times the torch references (the production CPU path); on CUDA it
-times both the Triton kernels and the references. Prints one line per
-(kernel, shape, impl): median milliseconds and effective GB/s of KV read.
+    python benchmarks/kernels_bench.py                     # CUDA if present, else CPU
+    python benchmarks/kernels_bench.py --device cuda --dtypes float16,bfloat16 --json out.json
+
+Per (kernel, shape, dtype, impl): median time per call and the effective
+bandwidth of the bytes the call must move at least (KV read once for decode
+attention; partial states read once and the output written for the merge;
+blocks read and written once for gather and scatter). On CUDA both
+implementations are timed with ``triton.testing.do_bench`` (CUDA events, L2
+flushed between calls, median), each over its own rotation of input sets
+larger than L2, and the Triton output is checked against the reference
+before it is timed; the table gives Triton's speed-up over torch. On CPU only
+the torch references run (Triton is interpreted there: a correctness tool,
+not a speed one) and are timed by the wall clock.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
-from functools import partial
 
 import torch
 
-from kernels import gather_kv_blocks, merge_attention_states, paged_decode_attention
+from kernels import (
+    gather_kv_blocks,
+    merge_attention_states,
+    paged_decode_attention,
+    scatter_kv_blocks,
+)
 
 # (batch, num_heads, num_kv_heads, head_dim, block_size, context_len)
-PAGED_SHAPES = [(8, 8, 2, 64, 16, 512), (32, 32, 8, 128, 16, 2048)]
+PAGED_SHAPES = [
+    (8, 8, 2, 64, 16, 512),  # llama-60m-like, short context
+    (32, 32, 8, 128, 16, 2048),  # Llama-3-8B heads, batch 32
+    (64, 32, 8, 128, 16, 4096),  # Llama-3-8B heads, large batch
+    (4, 64, 8, 128, 32, 32768),  # Llama-3-70B heads (one TP=1 shard), long context
+]
+L2_BYTES = 64 << 20  # more than any GPU's L2 here: rotate input sets past it
 
 
-def median_ms(fn: Callable[[], object], device: str, iters: int) -> float:
-    """Median wall time of fn in milliseconds, after two warm-up calls."""
+def time_ms(fn: Callable[[], object], device: str, iters: int) -> float:
+    """Median milliseconds per call."""
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=max(iters, 50), return_mode="median"))
     times = []
     for i in range(iters + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
         if i >= 2:
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def rotating(make: Callable[[], tuple], nbytes: int, device: str) -> Callable[[], tuple]:
+    """A function returning the next of enough input sets to exceed L2 on CUDA."""
+    sets = [make() for _ in range(max(1, -(-2 * L2_BYTES // max(nbytes, 1))) if
+                                  device.startswith("cuda") else 1)]
+    state = {"i": 0}
+
+    def nxt() -> tuple:
+        state["i"] = (state["i"] + 1) % len(sets)
+        return sets[state["i"]]
+    return nxt
 
 
 def paged_inputs(shape: tuple, device: str, dtype: torch.dtype) -> tuple:
@@ -50,38 +85,123 @@ def paged_inputs(shape: tuple, device: str, dtype: torch.dtype) -> tuple:
     return q, k, v, tables, lens, head_dim**-0.5
 
 
-def report(name: str, shape: tuple, impl: str, ms: float, nbytes: int) -> None:
-    print(f"{name:24s} {str(shape):34s} {impl:6s} {ms:9.3f} ms {nbytes / ms / 1e6:8.1f} GB/s")
+def cases(shape: tuple, device: str, dtype: torch.dtype) -> list[tuple]:
+    """(name, make inputs, call(inputs, impl), bytes moved, check) per kernel."""
+    batch, heads, _, head_dim, _, _ = shape
+    probe = paged_inputs(shape, device, dtype)
+    kv_bytes = 2 * probe[1].numel() * probe[1].element_size()
+    half = probe[1].shape[0] // 2
+
+    def merge_inputs():
+        return (torch.randn(4, batch, heads, head_dim, device=device, dtype=dtype),
+                torch.randn(4, batch, heads, device=device))
+
+    def block_ids(n_blocks: int) -> torch.Tensor:
+        return torch.randperm(n_blocks, device=device)[:half]
+
+    def gather_inputs():
+        q, k, v, *_ = paged_inputs(shape, device, dtype)
+        return k, v, block_ids(k.shape[0])
+
+    def scatter_inputs():
+        k, v, ids = gather_inputs()
+        return gather_kv_blocks(k, v, ids, impl="torch"), k, v, ids
+
+    merge_bytes = 5 * batch * heads * head_dim * probe[0].element_size()
+    return [
+        ("paged_decode_attention", lambda: paged_inputs(shape, device, dtype),
+         lambda a, impl: paged_decode_attention(*a, impl=impl), kv_bytes, True),
+        ("merge_attention_states", merge_inputs,
+         lambda a, impl: merge_attention_states(*a, impl=impl), merge_bytes, True),
+        ("gather_kv_blocks", gather_inputs,
+         lambda a, impl: gather_kv_blocks(*a, impl=impl), kv_bytes, True),
+        ("scatter_kv_blocks", scatter_inputs,
+         lambda a, impl: scatter_kv_blocks(*a, impl=impl), kv_bytes, False),
+    ]
 
 
-def bench(device: str, iters: int) -> None:
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    impls = ["triton", "torch"] if device == "cuda" else ["torch"]
-    for shape in PAGED_SHAPES:
-        args = paged_inputs(shape, device, dtype)
-        k_cache, v_cache = args[1], args[2]
-        kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
-        outs = torch.randn(4, shape[0], shape[1], shape[3], device=device, dtype=dtype)
-        lses = torch.randn(4, shape[0], shape[1], device=device)  # (P, B, H)
-        ids = torch.randperm(k_cache.shape[0], device=device)[: k_cache.shape[0] // 2]
-        cases = [
-            ("paged_decode_attention", partial(paged_decode_attention, *args), kv_bytes),
-            ("merge_attention_states", partial(merge_attention_states, outs, lses),
-             outs.numel() * outs.element_size()),
-            ("gather_kv_blocks", partial(gather_kv_blocks, k_cache, v_cache, ids), kv_bytes // 2),
-        ]
-        for name, fn, nbytes in cases:
-            for impl in impls:
-                ms = median_ms(partial(fn, impl=impl), device, iters)
-                report(name, shape, impl, ms, nbytes)
+def check(name: str, got, ref) -> float:
+    """Largest absolute difference between Triton's and torch's outputs."""
+    got = got if isinstance(got, tuple) else (got,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    worst = 0.0
+    for g, r in zip(got, ref):
+        diff = (g.float() - r.float()).abs().max().item()
+        if diff != diff:  # NaN
+            raise RuntimeError(f"{name}: NaN in the Triton output")
+        worst = max(worst, diff)
+    return worst
 
 
-def main() -> None:
+def bench(device: str, dtypes: list[str], iters: int, shapes: list[tuple]) -> list[dict]:
+    impls = ["triton", "torch"] if device.startswith("cuda") else ["torch"]
+    rows = []
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        for shape in shapes:
+            for name, make, call, nbytes, checked in cases(shape, device, dtype):
+                row = {"kernel": name, "shape": list(shape), "dtype": dtype_name}
+                if checked and "triton" in impls:
+                    a = make()
+                    row["max_abs_diff"] = check(name, call(a, "triton"), call(a, "torch"))
+                for impl in impls:
+                    nxt = rotating(make, nbytes, device)
+                    ms = time_ms(lambda c=call, n=nxt, i=impl: c(n(), i), device, iters)
+                    row[f"{impl}_ms"] = ms
+                    row[f"{impl}_gb_s"] = nbytes / ms / 1e6
+                if "triton_ms" in row:
+                    row["speedup"] = row["torch_ms"] / row["triton_ms"]
+                rows.append(row)
+                print(line(row), flush=True)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return rows
+
+
+def line(r: dict) -> str:
+    shape = "x".join(map(str, r["shape"]))
+    out = f"{r['kernel']:24s} {shape:22s} {r['dtype']:9s}"
+    if "triton_ms" in r:
+        out += f" triton {r['triton_ms']:8.3f} ms {r['triton_gb_s']:7.0f} GB/s |"
+    out += f" torch {r['torch_ms']:8.3f} ms {r['torch_gb_s']:7.0f} GB/s"
+    if "speedup" in r:
+        out += f" | {r['speedup']:5.2f}x"
+    if "max_abs_diff" in r:
+        out += f" | diff {r['max_abs_diff']:.1e}"
+    return out
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        import triton
+
+        return (f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                f"CUDA {torch.version.cuda}, triton {triton.__version__}")
+    return f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--iters", type=int, default=20)
-    args = parser.parse_args()
-    bench(args.device, args.iters)
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated (default: float16,bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--iters", type=int, default=20,
+                        help="CPU: timed calls; CUDA: do_bench repetition time in ms (>= 50)")
+    parser.add_argument("--shapes", type=int, default=len(PAGED_SHAPES),
+                        help="use the first N shapes (CPU: the long ones are slow)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    dtypes = (args.dtypes or ("float16,bfloat16" if cuda else "float32")).split(",")
+    print(f"# {machine(args.device)}; shapes are batch x heads x kv_heads x head_dim x "
+          f"block_size x context", flush=True)
+    rows = bench(args.device, dtypes, args.iters, PAGED_SHAPES[:args.shapes])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "kernels", "machine": machine(args.device),
+                       "command": "python benchmarks/kernels_bench.py " + " ".join(
+                           sys.argv[1:] if argv is None else argv),
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

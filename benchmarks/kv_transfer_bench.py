@@ -116,7 +116,7 @@ def cpu_s(pid: int) -> float:
 
 # ----- receiver processes ----------------------------------------------------------
 def kv_receiver_main(conn, transport: str, variant: str, cache_blocks: int, n_layers: int,
-                     torch_threads: int) -> None:
+                     torch_threads: int, device: str = "cpu") -> None:
     """Decode side: a KV cache, a ReceiverCore and Baton's receiver; commands
     come over ``conn``."""
     import torch
@@ -126,7 +126,7 @@ def kv_receiver_main(conn, transport: str, variant: str, cache_blocks: int, n_la
     from kvtransfer import make_receiver
     from kvtransfer.base import ReceiverCore
 
-    data = torch.zeros(n_layers, 2, cache_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    data = torch.zeros(n_layers, 2, cache_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, device=device)
     layers = [(data[i, 0], data[i, 1]) for i in range(n_layers)]
     receiver = make_receiver(transport, ReceiverCore(layers))
     conn.send(("endpoint", receiver.endpoint))
@@ -140,8 +140,8 @@ def kv_receiver_main(conn, transport: str, variant: str, cache_blocks: int, n_la
             conn.send(("taken", res.state.value if res else None,
                        res.bytes_received if res else 0))
         elif cmd[0] == "check":  # CRC of what landed in the named blocks, layer 0 keys
-            ids = torch.tensor(cmd[1])
-            conn.send(("crc", zlib.crc32(data[0, 0, ids].contiguous().numpy().tobytes())))
+            ids = torch.tensor(cmd[1], device=device)
+            conn.send(("crc", zlib.crc32(data[0, 0, ids].cpu().numpy().tobytes())))
         elif cmd[0] == "stop":
             receiver.close()
             conn.send(("bye",))
@@ -285,8 +285,9 @@ class KVPath(_Path):
                  torch_threads: int, chunk_bytes: int):
         self.label, self.transport, self.variant = label, transport, variant
         self.layers, self.cache_blocks, self.chunk_bytes = layers, cache_blocks, chunk_bytes
+        self.device = str(layers[0].device)  # the receiver's cache lives on the same kind
         self._spawn(kv_receiver_main, transport, variant, cache_blocks, len(layers),
-                    torch_threads)
+                    torch_threads, self.device)
         self.sender = None  # built on first use
         self.n = 0
         self.n_blocks = layers[0].shape[1]
@@ -297,7 +298,7 @@ class KVPath(_Path):
 
         if self.transport == "grpc":
             return GrpcKVSender(chunk_bytes=self.chunk_bytes)
-        return make_sender(self.transport)
+        return make_sender(self.transport, self.device)
 
     def once(self) -> dict:
         import random
@@ -571,12 +572,12 @@ def profile(layers, seconds: float, py_spy: str, torch_threads: int, chunk: int)
 
 
 # ----- main ------------------------------------------------------------------------
-def make_layers(tokens: int, n_layers: int):
+def make_layers(tokens: int, n_layers: int, device: str = "cpu"):
     import torch
 
     n_blocks = -(-tokens // BLOCK_SIZE)
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(2, n_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g)
+    return [torch.randn(2, n_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g).to(device)
             for _ in range(n_layers)]
 
 
@@ -593,15 +594,16 @@ def summarize(label: str, runs: list[dict], total: int, tcp_median_gbs: float | 
             "raw_gb_s": rates}
 
 
-def build_paths(args, layers, say) -> list:
+def build_paths(args, layers, host_layers, say) -> list:
     from kvtransfer.grpc_transport import CHUNK_BYTES
     from kvtransfer.integrity import CRC32_IMPL
 
     chunk = int(args.chunk_mib * MIB) if args.chunk_mib else CHUNK_BYTES
     cache_blocks, threads = 2 * layers[0].shape[1], args.torch_threads
-    paths = [TcpPath(layers, False, chunk, threads), TcpPath(layers, True, chunk, threads),
-             GrpcFloorPath(layers, chunk)]
-    for t in args.transports.split(","):
+    # the raw peers move host memory: the ceiling of the wire between two processes
+    paths = [TcpPath(host_layers, False, chunk, threads),
+             TcpPath(host_layers, True, chunk, threads), GrpcFloorPath(host_layers, chunk)]
+    for t in transports_to_run(args, say):
         paths.append(KVPath(t, t, "baton", layers, cache_blocks, threads, chunk))
     if args.what_if:
         for mib in (2, 4):
@@ -617,12 +619,24 @@ def build_paths(args, layers, say) -> list:
     return paths
 
 
+def transports_to_run(args, say) -> list[str]:
+    """The transports asked for, less NCCL where the GPUs cannot form a pair."""
+    import torch
+
+    names = args.transports.split(",")
+    if args.device.startswith("cuda") and "nccl" in names and torch.cuda.device_count() < 2:
+        say("  nccl skipped: NCCL needs one GPU per rank and this machine has "
+            f"{torch.cuda.device_count()}")
+        names.remove("nccl")
+    return names
+
+
 def run_rounds(paths, layers, reps: int, total: int, say) -> dict[str, list[dict]]:
     # warm-up + correctness: the blocks that landed hold the sent bytes
     for p in paths:
         r = p.once()
         if isinstance(p, KVPath):
-            want = zlib.crc32(layers[0][0].contiguous().numpy().tobytes())
+            want = zlib.crc32(layers[0][0].cpu().contiguous().numpy().tobytes())
             if p.check(r["block_ids"]) != want:
                 raise RuntimeError(f"{p.label}: received KV differs from what was sent")
     runs: dict[str, list[dict]] = {p.label: [] for p in paths}
@@ -654,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="py-spy binary for --profile")
     ap.add_argument("--json", nargs="?", const="-", default=None,
                     help="write JSON to this file ('-' or no value: stdout)")
+    ap.add_argument("--device", default="cpu",
+                    help="where the sender's KV and the receiver's cache live: cpu or cuda "
+                         "(the raw TCP and gRPC floor peers always move host memory)")
     args = ap.parse_args(argv)
 
     import torch
@@ -662,17 +679,19 @@ def main(argv: list[str] | None = None) -> int:
     from kvtransfer.integrity import CRC32_IMPL
 
     torch.set_num_threads(args.torch_threads)
-    layers = make_layers(args.tokens, args.layers)
+    layers = make_layers(args.tokens, args.layers, args.device)
+    host_layers = layers if args.device == "cpu" else [b.cpu() for b in layers]
     total = sum(b.numel() * b.element_size() for b in layers)
     chunk = int(args.chunk_mib * MIB) if args.chunk_mib else CHUNK_BYTES
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json == "-" else \
         (lambda *a: print(*a, flush=True))
-    say(f"payload: {args.tokens} tokens, {args.layers} layers x {tuple(layers[0].shape)} fp32 = "
+    say(f"payload: {args.tokens} tokens, {args.layers} layers x {tuple(layers[0].shape)} fp32 "
+        f"on {args.device} = "
         f"{total / MIB:.0f} MiB; chunks {chunk / MIB:g} MiB; CRC-32 by {CRC32_IMPL}; "
         f"{args.reps} rounds after 1 warm-up; receivers in separate processes")
     paths = []
     try:
-        paths = build_paths(args, layers, say)
+        paths = build_paths(args, layers, host_layers, say)
         runs = run_rounds(paths, layers, args.reps, total, say)
     finally:
         for p in paths:
@@ -685,15 +704,15 @@ def main(argv: list[str] | None = None) -> int:
     tcp["ratio_to_raw_tcp"] = 1.0
     rows = [tcp] + [summarize(lbl, rs, total, tcp["gb_s_median"])
                     for lbl, rs in runs.items() if lbl != "raw-tcp"]
-    bd = [] if args.no_breakdown else breakdown(layers, chunk)
+    bd = [] if args.no_breakdown else breakdown(host_layers, chunk)
     prof = {}
     if args.profile > 0:
         say(f"profiling grpc for {args.profile:.0f} s with {args.py_spy} ...")
-        prof = profile(layers, args.profile, args.py_spy, args.torch_threads, chunk)
+        prof = profile(host_layers, args.profile, args.py_spy, args.torch_threads, chunk)
     grpc_row = next((r for r in rows if r["path"] == "grpc"), None)
     report = {
         "benchmark": "kv_transfer", "date": time.strftime("%Y-%m-%d"),
-        "machine": f"CPU, {os.cpu_count()} cores, no GPU ({platform.processor() or platform.machine()})",
+        "machine": machine(args.device), "device": args.device,
         "load_avg_1m": os.getloadavg()[0],
         "payload_bytes": total, "tokens": args.tokens, "layers": args.layers,
         "layer_shape": list(layers[0].shape), "dtype": "float32", "chunk_bytes": chunk,
@@ -705,6 +724,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     emit_report(report, args.json, print_tables)
     return 0
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return (f"GPU: {torch.cuda.get_device_name()} (KV in GPU memory on both sides), "
+                f"{os.cpu_count()} CPU cores")
+    return f"CPU, {os.cpu_count()} cores, no GPU ({platform.processor() or platform.machine()})"
 
 
 def print_profile(prof: dict) -> None:

@@ -75,6 +75,10 @@ class PoolSpec:
     prefill_chunk_size: int = 512
     kv_cache_bytes: int = 256 << 20
     block_size: int = 16
+    # CPU pools (gpus_per_replica 0), model.dtype float32: the C++ kernels of
+    # kernels.cpu_kernels for decode attention and RMSNorm (EngineConfig.cpu_kernels;
+    # built on each machine on first use, ~15 s). Where they cannot build: torch, warned
+    cpu_kernels: bool = False
     autoscale: AutoscaleSpec | None = None  # None = a fixed number of replicas
 
 
@@ -240,7 +244,8 @@ def _check_type(value: Any, expected: str, path: str):
     if want is None:
         return value
     if isinstance(value, bool) and base != "bool" or not isinstance(value, want):
-        raise ConfigError(f"{path}: expected {base}, got {value!r}")
+        allowed = "bool (true or false)" if base == "bool" else base
+        raise ConfigError(f"{path}: expected {allowed}, got {value!r}")
     return float(value) if base == "float" else value
 
 
@@ -270,6 +275,7 @@ def _validate(cfg: ClusterConfig) -> None:
         raise ConfigError(f"pools: names must be unique, got {names}")
     for i, pool in enumerate(cfg.pools):
         _validate_pool(pool, f"pools[{i}]")
+        _validate_cpu_kernels(pool, f"pools[{i}]", cfg.model.dtype)
     roles = {p.role for p in cfg.pools}
     if "mixed" in roles and roles != {"mixed"}:
         raise ConfigError("pools: a 'mixed' pool cannot be combined with prefill/decode pools")
@@ -316,6 +322,18 @@ def _validate_pool(pool: PoolSpec, path: str) -> None:
         raise ConfigError(f"{path}.gpus_per_replica: {pool.gpus_per_replica} must be >= 0")
     if pool.autoscale is not None:
         _validate_autoscale(pool, f"{path}.autoscale")
+
+
+def _validate_cpu_kernels(pool: PoolSpec, path: str, dtype: str) -> None:
+    """The C++ kernels are float32 CPU code: asked for elsewhere, a worker would
+    silently run torch, so the config says so instead."""
+    if not pool.cpu_kernels:
+        return
+    if pool.gpus_per_replica > 0:
+        raise ConfigError(f"{path}.cpu_kernels: true needs a CPU pool (gpus_per_replica: 0), "
+                          f"got gpus_per_replica: {pool.gpus_per_replica:g}")
+    if dtype != "float32":
+        raise ConfigError(f"{path}.cpu_kernels: true needs model.dtype float32, got {dtype!r}")
 
 
 def _validate_autoscale(pool: PoolSpec, path: str) -> None:

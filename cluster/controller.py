@@ -20,11 +20,10 @@ each prefill worker's ``stream_results`` generator and are followed by one
 their first token are freed with the next ``reserve_batch``, or a
 ``release_batch`` within ``RELEASE_DELAY_S``). Token events come from each
 decode worker's Redis event channel (cluster/token_channel.py: one message
-per engine step, no Ray call; one subscriber connection for all workers),
-its ``stream_outputs`` generator then bringing only heartbeats; a worker
-without the channel, or whose channel falls behind, is followed through
-``stream_outputs`` items instead (events are numbered, so each is delivered
-once whichever way it came, and a gap is fetched from the worker). A driver
+per engine step, no Ray call), or through Ray when the channel falls behind;
+a ``TokenFollower`` (cluster/token_follower.py) follows every decode worker
+that way and hands the controller each worker's events in order, each once
+(``_on_token_step``). A driver
 client following a request with ``stream_chunks(..., lazy=True)`` gets its
 tokens through the request's Redis output channel (published as they are
 delivered, one write, no reply awaited) and, through Ray, only a catch-up
@@ -55,7 +54,6 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-import ray
 import redis
 from ray.exceptions import RayActorError
 
@@ -73,13 +71,8 @@ from cluster.policies import (
 from cluster.policies.scaling import PoolLoad, ScalingDecision, measure_pool
 from cluster.policies.scheduler import Placement
 from cluster.state import JournalBatcher, StateStore, password_from_env
-from cluster.token_channel import (
-    RespConnection,
-    Subscriber,
-    decode_batch,
-    encode_tokens,
-    output_channel,
-)
+from cluster.token_channel import RespConnection, encode_tokens, output_channel
+from cluster.token_follower import TokenFollower, TokenStep, cancel_stream
 from workers.block_manager import block_hashes
 from workers.mailbox import wait_event
 from workers.messages import (
@@ -130,8 +123,6 @@ class SubmitOutcome:
 log = logging.getLogger("baton.controller")
 
 RELEASE_DELAY_S = 0.02  # a reservation to free waits at most this long for the next round
-HEARTBEAT_S = 0.25  # a decode worker followed through Redis sends a Ray heartbeat this often
-RAY_FALLBACK_S = 5.0  # a worker whose Redis channel fell behind is followed through Ray this long
 
 
 @dataclass(frozen=True)
@@ -158,20 +149,12 @@ class _Worker:
     load: WorkerLoad
     alive: bool = True
     kv_endpoint: str = ""
-    cursor: int = 0  # cursor of its long-poll (token events, or prefill results)
+    cursor: int = 0  # a prefill worker's results after this one are new (decode: the follower's)
     outstanding_prefill: int = 0  # prompt tokens dispatched, not yet prefilled
     # dispatches its last reported load may not count yet -> when they were admitted
     # (wall clock; inf until then); dropped once a load taken after that arrives
     in_transit: dict[object, float] = field(default_factory=dict)
     retiring: bool = False  # being drained by retire_worker: routed no new work
-    # a decode worker's Redis event channel (None: events only through Ray),
-    # whether we are subscribed to it, the event count its last heartbeat
-    # reported, and until when (monotonic) to follow it through Ray instead
-    events_channel: str | None = None
-    subscribed: bool = False
-    heard_end: int = 0
-    ray_until: float = 0.0
-    deliver_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one batch at a time
     # requests whose KV reservation is no longer needed: released with the next
     # reserve_batch to this worker, or by a release_batch within RELEASE_DELAY_S
     releases: list[str] = field(default_factory=list)
@@ -243,12 +226,11 @@ class Controller:
         if redis_password is None:
             redis_password = password_from_env(config.redis.password_env)
         self.store = StateStore(config.redis.url, config.redis.namespace, redis_password)
-        self._redis_password = redis_password  # for the event subscriber; never logged
-        self._events: Subscriber | None = None  # decode workers' event channels
+        self._redis_password = redis_password  # for the output channels; never logged
+        self.follower = TokenFollower(config.redis.url, redis_password, self._on_token_step,
+                                      self._on_worker_died)  # decode workers' token events
         self._out: RespConnection | None = None  # requests' output channels (publishing)
         self._out_lock = asyncio.Lock()
-        self._events_lock = asyncio.Lock()  # (re)connecting and subscribing
-        self._by_channel: dict[bytes, _Worker] = {}
         self.journal = JournalBatcher(self.store)  # one Redis pipeline per event-loop tick
         self.workers: dict[str, _Worker] = {}
         self._requests: dict[str, _Request] = {}
@@ -287,30 +269,19 @@ class Controller:
             await self._attach(w)
         self._spawn(self._schedule_loop())
         self._spawn(self._ticker())
-        self._spawn(self._read_events())
-        for w in self.workers.values():
-            self._spawn(self._poll(w))
+        self.follower.start()
         self._ready.set()
         return recovered
 
     async def _attach(self, w: _Worker) -> None:
-        """Subscribe to a decode worker's event channel, then skip the events
-        and results of dispatches before us (in this order: every event after
-        the cursor is then received)."""
+        """Start following a worker from now on (the results or events of
+        dispatches before us are skipped): a decode (or mixed) worker's token
+        events through the follower, a prefill worker's results here."""
         if w.role != "prefill":
-            w.events_channel = await self._event_channel(w)
-            if w.events_channel is not None:
-                await self._subscribe(w)
-        _, w.cursor, w.load = await getattr(w.handle, _poll_method(w)).remote(1 << 62, 0.0)
-
-    @staticmethod
-    async def _event_channel(w: _Worker) -> str | None:
-        """The worker's Redis event channel; None if it has none (no Redis, its
-        publisher is down, or a worker that predates event channels)."""
-        try:
-            return await w.handle.event_channel.remote()
-        except AttributeError:
-            return None
+            w.load = await self.follower.follow(w.worker_id, w.handle)
+            return
+        _, w.cursor, w.load = await w.handle.next_results.remote(1 << 62, 0.0)
+        self._spawn(self._poll_prefill(w))
 
     async def _recover(self) -> int:
         entries = await self.store.inflight()
@@ -598,7 +569,7 @@ class Controller:
             "workers": [{"worker_id": w.worker_id, "role": w.role, "gpu_type": w.gpu_type,
                          "alive": w.alive, "running": w.load.running,
                          "events_via": None if w.role == "prefill" else
-                         "redis" if self._events_via_redis(w) else "ray",
+                         "redis" if self.follower.via_redis(w.worker_id) else "ray",
                          "free_kv_blocks": w.load.free_kv_blocks,
                          "total_kv_blocks": w.load.total_kv_blocks,
                          "device": w.load.device_name} for w in self.workers.values()],
@@ -628,7 +599,6 @@ class Controller:
             w.kv_endpoint = await handle.kv_endpoint.remote()
         await self._attach(w)
         self.workers[worker_id] = w
-        self._spawn(self._poll(w))
         self._wake.set()
         return True
 
@@ -772,7 +742,7 @@ class Controller:
         """Start a round's dispatches: colocated ones with one ``submit_batch``
         per mixed worker; disaggregated ones with one ``reserve_batch`` per
         decode worker, then one ``submit_prefills`` per prefill worker (their
-        results come back through ``_poll``)."""
+        results come back through ``_poll_prefill``)."""
         gens = {r.request_id: r.generation for r in reqs}
         mixed, split = _Groups(), _Groups()
         for r in reqs:
@@ -976,147 +946,45 @@ class Controller:
         self._wake.set()
 
     # ----- token delivery --------------------------------------------------------------
-    async def _poll(self, w: _Worker) -> None:
-        """Follow a worker until it dies or is retired, through its streaming
-        generator: a prefill worker's results are handled in a task of their own
-        (admission may wait for KV verdicts) while the stream goes on; a decode
-        (or mixed) worker's events are delivered in order from the generator's
-        items, or, while its Redis event channel keeps up, by ``_read_events``,
-        the generator then only bringing heartbeats."""
-        while w.alive:
-            via_redis = self._events_via_redis(w)
-            gen = self._open_stream(w, via_redis)
+    async def _poll_prefill(self, p: _Worker) -> None:
+        """Follow a prefill worker until it dies or is retired, through its
+        ``stream_results`` generator; each batch of results is handled in a
+        task of its own (admission may wait for KV verdicts) while the stream
+        goes on."""
+        while p.alive:
+            gen = p.handle.stream_results.options(num_returns="streaming").remote(p.cursor)
             try:
                 async for ref in gen:
-                    if w.role == "prefill":
-                        results, w.cursor, w.load = await ref
-                        if results:
-                            self._spawn(self._on_prefill_results(w, results))
-                    elif via_redis:
-                        _, end, _, _ = await ref
-                        if not (w.subscribed and self._heartbeat(w, end)):
-                            break  # the channel fell behind: follow the worker through Ray
-                    else:
-                        events, end, load, load_at = await ref
-                        await self._on_batch(w, end - len(events), events, load, load_at)
-                        if self._events_via_redis(w) and await self._publishing(w):
-                            break  # the channel is usable again: heartbeats only
-                    if not w.alive:
+                    results, p.cursor, p.load = await ref
+                    if results:
+                        self._spawn(self._on_prefill_results(p, results))
+                    if not p.alive:
                         break
             except (RayActorError, WorkerDied):
-                await self._mark_dead(w)
+                await self._mark_dead(p)
                 return
             except Exception:  # noqa: BLE001 - re-follow; a dead worker fails the ping
-                log.exception("following %s failed", w.worker_id)
+                log.exception("following %s failed", p.worker_id)
                 await asyncio.sleep(0.1)
-                if await self._safe(w, "ping") is None:
+                if await self._safe(p, "ping") is None:
                     return
             finally:
-                _cancel(gen)
+                cancel_stream(gen)
 
-    def _open_stream(self, w: _Worker, via_redis: bool):
-        if w.role == "prefill":
-            return w.handle.stream_results.options(num_returns="streaming").remote(w.cursor)
-        method = w.handle.stream_outputs.options(num_returns="streaming")
-        if not via_redis:
-            return method.remote(w.cursor)
-        w.heard_end = 0  # nothing heard yet: the first heartbeat sets the bar
-        return method.remote(w.cursor, HEARTBEAT_S, False)
-
-    def _events_via_redis(self, w: _Worker) -> bool:
-        return w.subscribed and time.monotonic() >= w.ray_until
-
-    async def _publishing(self, w: _Worker) -> bool:
-        """Whether the worker's publisher works (if not, ask again after
-        ``RAY_FALLBACK_S``)."""
-        if await self._event_channel(w) == w.events_channel:
-            return True
-        w.ray_until = time.monotonic() + RAY_FALLBACK_S
-        return False
-
-    def _heartbeat(self, w: _Worker, end: int) -> bool:
-        """False if events the worker had published by its previous heartbeat
-        (``HEARTBEAT_S`` ago) have still not arrived through Redis: the worker
-        is then followed through Ray (from our cursor: nothing is lost) for
-        ``RAY_FALLBACK_S``."""
-        lagging = w.cursor < w.heard_end
-        w.heard_end = end
-        if lagging:
-            log.warning("%s's event channel fell behind; following it through Ray for %.0f s",
-                        w.worker_id, RAY_FALLBACK_S)
-            w.ray_until = time.monotonic() + RAY_FALLBACK_S
-        return not lagging
-
-    async def _subscribe(self, w: _Worker) -> None:
-        """Returns once Redis confirmed the subscription (or it failed: the
-        worker is then followed through Ray until ``_read_events`` retries)."""
-        try:
-            async with self._events_lock:
-                if self._events is None:
-                    self._events = await Subscriber.open(self.config.redis.url,
-                                                         self._redis_password)
-                await self._events.subscribe(w.events_channel)
-        except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
-            log.warning("subscribing to %s's events failed (%s)", w.worker_id,
-                        type(exc).__name__)
-            if self._events is not None:
-                self._events.close()  # _read_events sees it fail and starts over
+    async def _on_token_step(self, step: TokenStep) -> None:
+        """A decode worker's events, in order and each once (from the follower)."""
+        w = self.workers.get(step.worker_id)
+        if w is None:  # still being added (its events are nobody's yet) or retired
             return
-        self._by_channel[w.events_channel.encode()] = w
-        w.subscribed = True
+        w.load = step.load or w.load
+        if step.load_at:
+            self._landed(w, step.load_at)
+        await self._on_token_events(w, step.events)
 
-    async def _read_events(self) -> None:
-        """Deliver the messages of every decode worker's event channel, in
-        order; after a lost connection, resubscribe (what was published
-        meanwhile shows as a gap, fetched from the worker)."""
-        while True:
-            sub = self._events
-            if sub is None:
-                await asyncio.sleep(1.0)
-                for w in [w for w in self.workers.values() if w.alive and w.events_channel]:
-                    await self._subscribe(w)
-                continue
-            try:
-                messages = await sub.messages()
-            except (OSError, redis.RedisError) as exc:
-                log.warning("the decode workers' event channels failed (%s); resubscribing",
-                            type(exc).__name__)
-                self._events = None
-                for w in self.workers.values():
-                    w.subscribed = False
-                continue
-            for channel, payload in messages:
-                w = self._by_channel.get(channel)
-                if w is not None and w.alive:
-                    try:
-                        await self._on_entry(w, payload)
-                    except WorkerDied:
-                        pass  # noted by _mark_dead
-
-    async def _on_entry(self, w: _Worker, payload: bytes) -> None:
-        try:
-            b = decode_batch(payload)
-        except (ValueError, TypeError) as exc:
-            log.warning("skipping a malformed message of %s's event channel: %s", w.worker_id,
-                        exc)
-            return
-        await self._on_batch(w, b.start, b.events, b.load, b.load_at)
-
-    async def _on_batch(self, w: _Worker, start: int, events: list[TokenEvent],
-                        load: WorkerLoad | None, load_at: float) -> None:
-        """Deliver a worker's events numbered ``start``, ``start + 1``, ...: in
-        order, each once (Redis and Ray may both bring some), fetching any the
-        Redis channel lost from the worker's mailbox."""
-        async with w.deliver_lock:
-            w.load = load or w.load
-            if load_at:
-                self._landed(w, load_at)
-            if start > w.cursor:  # some never arrived: every event since our cursor
-                events, end, w.load = await self._call(w, "next_outputs", w.cursor, 0.0)
-                start = end - len(events)
-            fresh = events[w.cursor - start:] if start < w.cursor else events
-            w.cursor = max(w.cursor, start + len(events))
-            await self._on_token_events(w, fresh)
+    async def _on_worker_died(self, worker_id: str) -> None:
+        w = self.workers.get(worker_id)
+        if w is not None:
+            await self._mark_dead(w)
 
     def _landed(self, w: _Worker, load_at: float) -> None:
         """Requests the worker's load (taken at ``load_at``) counts already."""
@@ -1213,10 +1081,7 @@ class Controller:
         if not w.alive:
             return
         w.alive = False
-        w.subscribed = False
-        if w.events_channel is not None and self._by_channel.pop(w.events_channel.encode(),
-                                                                   None) is not None:
-            self._spawn(self._unsubscribe(w.events_channel))
+        self.follower.unfollow(w.worker_id)
         hit = [r for r in self._requests.values() if r.finish_reason is None and r.route
                and (w.worker_id == r.route.decode_worker
                     or w.worker_id == r.route.prefill_worker and not r.decoding)]
@@ -1225,14 +1090,6 @@ class Controller:
             self._requeue(req, req.generation)
             for o in other:
                 await self._safe(self.workers[o], "abort", req.request_id)
-
-    async def _unsubscribe(self, channel: str) -> None:
-        sub = self._events
-        if sub is not None:
-            try:
-                await sub.unsubscribe(channel)
-            except (OSError, redis.RedisError):
-                pass  # the connection is gone anyway; _read_events starts over
 
 
 class _Groups(dict):
@@ -1264,17 +1121,3 @@ def _public_url(url: str) -> str:
     query = urlencode([(k, v) for k, v in parse_qsl(parts.query)
                        if k not in ("password", "username")])
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
-
-
-def _poll_method(w: _Worker) -> str:
-    return "next_results" if w.role == "prefill" else "next_outputs"
-
-
-def _cancel(gen) -> None:
-    """Stop a worker's streaming generator we no longer read."""
-    if not isinstance(gen, ray.ObjectRefGenerator):
-        return  # a stand-in worker's (tests)
-    try:
-        ray.cancel(gen)
-    except Exception:  # noqa: BLE001 - already finished, or its worker is gone
-        pass

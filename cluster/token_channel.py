@@ -25,7 +25,8 @@ the missing part from the authoritative Ray path (the worker's mailbox, the
 controller's request). Lifecycle of a decode worker's step: the engine thread
 numbers its events in the mailbox (``workers.mailbox``), ``Publisher.publish``
 sends ``encode_batch(first number, events, load)``; the controller's
-``Subscriber`` hands ``decode_batch`` results to ``Controller._on_batch``.
+``TokenFollower`` (cluster/token_follower.py) reads them with a ``Subscriber``
+and delivers ``decode_batch`` results in order, filling gaps.
 
 Encoding: compact JSON, never pickle (a reader must not run what the network
 sends). A batch is ``[first, [[request id, [token ids], text, finish reason |

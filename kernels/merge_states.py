@@ -70,11 +70,15 @@ def _check_inputs(outs: torch.Tensor, lses: torch.Tensor) -> None:
         raise ValueError(f"lses is on {lses.device} but outs is on {outs.device}")
 
 
-def _merge_triton(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch ``_merge_states_kernel`` on a (B, H) grid."""
+def _merge_triton(outs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor | None = None,
+                  lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch ``_merge_states_kernel`` on a (B, H) grid; into ``out`` (B, H, D)
+    of any float dtype and ``lse`` (B, H) float32 when given."""
     num_parts, batch, num_heads, head_dim = outs.shape
-    out = torch.empty(batch, num_heads, head_dim, dtype=outs.dtype, device=outs.device)
-    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=outs.device)  # (B, H)
+    if out is None:
+        out = torch.empty(batch, num_heads, head_dim, dtype=outs.dtype, device=outs.device)
+    if lse is None:
+        lse = torch.empty(batch, num_heads, dtype=torch.float32, device=outs.device)  # (B, H)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     _merge_states_kernel[(batch, num_heads)](

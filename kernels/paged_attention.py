@@ -23,9 +23,11 @@ context_lens are the caller's invariant (not checked: that would synchronise
 the GPU); the wrappers check ranks, shapes, dtypes and devices and raise
 ValueError naming the bad argument. Strides are free (any layout).
 
-The Triton kernel runs one program per (sequence, kv head): it loads the
-group's query heads once and walks the sequence's blocks with an online
-softmax in float32. The torch reference gathers every block at once.
+The Triton kernel runs one program per (sequence, kv head, split): it loads
+the group's query heads once and walks its slice of the sequence's blocks
+with an online softmax in float32; when sequences x kv heads are too few to
+fill the GPU, the blocks are split and the partial states merged by
+log-sum-exp (``kernels.merge_states``). The torch reference gathers every block at once.
 ``impl="cpp"`` runs the C++ CPU kernel of ``kernels.cpu_kernels`` (float32,
 loaded by ``kernels.cpu_kernels.load()``; ``auto`` never picks it): it reads
 each sequence's blocks in place, its own context only.
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 
 from kernels._dispatch import next_power_of_2, tl, triton, use_triton
 from kernels.cpu_kernels import paged_decode_attention_cpp
+from kernels.merge_states import _merge_triton
 
 
 def paged_decode_attention(
@@ -246,8 +249,16 @@ def _paged_decode_triton(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch ``_paged_decode_kernel`` on a (B, num_kv_heads) grid."""
+    """Launch ``_paged_decode_kernel`` on a (B, num_kv_heads, splits) grid.
+
+    With one split each program walks its sequence's whole context and
+    writes the result. With several (too few sequences x kv heads to fill
+    the GPU, e.g. a long context at a small batch), each program walks one
+    slice of the blocks into float32 partial states, and
+    ``merge_states._merge_triton`` folds them by log-sum-exp (split-KV, as
+    in flash-decoding). ``num_splits`` overrides the choice (tests)."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -255,23 +266,48 @@ def _paged_decode_triton(
     lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)  # (B, H)
     if batch == 0:
         return out, lse
-    _paged_decode_kernel[(batch, num_kv_heads)](
-        out, lse, q, k_cache, v_cache, block_tables, context_lens, float(scale),
-        *q.stride(), *out.stride(), *lse.stride(),
+    max_blocks = block_tables.shape[1]
+    splits = num_splits or _choose_splits(batch * num_kv_heads, max_blocks, q.device)
+    per_split = -(-max_blocks // splits) if max_blocks else 1
+    splits = -(-max_blocks // per_split) if max_blocks else 1
+    part_out, part_lse = out[None], lse[None]  # (1, B, H, D), (1, B, H): written directly
+    if splits > 1:
+        part_out = torch.empty(splits, *q.shape, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(splits, batch, num_heads, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(batch, num_kv_heads, splits)](
+        part_out, part_lse, q, k_cache, v_cache, block_tables, context_lens, float(scale),
+        per_split,
+        *q.stride(), *part_out.stride(), *part_lse.stride(),
         *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), context_lens.stride(0),
         GROUP=group, GROUP_PAD=next_power_of_2(group),
         BLOCK_SIZE=block_size, BLOCK_PAD=next_power_of_2(block_size),
         HEAD_DIM=head_dim, HEAD_PAD=next_power_of_2(head_dim),
     )
+    if splits > 1:
+        _merge_triton(part_out, part_lse, out=out, lse=lse)
     return out, lse
+
+
+MIN_BLOCKS_PER_SPLIT = 8  # below this a split's fixed cost outweighs its parallelism
+_SM_COUNT: dict[torch.device, int] = {}
+
+
+def _choose_splits(programs: int, max_blocks: int, device: torch.device) -> int:
+    """Enough splits for about two programs per streaming multiprocessor; 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = -(-2 * _SM_COUNT[device] // programs)
+    return max(1, min(wanted, max_blocks // MIN_BLOCKS_PER_SPLIT))
 
 
 @triton.jit
 def _paged_decode_kernel(
-    out_ptr, lse_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, scale,
+    out_ptr, lse_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, scale, blocks_per_split,
     stride_qb, stride_qh, stride_qd,
-    stride_ob, stride_oh, stride_od,
-    stride_lb, stride_lh,
+    stride_os, stride_ob, stride_oh, stride_od,
+    stride_ls, stride_lb, stride_lh,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_tb, stride_tn, stride_len,
@@ -279,9 +315,11 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
 ):
-    """Program (seq, kv_head): the GROUP query heads of kv_head against seq's blocks."""
+    """Program (seq, kv_head, split): the GROUP query heads of kv_head against
+    split's slice of seq's blocks (an empty slice writes out 0, lse -inf)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     offs_g = tl.arange(0, GROUP_PAD)  # (G,)
     offs_t = tl.arange(0, BLOCK_PAD)  # (T,)
     offs_d = tl.arange(0, HEAD_PAD)  # (D,)
@@ -296,7 +334,9 @@ def _paged_decode_kernel(
     l_sum = tl.zeros((GROUP_PAD,), tl.float32)  # (G,) running sum of exp
     acc = tl.zeros((GROUP_PAD, HEAD_PAD), tl.float32)  # (G, D)
     num_blocks = (ctx_len + BLOCK_SIZE - 1) // BLOCK_SIZE
-    for j in range(0, num_blocks):
+    first = split * blocks_per_split
+    last = tl.minimum(num_blocks, first + blocks_per_split)
+    for j in range(first, last):
         block_id = tl.load(tables_ptr + seq * stride_tb + j * stride_tn).to(tl.int64)
         t_ok = (offs_t < BLOCK_SIZE) & (j * BLOCK_SIZE + offs_t < ctx_len)  # (T,)
         kv_mask = t_ok[:, None] & d_ok[None, :]  # (T, D)
@@ -315,6 +355,7 @@ def _paged_decode_kernel(
     nonempty = l_sum > 0  # (G,) false only when ctx_len == 0
     out = acc / tl.where(nonempty, l_sum, 1.0)[:, None]  # (G, D)
     lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l_sum, 1.0)), float("-inf"))  # (G,)
-    o_offs = seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+    o_offs = (split * stride_os + seq * stride_ob + heads[:, None] * stride_oh
+              + offs_d[None, :] * stride_od)
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-    tl.store(lse_ptr + seq * stride_lb + heads * stride_lh, lse, mask=g_ok)
+    tl.store(lse_ptr + split * stride_ls + seq * stride_lb + heads * stride_lh, lse, mask=g_ok)

@@ -91,7 +91,7 @@ class StagedSink:
     def finish(self, crc32s: tuple[int, ...]) -> bool:
         if tuple(block_checksums(self.buffer)) != crc32s:
             return False
-        ids = torch.tensor(self.block_ids, dtype=torch.int64)
+        ids = torch.tensor(self.block_ids, dtype=torch.int64, device=self.k_cache.device)
         scatter_kv_blocks(self.buffer.to(self.k_cache.device), self.k_cache, self.v_cache, ids)
         return True
 

@@ -16,7 +16,8 @@ Lifecycle (DistServe's placement search, OSDI 2024, on the simulator):
    (the real trace when one is given); a failing cluster gets one more
    replica on the side that misses (up to three times);
 5. output: a table of cost per hour against goodput (the Pareto front is
-   marked), the winner as a ``baton serve`` config (YAML) and Helm values.
+   marked), the winner as a ``baton serve`` config (YAML) and as values for
+   the Helm chart (helm/baton) whose ConfigMap renders that config.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, PoolSpec
 from sim.hardware import GPUS, canonical_gpu_name, get_gpu
 from sim.latency import kv_blocks_from_memory
 from sim.metrics import SLO
@@ -267,22 +268,79 @@ def winner_config(opts: PlanOptions, cand: Candidate) -> ClusterConfig:
                    admission=replace(cfg.admission, max_waiting=1024))
 
 
-def helm_values(cfg: ClusterConfig) -> dict:
-    """Helm values mirroring the config's pools (no chart yet): per pool its GPU
-    type (node selector label value), replicas, TP and GPUs per replica."""
-    return {"model": {"source": cfg.model.source, "dtype": cfg.model.dtype},
-            "pools": [{"name": p.name, "role": p.role, "gpuType": p.gpu_type,
-                       "replicas": p.replicas, "tensorParallel": p.tensor_parallel,
-                       "gpusPerReplica": p.tensor_parallel,
-                       "resources": {"limits": {"nvidia.com/gpu": p.tensor_parallel}},
-                       "nodeSelector": {"baton.io/gpu-type": p.gpu_type},
-                       "maxNumSeqs": p.max_num_seqs,
-                       "maxNumBatchedTokens": p.max_num_batched_tokens,
-                       "kvCacheBytes": p.kv_cache_bytes}
-                      for p in cfg.pools],
-            "scheduler": {"policy": cfg.scheduler.policy}, "router": {"policy": cfg.router.policy},
-            "slo": {"ttftMs": cfg.slo.ttft_ms, "tpotMs": cfg.slo.tpot_ms,
-                    "attainment": cfg.slo.attainment}}
+# NVIDIA GPU feature discovery's values of the node label `nvidia.com/gpu.product`
+# per catalog GPU (sim.hardware): the chart pins each pool to the nodes of its
+# GPU type by them (values `gpuProducts`, whose defaults know other type names).
+GPU_PRODUCTS = {
+    "A10G": ["NVIDIA-A10G"],
+    "L4": ["NVIDIA-L4"],
+    "L40S": ["NVIDIA-L40S"],
+    "A100-40GB": ["NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-PCIE-40GB"],
+    "A100-80GB": ["NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe"],
+    "H100-SXM": ["NVIDIA-H100-80GB-HBM3"],
+    "H100-PCIe": ["NVIDIA-H100-PCIe"],
+    "H200": ["NVIDIA-H200", "NVIDIA-H200-141GB-HBM3e"],
+    "B200": ["NVIDIA-B200"],
+}
+CHART_PRESETS = ("tiny", "llama-60m")  # model.source names the chart takes without weights
+WEIGHTS_MOUNT = "/models"  # chart default model.weights.mountPath
+ENGINE_KEYS = ("tensor_parallel", "max_num_batched_tokens", "max_num_seqs",
+               "prefill_chunk_size", "kv_cache_bytes", "block_size")  # pools[].engine, as in PoolSpec
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def helm_values(cfg: ClusterConfig, weights_claim: str = "model-weights") -> dict:
+    """Values for the chart in helm/baton whose ConfigMap renders ``cfg``.
+
+    Each pool becomes one worker group of ``replicas`` pods, one Baton worker
+    per pod holding ``gpusPerPod`` = its GPUs per replica (the TP degree); the
+    engine settings go verbatim under ``engine``. A model that is not a chart
+    preset is read from ``/models/<name>`` on the claim ``weights_claim``.
+    Left to the chart: the cluster name (the release's), Redis, ports and the
+    ranker (its defaults are the config's).
+    """
+    d = cfg.to_dict()
+    return {"model": _chart_model(cfg, weights_claim),
+            "baton": {"transport": cfg.transport,
+                      "scheduler": {k: v for k, v in d["scheduler"].items() if v is not None},
+                      "router": d["router"], "admission": d["admission"], "slo": d["slo"]},
+            "gpuProducts": {t: _gpu_products(t) for t in dict.fromkeys(p.gpu_type for p in cfg.pools)},
+            "pools": [_chart_pool(p) for p in cfg.pools]}
+
+
+def _chart_model(cfg: ClusterConfig, weights_claim: str) -> dict:
+    model = {"source": cfg.model.source, "dtype": cfg.model.dtype,
+             "weights": {"volume": "none", "mountPath": WEIGHTS_MOUNT}}
+    if cfg.model.source not in CHART_PRESETS:  # a directory under the weights mount
+        path = PurePosixPath(cfg.model.source)
+        mount = path.parent if path.is_absolute() else PurePosixPath(WEIGHTS_MOUNT)
+        model["source"] = str(mount / path.name)
+        model["weights"] = {"volume": "pvc", "mountPath": str(mount),
+                            "pvc": {"claimName": weights_claim}}
+    if cfg.model.max_model_len is not None:
+        model["maxModelLen"] = cfg.model.max_model_len
+    return model
+
+
+def _chart_pool(p: PoolSpec) -> dict:
+    gpus = int(p.gpus_per_replica)
+    if gpus != p.gpus_per_replica:
+        raise ValueError(f"pool {p.name}: gpus_per_replica {p.gpus_per_replica:g} is not whole; "
+                         "the chart gives each worker whole GPUs")
+    engine = {k: getattr(p, k) for k in ENGINE_KEYS} | ({"cpu_kernels": True} if p.cpu_kernels else {})
+    pool = {"name": p.name, "role": p.role, "gpuType": p.gpu_type, "replicas": p.replicas,
+            "minReplicas": p.replicas, "maxReplicas": p.replicas,
+            "gpusPerPod": gpus, "workersPerPod": 1, "engine": engine}
+    if gpus:
+        pool["tolerations"] = [GPU_TOLERATION]
+    return pool
+
+
+def _gpu_products(gpu_type: str) -> list[str]:
+    if gpu_type not in GPU_PRODUCTS:
+        raise ValueError(f"GPU type {gpu_type!r} has no known nvidia.com/gpu.product label; "
+                         f"known: {', '.join(GPU_PRODUCTS)}")
+    return GPU_PRODUCTS[gpu_type]
 
 
 def format_table(cands: list[Candidate], limit: int = 15) -> str:
@@ -366,9 +424,7 @@ def run_plan_command(args) -> int:
         (args.out_dir / "baton-config.yaml").write_text(
             "# written by `baton sim plan`; load with `baton serve` / cluster.config.load_config\n"
             + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (args.out_dir / "helm-values.yaml").write_text(
-            "# Helm values written by `baton sim plan`: pools mirror baton-config.yaml\n"
-            + yaml.safe_dump(helm_values(cfg), sort_keys=False))
+        _write_helm_values(cfg, args.out_dir / "helm-values.yaml")
     if not args.no_plots:
         from sim.plots import plot_attainment_curves, plot_cost_frontier
         plot_cost_frontier(cands, args.out_dir / "cost_frontier.png", opts.target_rate)
@@ -384,6 +440,19 @@ def run_plan_command(args) -> int:
               "no verified candidate meets the SLO; raise --verify-top or relax the SLO")
         print(f"wrote {args.out_dir}/ (plan.json, baton-config.yaml, helm-values.yaml, plots)")
     return 0 if best else 1
+
+
+def _write_helm_values(cfg: ClusterConfig, path: Path) -> None:
+    try:
+        values = helm_values(cfg)
+    except ValueError as exc:  # a winner the chart cannot express: the serve config still stands
+        print(f"baton sim plan: no {path.name}: {exc}", file=sys.stderr)
+        return
+    path.write_text(
+        "# Helm values for helm/baton written by `baton sim plan`: its ConfigMap renders\n"
+        "# baton-config.yaml (`helm install baton helm/baton -f helm-values.yaml`); a model\n"
+        "# other than a chart preset is read from /models/<name> on the claim model-weights\n"
+        + yaml.safe_dump(values, sort_keys=False))
 
 
 def _cand_json(c: Candidate | None) -> dict | None:

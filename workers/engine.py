@@ -53,8 +53,12 @@ class EngineConfig:
     # machine, ~15 s, then cached): decode attention reads the paged cache in place (no
     # decode buffer), RMSNorm is one op. Off, or where they cannot build (a warning): torch
     cpu_kernels: bool = False
+    # where the model, the KV cache and the forward pass live: "cpu", "cuda" or "cuda:N".
+    # On CUDA decode attention runs the Triton kernel of kernels.paged_attention
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        _check_device_name(self.device)
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size} must be a power of two")
         if self.kv_cache_bytes <= 0:
@@ -69,6 +73,25 @@ class EngineConfig:
             raise ValueError(f"max_model_len={self.max_model_len} must be > 0")
         torch_dtype(self.dtype)  # validates the name
         BatchConfig(self.max_num_seqs, self.max_num_batched_tokens, self.prefill_chunk_size)
+
+
+def _check_device_name(device: str) -> None:
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ValueError(f"device={device!r} must be 'cpu', 'cuda' or 'cuda:N'")
+
+
+def _open_device(device: str) -> torch.device:
+    """The engine's torch device; CUDA asked for where there is none is a clear error."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but torch sees no CUDA device "
+                             f"(torch {torch.__version__}: a CPU build, or no driver)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} "
+                             f"CUDA device(s) are visible")
+    return dev
 
 
 @dataclass(frozen=True)
@@ -123,7 +146,10 @@ class LLMEngine:
             # Process-wide: on shared cores, one thread per engine beats
             # oversubscription by 5-20x for decode-sized matmuls (measured).
             torch.set_num_threads(self.config.num_threads)
+        self.device = _open_device(self.config.device)
         self.loaded = loaded or load_model(self.config.model, self.config.dtype, self.config.seed)
+        if self.loaded.model.embed.weight.device != self.device:
+            self.loaded.model.to(self.device)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(self.config.max_model_len or 1 << 62, self.model_config.max_model_len)
@@ -131,7 +157,7 @@ class LLMEngine:
             self.model_config, self.config.kv_cache_bytes, self.config.block_size,
             torch_dtype(self.config.dtype))
         self.kv_cache = KVCache(self.model_config, blocks, self.config.block_size,
-                                torch_dtype(self.config.dtype))
+                                torch_dtype(self.config.dtype), self.device)
         self.blocks = BlockManager(blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.planner = BatchPlanner(BatchConfig(
             self.config.max_num_seqs, self.config.max_num_batched_tokens,

@@ -51,6 +51,20 @@ class PrefillSegment:
     block_table: torch.Tensor  # (num_blocks,) int64 physical block ids
 
 
+@dataclass(frozen=True)
+class PaddedPrefill:
+    """The prefill segments with nothing cached before them ("fresh"), laid out
+    for ONE causal attention call over a right-padded (S, Lmax) batch instead
+    of one call per segment (GPU: launches, not FLOPs, bound small prompts).
+    Padding rows sit after each segment's last token, so a causal mask keeps
+    every real query away from them."""
+
+    rows: torch.Tensor  # (N,) int64: the fresh segments' rows in the flattened batch
+    slots: torch.Tensor  # (N,) int64: seg_index * max_len + position in the segment
+    num_seqs: int  # S
+    max_len: int  # Lmax
+
+
 @dataclass
 class AttentionMetadata:
     """How the flattened batch maps onto sequences and cache slots.
@@ -67,6 +81,9 @@ class AttentionMetadata:
     # the C++ kernels of kernels.cpu_kernels: paged decode attention, RMSNorm; the runner
     # sets it only where they are loaded and support the model
     cpu_kernels: bool = False
+    # fresh prefill segments batched into one attention call (their PrefillSegment
+    # entries are then skipped by the per-segment loop); None = per segment
+    padded_prefill: PaddedPrefill | None = None
 
 
 class Linear(nn.Linear):
@@ -213,12 +230,42 @@ class Attention(nn.Module):
         # (slots, 2, KVH, D)[slot] = (T, 2, KVH, D): every new key and value at once
         cache.slots.index_put_((meta.slot_mapping,), kv)
         nd = meta.num_decode
+        if meta.padded_prefill is not None:
+            return self._paged_padded(q, kv, meta, cache)
         parts = [self._decode(q[:nd], kv[:nd], meta, cache)] if nd else []
         for seg in meta.prefills:
             rows = slice(seg.start, seg.start + seg.num_tokens)
             parts.append(self._prefill_segment(q[rows], kv[rows, 0], kv[rows, 1], seg,
                                                cache.k, cache.v))
         return parts[0] if len(parts) == 1 else torch.cat(parts)  # (T, H, D)
+
+    def _paged_padded(self, q, kv, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
+        """Decode rows, the fresh prefill segments in one padded call, the others one by one."""
+        nd, batch = meta.num_decode, meta.padded_prefill
+        out = torch.empty_like(q)  # (T, H, D)
+        if nd:
+            out[:nd] = self._decode(q[:nd], kv[:nd], meta, cache)
+        out.index_copy_(0, batch.rows, self._padded_prefill(q, kv, batch))
+        for seg in meta.prefills:
+            if seg.context_len != seg.num_tokens:  # attends to KV cached before it
+                rows = slice(seg.start, seg.start + seg.num_tokens)
+                out[rows] = self._prefill_segment(q[rows], kv[rows, 0], kv[rows, 1], seg,
+                                                  cache.k, cache.v)
+        return out
+
+    def _padded_prefill(self, q, kv, batch: PaddedPrefill) -> torch.Tensor:
+        """(N, H, D) attention of the fresh segments' rows, in ``batch.rows`` order."""
+        S, L = batch.num_seqs, batch.max_len
+
+        def padded(x: torch.Tensor) -> torch.Tensor:  # (T, heads, D) -> (S, heads, L, D)
+            pad = x.new_zeros(S * L, *x.shape[1:])
+            pad.index_copy_(0, batch.slots, x.index_select(0, batch.rows))
+            return pad.view(S, L, *x.shape[1:]).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            padded(q), padded(kv[:, 0]), padded(kv[:, 1]), is_causal=True, scale=self.scale,
+            enable_gqa=True)  # (S, H, L, D)
+        return out.transpose(1, 2).reshape(S * L, *q.shape[1:]).index_select(0, batch.slots)
 
     def _decode(self, q, kv, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
         step = meta.decode_step
@@ -248,8 +295,8 @@ class Attention(nn.Module):
         k_ctx = k_cache[blocks].reshape(-1, self.n_kv, self.head_dim)[:ctx]  # (ctx, KVH, D)
         v_ctx = v_cache[blocks].reshape(-1, self.n_kv, self.head_dim)[:ctx]
         # query i sits at position ctx - n + i and sees keys 0..ctx - n + i
-        qpos = torch.arange(ctx - n, ctx).unsqueeze(1)  # (n, 1)
-        mask = torch.arange(ctx).unsqueeze(0) <= qpos  # (n, ctx)
+        qpos = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(1)  # (n, 1)
+        mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= qpos  # (n, ctx)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k_ctx.transpose(0, 1)[None], v_ctx.transpose(0, 1)[None],
             attn_mask=mask, scale=self.scale, enable_gqa=True)  # (1, H, n, D)
@@ -311,7 +358,7 @@ class LlamaForCausalLM(nn.Module):
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits (T, V) float32 of one sequence, full recompute, no cache."""
         x = self.embed(input_ids)
-        rope = self.rope.tables(torch.arange(input_ids.shape[0]), x.dtype)
+        rope = self.rope.tables(torch.arange(input_ids.shape[0], device=x.device), x.dtype)
         for layer in self.layers:
             x = layer(x, rope, None, None)
         return self.compute_logits(self.norm(x))

@@ -25,7 +25,7 @@ import torch
 from kernels.cpu_kernels import SUPPORTED_GROUPS, SUPPORTED_HEAD_DIMS
 from kernels.cpu_kernels import load as load_cpu_kernels
 from workers.kv_cache import DecodeKVBuffer, DecodeStep, KVCache, int_tensor
-from workers.model import AttentionMetadata, LlamaForCausalLM, PrefillSegment
+from workers.model import AttentionMetadata, LlamaForCausalLM, PaddedPrefill, PrefillSegment
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,16 @@ class ModelRunner:
                  cpu_kernels: bool = False):
         self.model = model
         self.kv = kv_cache
-        on_cpu = kv_cache.data.device.type == "cpu"
+        self.device = kv_cache.data.device
+        on_cpu = self.device.type == "cpu"
         self.cpu_kernels = (cpu_kernels and on_cpu and _kernel_fits(model, kv_cache)
                             and load_cpu_kernels())
         self.decode_buffer = (DecodeKVBuffer(kv_cache, decode_buffer_bytes)
                               if on_cpu and decode_buffer_bytes > 0 and not self.cpu_kernels
                               else None)
+        # GPU: prompts with nothing cached attend in one padded call (PaddedPrefill); on
+        # CPU, where attention FLOPs are the cost and padding would add some, per segment
+        self.padded_prefill = not on_cpu
 
     def forget(self, seq_id: str) -> None:
         """The sequence's blocks were freed (finished, aborted, preempted)."""
@@ -73,7 +77,7 @@ class ModelRunner:
         out: list[torch.Tensor | None] = [None] * len(items)
         if rows:
             if len(rows) < hidden.shape[0]:  # else every row, in order (all decodes)
-                hidden = hidden[int_tensor(rows)]
+                hidden = hidden[self._to_device(int_tensor(rows))]
             logits = self.model.compute_logits(hidden)  # (n, V)
             for idx, n, lg in zip(order, counts, logits.split(counts)):
                 out[idx] = lg if n else None
@@ -108,14 +112,15 @@ class ModelRunner:
             else:
                 pos += range(first, first + n)
                 slots += [it.block_table[p // bs] * bs + p % bs for p in range(first, first + n)]
-                prefills.append(PrefillSegment(start, n, first + n, int_tensor(it.block_table)))
+                prefills.append(PrefillSegment(start, n, first + n,
+                                               self._to_device(int_tensor(it.block_table))))
             wanted = _logit_rows(start, n, it.logits)
             rows += wanted
             counts.append(len(wanted))
         T = len(ids)
-        packed = int_tensor(ids + pos + slots)  # one tensor, three (T,) views
+        packed = self._to_device(int_tensor(ids + pos + slots))  # one tensor, three (T,) views
         paged = [] if step is not None else items[:num_decode]  # the buffer needs no tables
-        tables, context_lens = _decode_tables(paged)
+        tables, context_lens = _decode_tables(paged, self._to_device)
         meta = AttentionMetadata(
             slot_mapping=packed[2 * T:],
             num_decode=num_decode,
@@ -124,8 +129,24 @@ class ModelRunner:
             prefills=prefills,
             decode_step=step,
             cpu_kernels=self.cpu_kernels,
+            padded_prefill=self._padded(prefills) if self.padded_prefill else None,
         )
         return packed[:T], packed[T:2 * T], meta, rows, counts
+
+    def _padded(self, prefills: list[PrefillSegment]) -> PaddedPrefill | None:
+        """The fresh segments as one padded batch, when there are two or more."""
+        fresh = [seg for seg in prefills if seg.context_len == seg.num_tokens]
+        if len(fresh) < 2:
+            return None
+        longest = max(seg.num_tokens for seg in fresh)
+        rows = [r for seg in fresh for r in range(seg.start, seg.start + seg.num_tokens)]
+        slots = [i * longest + p for i, seg in enumerate(fresh) for p in range(seg.num_tokens)]
+        both = self._to_device(int_tensor(rows + slots))
+        return PaddedPrefill(both[:len(rows)], both[len(rows):], len(fresh), longest)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host-built index tensor on the cache's device (a no-op on CPU)."""
+        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
 
 
 def _kernel_fits(model: LlamaForCausalLM, kv_cache: KVCache) -> bool:
@@ -144,10 +165,11 @@ def _logit_rows(start: int, n: int, which: str) -> range:
     return range(start, start + n)
 
 
-def _decode_tables(decodes: list[RunItem]) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_tables(decodes: list[RunItem], to_device: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block tables (B, max_blocks) int32, zero-padded, and context lengths
-    (B,) int32 of paged decode rows: views of one tensor."""
+    (B,) int32 of paged decode rows: views of one tensor, moved by ``to_device``."""
     width = max((len(d.block_table) for d in decodes), default=0)
     flat = [b for d in decodes for b in d.block_table + [0] * (width - len(d.block_table))]
-    packed = int_tensor(flat + [d.start_pos + 1 for d in decodes], torch.int32)
+    packed = to_device(int_tensor(flat + [d.start_pos + 1 for d in decodes], torch.int32))
     return packed[:len(flat)].view(len(decodes), width), packed[len(flat):]

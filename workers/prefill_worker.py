@@ -159,7 +159,7 @@ class PrefillWorker:
                 state.started_s = self.engine.sequence(request_id).first_scheduled_s
                 state.handle = self.sender.open(request_id, state.job.kv_endpoint,
                                                 self.engine.model_config.num_layers)
-            blocks = torch.tensor(block_table, dtype=torch.int64)
+            blocks = torch.tensor(block_table, dtype=torch.int64, device=k_cache.device)
             state.handle.send_layer(layer, gather_kv_blocks(k_cache, v_cache, blocks))
             self.layer_done_s.setdefault(request_id, []).append(time.time())
 

@@ -6,7 +6,7 @@ on every step that produces tokens, one ``SampleRequest`` (its
 
 A request with a ``seed`` draws its i-th output token from a generator seeded
 by ``(seed, i)``: its samples depend neither on the rest of the batch nor on
-which worker draws them, so a request handed from prefill to decode, or
+which worker (CPU or GPU) draws them, so a request handed from prefill to decode, or
 re-dispatched after a worker failure, continues with exactly the same tokens.
 """
 
@@ -38,7 +38,9 @@ class Sampler:
 
     def _sample_row(self, logits: torch.Tensor, row: SampleRequest) -> int:
         p = row.params
-        scaled = logits / p.temperature  # (V,)
+        # drawn on the host, whatever the logits' device: a seeded request gets the same
+        # tokens from a CPU and a GPU worker (their RNGs differ)
+        scaled = logits.cpu() / p.temperature  # (V,)
         if p.top_k:
             kth = torch.topk(scaled, min(p.top_k, scaled.numel())).values[-1]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))

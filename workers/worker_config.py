@@ -33,6 +33,7 @@ class WorkerSpec:
     transport: str  # grpc | nccl (| local in-process tests)
     device: str = "cpu"
     torch_threads: int = 1  # intra-op threads; CPU workers share few cores
+    cpu_kernels: bool = False  # the pool's C++ CPU kernels (EngineConfig.cpu_kernels)
     lease_s: float = 30.0  # a KV reservation never used is released after this
     redis_url: str | None = None  # registry and heartbeats; None = no registration
     namespace: str = "baton"  # the cluster's Redis key prefix
@@ -76,7 +77,7 @@ def build_engine(spec: WorkerSpec) -> LLMEngine:
         kv_cache_bytes=spec.kv_cache_bytes, max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens,
         prefill_chunk_size=spec.prefill_chunk_size, max_model_len=spec.max_model_len,
-        num_threads=spec.torch_threads))
+        num_threads=spec.torch_threads, cpu_kernels=spec.cpu_kernels, device=spec.device))
 
 
 def model_info(engine: LLMEngine) -> dict:

@@ -6,7 +6,8 @@ Prefix caching is off: every repetition sends the same prompts, and reusing
 the previous repetition's KV would time no prefill at all. ``spec["threads"]``
 becomes ``EngineConfig.num_threads`` (None: torch's default);
 ``spec["baton"]["cpu_kernels"]`` becomes ``EngineConfig.cpu_kernels``
-(their one-time build happens here, in ``load``, before anything is timed).
+(their one-time build happens here, in ``load``, before anything is timed);
+``spec["device"]`` becomes ``EngineConfig.device``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def load(spec: dict):
         max_num_batched_tokens=opts.get("max_num_batched_tokens", 4096),
         prefill_chunk_size=opts.get("prefill_chunk_size", 512),
         enable_prefix_caching=False, num_threads=spec.get("threads"),
-        cpu_kernels=bool(opts.get("cpu_kernels", False))))
+        cpu_kernels=bool(opts.get("cpu_kernels", False)), device=spec.get("device", "cpu")))
 
     def run(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)

@@ -6,7 +6,7 @@ SPEC.json`` (see ``common.py``). The batch is left-padded with an attention
 mask; greedy (``do_sample=False``), KV cache on, EOS ignored (no EOS id in the
 generation config, so every row runs ``max_new_tokens``), fp32,
 ``torch.inference_mode``; ``spec["threads"]`` intra-op threads (None:
-torch's default).
+torch's default); ``spec["device"]`` (default cpu) holds model and batch.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def load(spec: dict):
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
-    model = LlamaForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).eval()
+    device = torch.device(spec.get("device", "cpu"))
+    model = LlamaForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).to(device).eval()
     pad_id = spec.get("pad_token_id", 0)
 
     def run(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -39,7 +40,8 @@ def load(spec: dict):
         gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, use_cache=True,
                                eos_token_id=None, pad_token_id=pad_id, bos_token_id=None)
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=gen)
         return out[:, width:].tolist()
 
     return run

@@ -41,10 +41,29 @@ def test_disaggregated_example_values():
     ({"pools": [POOL], "redis": {"url": "http://x"}}, "redis.url: 'http://x' must start with redis://"),
     ({"pools": [POOL], "ranker": {"precision": "int4"}}, "ranker.precision: 'int4' is not allowed"),
     ({"pools": [POOL], "ranker": {"chunk": 0}}, "ranker.chunk: 0 must be"),
+    ({"pools": [{**POOL, "cpu_kernels": "maybe"}]},
+     r"pools\[0\].cpu_kernels: expected bool \(true or false\), got 'maybe'"),
+    ({"pools": [{**POOL, "cpu_kernels": 1}]},
+     r"pools\[0\].cpu_kernels: expected bool \(true or false\), got 1"),
+    ({"pools": [{**POOL, "cpu_kernels": True, "gpus_per_replica": 1}]},
+     r"pools\[0\].cpu_kernels: true needs a CPU pool \(gpus_per_replica: 0\), got gpus_per_replica: 1"),
+    ({"pools": [{**POOL, "cpu_kernels": True}], "model": {"dtype": "bfloat16"}},
+     r"pools\[0\].cpu_kernels: true needs model.dtype float32, got 'bfloat16'"),
 ])
 def test_bad_values_are_named(data, message):
     with pytest.raises(ConfigError, match=message):
         ClusterConfig.from_dict(data)
+
+
+def test_cpu_kernels_is_per_pool_and_off_by_default(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("pools:\n"
+                    "  - {name: prefill, role: prefill, gpu_type: H100}\n"
+                    "  - {name: decode, role: decode, gpu_type: L40S, cpu_kernels: true}\n")
+    cfg = load_config(path)
+    assert [p.cpu_kernels for p in cfg.pools] == [False, True]
+    assert ClusterConfig.from_dict(cfg.to_dict()) == cfg
+    assert not any(p.cpu_kernels for name in EXAMPLES for p in load_config(name).pools)
 
 
 def test_sizes_accept_units():

@@ -13,7 +13,7 @@ import time
 
 from test_controller_batching import FakeDecode, FakeHandle, FakePrefill, items, make_controller
 
-import cluster.controller as controller_module
+import cluster.token_follower as token_follower
 from cluster.controller import StreamChunk, _public_url
 from cluster.ray_client import _Merge
 from cluster.token_channel import Publisher, TokenSlice, encode_batch
@@ -106,7 +106,7 @@ def test_events_come_through_redis_each_once(redis_server):
         await ctl.submit_many(items(4, "a"))
         assert await tokens_of(ctl, [f"a{i}" for i in range(4)]) == [[7, 10, 11, 12]] * 4
         # followed with heartbeats only: no event came through Ray
-        assert all(args[1:] == (controller_module.HEARTBEAT_S, False)
+        assert all(args[1:] == (token_follower.HEARTBEAT_S, False)
                    for args in d.called("stream_outputs"))
     asyncio.run(go())
 
@@ -124,7 +124,7 @@ def test_a_lost_message_is_fetched_from_the_worker(redis_server):
 
 
 def test_a_silent_channel_falls_back_to_ray(redis_server, monkeypatch):
-    monkeypatch.setattr(controller_module, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(token_follower, "HEARTBEAT_S", 0.05)
     ns = f"ev-{random.randrange(1 << 30)}"
 
     async def go():

@@ -143,6 +143,7 @@ def test_configmap_is_the_baton_config_of_the_values(case, baton_config):
             assert spec.max_num_seqs == engine["max_num_seqs"]
         if "tensor_parallel" in engine:
             assert spec.tensor_parallel == engine["tensor_parallel"]
+        assert spec.cpu_kernels == engine.get("cpu_kernels", False)
 
 
 def _check_autoscale(pool: dict, spec) -> None:
@@ -178,6 +179,21 @@ def test_autoscaled_example_scales_decode_on_queue_depth(tmp_path):
     assert decode.autoscale.target_waiting_per_replica == 8
     assert only(docs, "RayCluster")["spec"]["enableInTreeAutoscaling"] is True
     assert _groups(docs)["decode"]["maxReplicas"] == 8
+
+
+def test_cpu_kernels_reach_the_config_of_a_cpu_pool(tmp_path):
+    """``pools[].engine.cpu_kernels`` is copied into that pool of the Baton config."""
+    from cluster.config import load_config
+
+    pools = copy.deepcopy(merged_values({})["pools"])
+    for pool in pools:
+        pool["gpusPerPod"] = 0
+    pools[1]["engine"]["cpu_kernels"] = True
+    docs = render({"pools": pools})
+    path = tmp_path / "config.yaml"
+    path.write_text(only(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    assert [(p.name, p.cpu_kernels) for p in load_config(path).pools] == [
+        ("prefill", False), ("decode", True)]
 
 
 def test_config_names_secret_variables_and_holds_no_secret(case, baton_config):

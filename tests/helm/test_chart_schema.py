@@ -63,6 +63,8 @@ def test_shipped_values_fit_the_schema(case):
      "must be one of"),
     ({"pools": _pools(p1={"engine": {"kv_cache_bytes": "lots"}})}, "/pools/1/engine/kv_cache_bytes",
      "anyOf"),
+    ({"pools": _pools(p1={"engine": {"cpu_kernels": "yes"}})}, "/pools/1/engine/cpu_kernels",
+     "want boolean"),
     ({"baton": {"slo": {"attainment": 1.5}}}, "/baton/slo/attainment", "maximum"),
     ({"service": {"grpcPort": 70000}}, "/service/grpcPort", "maximum"),
     ({"autoscaling": {"upscalingMode": "Fast"}}, "/autoscaling/upscalingMode", "must be one of"),
@@ -100,6 +102,11 @@ def test_schema_refuses_bad_values_naming_the_key(values, key, why):
      'pools[0].autoscale.enabled: pool role "prefill" cannot be autoscaled'),
     ({"model": {"source": "/data/m", "weights": {"volume": "pvc", "pvc": {"claimName": "w"}}}},
      'model.source: "/data/m" must be a directory under model.weights.mountPath "/models"'),
+    ({"pools": _pools(p1={"engine": {"cpu_kernels": True}})},
+     "pools[1].engine.cpu_kernels: true needs a CPU pool (gpusPerPod: 0), got gpusPerPod: 1"),
+    ({"model": {"dtype": "bfloat16"},
+      "pools": _pools(p1={"gpusPerPod": 0, "engine": {"cpu_kernels": True}})},
+     'pools[1].engine.cpu_kernels: true needs model.dtype float32, got "bfloat16"'),
 ])
 def test_templates_refuse_inconsistent_values_naming_the_key(values, message):
     assert message in _refusal(values)

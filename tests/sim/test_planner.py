@@ -32,8 +32,8 @@ def test_plan_finds_a_verified_winner_and_writes_loadable_configs():
     again = ClusterConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert [(p.gpu_type, p.replicas) for p in again.pools] == [(i.gpu, n) for i, n in best.pools]
     values = helm_values(again)
-    assert [p["gpuType"] for p in values["pools"]] == [p.gpu_type for p in again.pools]
-    assert all(p["resources"]["limits"]["nvidia.com/gpu"] == p["tensorParallel"] for p in values["pools"])
+    assert [(p["gpuType"], p["replicas"], p["gpusPerPod"], p["engine"]["tensor_parallel"])
+            for p in values["pools"]] == [(i.gpu, n, i.tp, i.tp) for i, n in best.pools]
     assert set(extra["instance_goodput"]) == {"mixed:L40S/tp1", "prefill:L40S/tp1", "decode:L40S/tp1"}
 
 

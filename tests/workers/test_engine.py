@@ -374,3 +374,32 @@ def test_cpu_kernels_under_preemption_and_verification(make_engine, tiny_model, 
     engine.accept("r", ref_tokens[4:7])
     rest = [t for o in engine.stream() for t in o.new_token_ids]
     assert ref_tokens[:7] + rest == ref_tokens
+
+
+@pytest.mark.parametrize("device", ["gpu", "cpu:0", "cuda:x", ""])
+def test_bad_device_name_is_rejected(device):
+    from workers.engine import EngineConfig
+
+    with pytest.raises(ValueError, match="device="):
+        EngineConfig(device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_device_without_cuda_is_a_clear_error(tiny_model):
+    from workers.engine import EngineConfig, LLMEngine
+
+    with pytest.raises(ValueError, match="no CUDA device"):
+        LLMEngine(EngineConfig(device="cuda"), loaded=tiny_model)
+
+
+@pytest.mark.parametrize("chunk", [64, 512])
+def test_padded_prefill_equals_naive_recompute(make_engine, tiny_model, chunk):
+    # the GPU's prefill layout (fresh prompts in one padded causal call; chunks with
+    # cached context one by one), forced on CPU: chunk 64 mixes both kinds in a step
+    engine = make_engine(prefill_chunk_size=chunk, max_num_batched_tokens=1024)
+    engine.runner.padded_prefill = True
+    batches = []
+    real = engine.runner._padded
+    engine.runner._padded = lambda segs: batches.append(real(segs)) or batches[-1]
+    assert_equals_naive_recompute(engine, tiny_model.model, prompts_of(MIXED_LENS, seed=7))
+    assert any(b is not None and b.num_seqs >= 2 for b in batches)

@@ -181,6 +181,14 @@ baton/gpu-type: {{ .pool.gpuType }}
 {{- fail (printf "%s.autoscale.enabled needs autoscaling.enabled: the Ray autoscaler adds the pods Baton's new replicas wait for" $key) -}}
 {{- end -}}
 {{- end -}}
+{{- if ($pool.engine | default dict).cpu_kernels -}}
+{{- if gt (int $pool.gpusPerPod) 0 -}}
+{{- fail (printf "%s.engine.cpu_kernels: true needs a CPU pool (gpusPerPod: 0), got gpusPerPod: %d" $key (int $pool.gpusPerPod)) -}}
+{{- end -}}
+{{- if ne $.Values.model.dtype "float32" -}}
+{{- fail (printf "%s.engine.cpu_kernels: true needs model.dtype float32, got %q" $key $.Values.model.dtype) -}}
+{{- end -}}
+{{- end -}}
 {{- $ctx := dict "root" $ "pool" $pool -}}
 {{- $workers := int (include "baton.pool.workersPerPod" $ctx) -}}
 {{- if gt (int $pool.gpusPerPod) 0 -}}
