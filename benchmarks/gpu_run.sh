@@ -3,7 +3,7 @@
 # already has torch, triton and transformers (grpcio/protobuf/isal wheels can be
 # installed beforehand). Logs and JSON land in $OUT (default benchmarks/out/gpu).
 #
-#   bash benchmarks/gpu_run.sh [tests] [kernels] [engine] [kv]    # default: all four
+#   bash benchmarks/gpu_run.sh [tests] [kernels] [engine] [kv] [profile]  # default: all five
 #
 # Each step has its own time limit so one stuck step leaves the others' results.
 set -u
@@ -11,7 +11,7 @@ OUT=${OUT:-benchmarks/out/gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-steps=${*:-tests kernels engine kv}
+steps=${*:-tests kernels engine kv profile}
 
 step() {  # name limit_s command...
     local name=$1 limit=$2; shift 2
@@ -36,6 +36,8 @@ for s in $steps; do
                     --log-dir /tmp/baton-peer-logs ${ENGINE_ARGS:-} ;;
         kv) step kv "${KV_LIMIT:-120}" $PY benchmarks/kv_transfer_bench.py --device cuda \
                 --json "$OUT/kv_gpu.json" ${KV_ARGS:-} ;;
-        *) echo "unknown step $s (tests, kernels, engine, kv)"; exit 2 ;;
+        profile) echo "== profile"; timeout "${PROFILE_LIMIT:-60}" $PY benchmarks/step_profile.py \
+                     --device cuda --top 20 2>&1 | tee -a "$OUT/machine.txt" | head -8 ;;
+        *) echo "unknown step $s (tests, kernels, engine, kv, profile)"; exit 2 ;;
     esac
 done
