@@ -413,7 +413,9 @@ def parse_args(argv=None):
     p.add_argument("--log-dir", type=Path, default=OUT_DIR / "logs")
     p.add_argument("--vllm-python", default=str(ROOT / ".bench-venv-vllm" / "bin" / "python"))
     p.add_argument("--vllm-kvcache-gib", type=int, default=2)
-    p.add_argument("--baton-max-batched-tokens", type=int, default=4096)
+    p.add_argument("--baton-max-batched-tokens", type=int, default=None,
+                   help="Baton's token budget per step (default 4096 on CPU; 16384 on CUDA, "
+                        "where a whole batch of prompts fits one step, as HF's one forward)")
     p.add_argument("--baton-prefill-chunk", type=int, default=512)
     p.add_argument("--baton-cpu-kernels", choices=["on", "off"], default="on",
                    help="the 'baton' row's EngineConfig.cpu_kernels: the C++ kernels of "
@@ -428,6 +430,8 @@ def parse_args(argv=None):
         p.error("--output-len must be >= 2 (decode is measured after the first token)")
     if args.reps < 1 or args.rounds < 1:
         p.error("--reps and --rounds must be >= 1")
+    if args.baton_max_batched_tokens is None:
+        args.baton_max_batched_tokens = 16384 if args.device.startswith("cuda") else 4096
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     return args

@@ -458,7 +458,7 @@ def breakdown(layers, chunk: int) -> list[dict]:
         try:
             crc_blocks()
         finally:
-            integrity.crc32, gt._OPTIONS, gt._SERVER_OPTIONS = saved
+            integrity.crc32 = saved
 
     def encode():
         for h, r in zip(headers, raws, strict=True):

@@ -279,9 +279,10 @@ def _paged_decode_triton(
         per_split,
         *q.stride(), *part_out.stride(), *part_lse.stride(),
         *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), context_lens.stride(0),
-        GROUP=group, GROUP_PAD=next_power_of_2(group),
-        BLOCK_SIZE=block_size, BLOCK_PAD=next_power_of_2(block_size),
-        HEAD_DIM=head_dim, HEAD_PAD=next_power_of_2(head_dim),
+        GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
+        BLOCK_SIZE=block_size, BLOCK_PAD=max(16, next_power_of_2(block_size)),
+        HEAD_DIM=head_dim, HEAD_PAD=max(16, next_power_of_2(head_dim)),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     if splits > 1:
         _merge_triton(part_out, part_lse, out=out, lse=lse)
@@ -313,10 +314,13 @@ def _paged_decode_kernel(
     stride_tb, stride_tn, stride_len,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program (seq, kv_head, split): the GROUP query heads of kv_head against
-    split's slice of seq's blocks (an empty slice writes out 0, lse -inf)."""
+    split's slice of seq's blocks (an empty slice writes out 0, lse -inf).
+    Scores and values go through ``tl.dot`` (tensor cores; full float32
+    precision for float32 inputs), so the pads are at least 16: padded query
+    rows are computed and never stored."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -328,7 +332,6 @@ def _paged_decode_kernel(
     heads = kv_head * GROUP + offs_g  # (G,)
     q_offs = seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
     q = tl.load(q_ptr + q_offs, mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # (G, D)
-    q = q.to(tl.float32)
     ctx_len = tl.load(lens_ptr + seq * stride_len)
     m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)  # (G,) running max
     l_sum = tl.zeros((GROUP_PAD,), tl.float32)  # (G,) running sum of exp
@@ -342,7 +345,7 @@ def _paged_decode_kernel(
         kv_mask = t_ok[:, None] & d_ok[None, :]  # (T, D)
         k_offs = block_id * stride_kb + offs_t[:, None] * stride_kt + offs_d[None, :] * stride_kd
         k = tl.load(k_ptr + k_offs + kv_head * stride_kh, mask=kv_mask, other=0.0)  # (T, D)
-        scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale  # (G, T)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (G, T) float32
         scores = tl.where(t_ok[None, :], scores, float("-inf"))  # (G, T)
         m_new = tl.maximum(m, tl.max(scores, axis=1))  # (G,)
         alpha = tl.exp(m - m_new)  # (G,)
@@ -350,7 +353,7 @@ def _paged_decode_kernel(
         l_sum = l_sum * alpha + tl.sum(p, axis=1)  # (G,)
         v_offs = block_id * stride_vb + offs_t[:, None] * stride_vt + offs_d[None, :] * stride_vd
         v = tl.load(v_ptr + v_offs + kv_head * stride_vh, mask=kv_mask, other=0.0)  # (T, D)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     nonempty = l_sum > 0  # (G,) false only when ctx_len == 0
     out = acc / tl.where(nonempty, l_sum, 1.0)[:, None]  # (G, D)

@@ -27,7 +27,9 @@ SHAPES = [
     ([300, 31, 2048], 32, 4, 128, 16),
     ([129, 1000], 16, 2, 128, 32),
 ]
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# half precision: the softmax weights are rounded to the input dtype before they meet V
+# (as in flash attention), hence more than one rounding of the output
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def _on_cuda(case):
