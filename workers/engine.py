@@ -24,6 +24,7 @@ import torch
 
 from workers.batch_planner import BatchConfig, BatchPlanner, Chunk
 from workers.block_manager import BlockManager
+from workers.cuda_graphs import DecodeGraphs
 from workers.kv_cache import KVCache, num_blocks_for_budget
 from workers.loader import LoadedModel, load_model, torch_dtype
 from workers.model_runner import ModelRunner, RunItem
@@ -56,6 +57,9 @@ class EngineConfig:
     # where the model, the KV cache and the forward pass live: "cpu", "cuda" or "cuda:N".
     # On CUDA decode attention runs the Triton kernel of kernels.paged_attention
     device: str = "cpu"
+    # CUDA: replay a recorded graph of the forward pass for decode-only steps
+    # (workers.cuda_graphs); ignored on CPU
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         _check_device_name(self.device)
@@ -156,14 +160,21 @@ class LLMEngine:
         blocks = self.config.num_kv_blocks or num_blocks_for_budget(
             self.model_config, self.config.kv_cache_bytes, self.config.block_size,
             torch_dtype(self.config.dtype))
-        self.kv_cache = KVCache(self.model_config, blocks, self.config.block_size,
+        graphs = self.device.type == "cuda" and self.config.cuda_graphs
+        # with CUDA graphs, one block more than the manager hands out: the null block
+        # that rows padding a graph's batch write to
+        self.kv_cache = KVCache(self.model_config, blocks + int(graphs), self.config.block_size,
                                 torch_dtype(self.config.dtype), self.device)
         self.blocks = BlockManager(blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.planner = BatchPlanner(BatchConfig(
             self.config.max_num_seqs, self.config.max_num_batched_tokens,
             self.config.prefill_chunk_size), self.blocks)
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.config.decode_buffer_bytes,
-                                  self.config.cpu_kernels)
+        self.runner = ModelRunner(
+            self.loaded.model, self.kv_cache, self.config.decode_buffer_bytes,
+            self.config.cpu_kernels,
+            DecodeGraphs(self.loaded.model, self.kv_cache.layer_caches, blocks,
+                         self.config.block_size, self.max_model_len,
+                         self.config.max_num_seqs) if graphs else None)
         self.sampler = Sampler(self.config.seed)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

@@ -24,6 +24,7 @@ import torch
 
 from kernels.cpu_kernels import SUPPORTED_GROUPS, SUPPORTED_HEAD_DIMS
 from kernels.cpu_kernels import load as load_cpu_kernels
+from workers.cuda_graphs import DecodeGraphs
 from workers.kv_cache import DecodeKVBuffer, DecodeStep, KVCache, int_tensor
 from workers.model import AttentionMetadata, LlamaForCausalLM, PaddedPrefill, PrefillSegment
 
@@ -43,7 +44,7 @@ class RunItem:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, decode_buffer_bytes: int = 0,
-                 cpu_kernels: bool = False):
+                 cpu_kernels: bool = False, graphs: DecodeGraphs | None = None):
         self.model = model
         self.kv = kv_cache
         self.device = kv_cache.data.device
@@ -56,6 +57,11 @@ class ModelRunner:
         # GPU: prompts with nothing cached attend in one padded call (PaddedPrefill); on
         # CPU, where attention FLOPs are the cost and padding would add some, per segment
         self.padded_prefill = not on_cpu
+        self.graphs = graphs  # CUDA graphs of decode-only steps; None = eager
+
+    def _graphable(self, items: list[RunItem]) -> bool:
+        return self.graphs.fits(len(items)) and all(
+            it.is_decode and it.logits == "last" for it in items)
 
     def forget(self, seq_id: str) -> None:
         """The sequence's blocks were freed (finished, aborted, preempted)."""
@@ -66,6 +72,11 @@ class ModelRunner:
     def run(self, items: list[RunItem],
             on_layer: Callable[[int], None] | None = None) -> list[torch.Tensor | None]:
         """Logits per item, in the items' order: (1, V), (n, V) or None."""
+        if self.graphs is not None and on_layer is None and self._graphable(items):
+            logits = self.graphs.run([it.token_ids[0] for it in items],
+                                     [it.start_pos for it in items],
+                                     [it.block_table for it in items])
+            return list(logits.split(1))
         decodes = [i for i, it in enumerate(items) if it.is_decode]
         others = [i for i, it in enumerate(items) if not it.is_decode]
         step = self._place(items, decodes, others)

@@ -72,8 +72,9 @@ def test_decode_attention_runs_the_triton_kernel(monkeypatch):
     calls = []
     real = pa._paged_decode_triton
     monkeypatch.setattr(pa, "_paged_decode_triton", lambda *a: calls.append(1) or real(*a))
-    engine("cuda").generate(prompts_of([20, 45]), SamplingParams(max_tokens=4, ignore_eos=True))
-    assert len(calls) == 3 * engine("cuda").model_config.num_layers  # 3 decode steps
+    eng = engine("cuda", cuda_graphs=False)
+    eng.generate(prompts_of([20, 45]), SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(calls) == 3 * eng.model_config.num_layers  # 3 decode steps, eager
 
 
 def test_seeded_sampling_is_the_same_on_cpu_and_gpu():
@@ -123,3 +124,18 @@ def test_hf_parity_on_the_gpu(tmp_path):
 def test_cuda_device_that_does_not_exist_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA device"):
         engine(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_cuda_graphs_give_the_eager_tokens():
+    # requests of different lengths: the decode batch shrinks step by step, so several
+    # graph sizes are captured and most steps run padded rows
+    prompts = prompts_of([5, 40, 90, 130, 200, 17, 64, 250, 33], seed=11)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+              for n in (3, 9, 17, 25, 32, 40, 48, 56, 64)]
+    eager = engine("cuda", cuda_graphs=False).generate(prompts, params)
+    graphed_engine = engine("cuda")
+    graphed = graphed_engine.generate(prompts, params)
+    assert [c.token_ids for c in graphed] == [c.token_ids for c in eager]
+    graphs = graphed_engine.runner.graphs
+    assert graphs.replays > 40 and len(graphs.graphs) >= 4
+    assert graphed_engine.blocks.num_free_blocks == graphed_engine.blocks.num_blocks
