@@ -61,6 +61,7 @@ class PaddedPrefill:
 
     rows: torch.Tensor  # (N,) int64: the fresh segments' rows in the flattened batch
     slots: torch.Tensor  # (N,) int64: seg_index * max_len + position in the segment
+    gather: torch.Tensor  # (S * max_len,) int64: the batch row each padded slot copies
     num_seqs: int  # S
     max_len: int  # Lmax
 
@@ -254,17 +255,22 @@ class Attention(nn.Module):
         return out
 
     def _padded_prefill(self, q, kv, batch: PaddedPrefill) -> torch.Tensor:
-        """(N, H, D) attention of the fresh segments' rows, in ``batch.rows`` order."""
-        S, L = batch.num_seqs, batch.max_len
+        """(N, H, D) attention of the fresh segments' rows, in ``batch.rows`` order.
+        Padding slots copy some real row: they sit after every real query's causal
+        window (never attended) and their outputs are dropped, so any finite value
+        does. K/V heads are repeated for the query heads so that SDPA can take its
+        fused kernels (its grouped-query option falls back to the unfused math)."""
+        S, L, group = batch.num_seqs, batch.max_len, self.n_heads // self.n_kv
 
-        def padded(x: torch.Tensor) -> torch.Tensor:  # (T, heads, D) -> (S, heads, L, D)
-            pad = x.new_zeros(S * L, *x.shape[1:])
-            pad.index_copy_(0, batch.slots, x.index_select(0, batch.rows))
-            return pad.view(S, L, *x.shape[1:]).transpose(1, 2)
+        def padded(x: torch.Tensor, repeat: int) -> torch.Tensor:  # -> (S, heads, L, D)
+            x = x.index_select(0, batch.gather)  # (S * L, heads, D)
+            if repeat > 1:
+                x = x.unsqueeze(2).expand(-1, -1, repeat, -1).flatten(1, 2)
+            return x.view(S, L, -1, self.head_dim).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(
-            padded(q), padded(kv[:, 0]), padded(kv[:, 1]), is_causal=True, scale=self.scale,
-            enable_gqa=True)  # (S, H, L, D)
+            padded(q, 1), padded(kv[:, 0], group), padded(kv[:, 1], group), is_causal=True,
+            scale=self.scale)  # (S, H, L, D)
         return out.transpose(1, 2).reshape(S * L, *q.shape[1:]).index_select(0, batch.slots)
 
     def _decode(self, q, kv, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:

@@ -152,8 +152,11 @@ class ModelRunner:
         longest = max(seg.num_tokens for seg in fresh)
         rows = [r for seg in fresh for r in range(seg.start, seg.start + seg.num_tokens)]
         slots = [i * longest + p for i, seg in enumerate(fresh) for p in range(seg.num_tokens)]
-        both = self._to_device(int_tensor(rows + slots))
-        return PaddedPrefill(both[:len(rows)], both[len(rows):], len(fresh), longest)
+        # padded slot -> a row of its own segment (the last one past the segment's end)
+        gather = [seg.start + min(p, seg.num_tokens - 1) for seg in fresh for p in range(longest)]
+        n = len(rows)
+        packed = self._to_device(int_tensor(rows + slots + gather))
+        return PaddedPrefill(packed[:n], packed[n:2 * n], packed[2 * n:], len(fresh), longest)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A host-built index tensor on the cache's device (a no-op on CPU)."""
