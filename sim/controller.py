@@ -8,8 +8,9 @@ Lifecycle of a request at the controller::
     round    (on arrivals and whenever a worker's load changes: a DISPATCH
              event, which sorts after the instant's landings, finished steps
              and arrivals; an arrival with none of those left runs it at once)
-             -> ``scheduler.order(SchedulingRound)`` (a lone request needs no
-                ordering: skipped for the shared ``SchedulerPolicy.order``)
+             -> the order ``scheduler.order(SchedulingRound)`` gives, from the
+                waiting queue (sim.waiting: kept sorted between rounds for the
+                built-in schedulers; a lone request needs no ordering)
              -> for each request in that order: ``router.route(request,
                 prefill views, decode views, prefix hits)``; dispatch while
                 it finds room, stop at the first ``None``; the rest get
@@ -29,17 +30,11 @@ have changed (inside a decode window: once the members' KV takes new blocks).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
-from cluster.policies import (
-    AdmissionPolicy,
-    RequestView,
-    RouterPolicy,
-    SchedulerPolicy,
-    SchedulingRound,
-)
+from cluster.policies import AdmissionPolicy, RequestView, RouterPolicy, SchedulerPolicy
 from sim.events import DISPATCH, LANDED, Clock, EventQueue
 from sim.tracker import Tracker
+from sim.waiting import make_queue
 from sim.workers import SimWorker
 from workers.block_manager import block_hashes
 
@@ -54,7 +49,8 @@ class SimController:
         self.prefill, self.decode = prefill, decode
         self.colocated = prefill is decode
         self.events, self.clock, self.on_reject = events, clock, on_reject
-        self.waiting: list[RequestView] = []  # one list, changed in place (the workers read it)
+        self.queue = make_queue(scheduler)  # the waiting requests in the scheduler's order
+        self.waiting = self.queue.views  # one list, changed in place (the workers read it)
         self.trackers: dict[str, Tracker] = {}
         self.rounds = 0
         self.dispatch_order: list[str] = []  # request ids in dispatch order
@@ -62,6 +58,9 @@ class SimController:
         self.use_prefix_index = use_prefix_index
         self.max_model_len = max_model_len  # longer requests are refused, as the engine does
         self.prefix_index: dict[str, set[int]] = {w.worker_id: set() for w in prefill}
+        self._index_log: list[str] = []  # the prefill worker of each update of prefix_index
+        self._hits_of: dict[str, tuple[int, dict[str, int]]] = {}  # waiting request id ->
+        #   (len(_index_log), its prefix hits) as last computed
         self._max_prompt_blocks = max(w.blocks.num_blocks for w in prefill)
         self._max_total_blocks = max(w.blocks.num_blocks for w in decode)
         self._block_size = prefill[0].spec.block_size
@@ -71,8 +70,6 @@ class SimController:
                                    self._max_total_blocks * self._block_size)
         self._by_id = {w.worker_id: w for w in [*prefill, *decode]}
         self.dispatch_s = dispatch_s  # the control plane's delay before the prompt reaches P
-        # the shared ``SchedulerPolicy.order`` (pure, no state) puts a lone request first
-        self._plain_order = type(scheduler).order is SchedulerPolicy.order
 
     # ----- arrivals ------------------------------------------------------------------
     def arrive(self, tr: Tracker) -> None:
@@ -90,7 +87,7 @@ class SimController:
             self.on_reject(tr)
             return
         self.trackers[r.request_id] = tr
-        self.waiting.append(view)
+        self.waiting.append(view)  # (the queue takes it in at its next call)
         # the round: at once when no event sorts before a DISPATCH pushed now, as that
         # event would run it next (one event fewer per request)
         heap = self.events.heap
@@ -130,10 +127,10 @@ class SimController:
             return
         self.rounds += 1
         now = self.clock.now
-        if len(waiting) == 1 and self._plain_order:  # one request: nothing to order
-            order = waiting
+        if len(waiting) == 1 and self.queue.lone_in_order:
+            order = waiting  # one request (never passed over): nothing to order
         else:
-            order = self.scheduler.order(SchedulingRound(now, self.rounds, tuple(waiting)))
+            order = self.queue.order(now, self.rounds)
         prefill, decode, router = self.prefill, self.decode, self.router
         sent = 0
         for view in order:
@@ -148,26 +145,37 @@ class SimController:
             self._dispatch(view, route.prefill_worker, route.decode_worker)
             sent += 1
         if sent == len(waiting):
-            waiting.clear()
+            if order is waiting:
+                waiting.clear()
+            else:
+                self.queue.clear()
             return
-        gone = {v.request_id for v in order[:sent]}
-        waiting[:] = [replace(v, waited_rounds=v.waited_rounds + 1)
-                      for v in waiting if v.request_id not in gone]
+        self.queue.settle(order, sent, now)  # the rest were passed over once more
         # a round at every step boundary from now on, as when stepping
         for w in self._by_id.values():
             w.hold()
 
     def _hits(self, view: RequestView) -> dict[str, int] | None:
-        if not view.prefix_hashes:
+        """Leading blocks of ``view``'s prefix each prefill worker's index holds.
+
+        Kept per waiting request and brought up to date from the log of index
+        changes: rounds that find no room ask again for the same few requests,
+        often hundreds of times, and an index only grows (a count can only go
+        up, so it is read on from where it was)."""
+        hashes = view.prefix_hashes
+        if not hashes:
             return None
-        hits = {}
-        for wid, index in self.prefix_index.items():
-            n = 0
-            for h in view.prefix_hashes:
-                if h not in index:
-                    break
-                n += 1
-            hits[wid] = n
+        log, index = self._index_log, self.prefix_index
+        known = self._hits_of.get(view.request_id)
+        if known is None:
+            hits = {wid: _held(hashes, held, 0) for wid, held in index.items()}
+        elif known[0] == len(log):
+            return known[1]
+        else:
+            hits = dict(known[1])  # (a new dict: a policy may keep the one it got)
+            for wid in set(log[known[0]:]):
+                hits[wid] = _held(hashes, index[wid], hits[wid])
+        self._hits_of[view.request_id] = (len(log), hits)
         return hits
 
     def _dispatch(self, view: RequestView, prefill_id: str, decode_id: str) -> None:
@@ -180,6 +188,8 @@ class SimController:
             self._worker(decode_id).reserve(tr)
         if view.prefix_hashes:
             self.prefix_index[prefill_id].update(view.prefix_hashes)
+            self._index_log.append(prefill_id)
+            self._hits_of.pop(view.request_id, None)
         if self.dispatch_s:
             self.events.push(self.clock.now + self.dispatch_s, LANDED, p.submit, tr)
         else:
@@ -189,3 +199,13 @@ class SimController:
         if worker_id not in self._by_id:
             raise ValueError(f"router returned unknown worker {worker_id!r}")
         return self._by_id[worker_id]
+
+
+def _held(hashes: tuple[int, ...], index: set[int], start: int) -> int:
+    """How many leading ``hashes`` are in ``index``, the first ``start`` known to be."""
+    n = start
+    for h in hashes[start:]:
+        if h not in index:
+            break
+        n += 1
+    return n

@@ -30,15 +30,27 @@ block ids per request, a million requests a run).
 from __future__ import annotations
 
 import hashlib
+import sys
 from array import array
 from dataclasses import dataclass
+
+
+def _token_bytes(token_ids: tuple[int, ...]) -> bytes:
+    """Each id as 4 little-endian bytes (packed in C: ~2x faster than per-id to_bytes)."""
+    packed = array("I", token_ids)
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+_BIG_ENDIAN = sys.byteorder == "big"
 
 
 def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
     """Stable 64-bit hash of a full block given its parent's hash."""
     h = hashlib.blake2b(digest_size=8)
     h.update((parent or 0).to_bytes(8, "little"))
-    h.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
+    h.update(_token_bytes(token_ids))
     return int.from_bytes(h.digest(), "little")
 
 

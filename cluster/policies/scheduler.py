@@ -75,6 +75,17 @@ class SchedulerPolicy(ABC):
         cycle = self.starvation_rounds + self.quantum_rounds
         return r.waited_rounds % cycle >= self.starvation_rounds
 
+    def rounds_to_change(self, waited_rounds: int) -> int:
+        """Rounds a request passed over ``waited_rounds`` times can be passed over
+        again before the round count in ``starving`` may answer otherwise (the
+        start or end of a quantum). A queue kept in order between rounds (the
+        simulator's) asks ``starving`` again only then."""
+        cycle = self.starvation_rounds + self.quantum_rounds
+        phase = waited_rounds % cycle
+        if phase < self.starvation_rounds:
+            return self.starvation_rounds - phase
+        return cycle - phase
+
     def placement(self, r: RequestView, now_s: float) -> Placement:
         """Decode-side rank of a request being dispatched now."""
         boost = self.quantum_rounds if self.starving(r, now_s) else 0
