@@ -13,6 +13,12 @@ machine), sets ``meta.cpu_kernels`` every step and keeps no decode buffer:
 decode rows read their own blocks of the paged cache in place, and only
 their own context; RMSNorm is one op. Where the kernels cannot load or do
 not support the model, the runner works as without them.
+
+On CUDA the index tensors built on the host are copied to the device, decode
+attention is the Triton kernel over the paged cache, prompts with nothing
+cached are laid out as one padded batch for a single causal attention call
+(``PaddedPrefill``), and decode-only steps replay a CUDA graph
+(``workers.cuda_graphs.DecodeGraphs``) when the engine gives the runner one.
 """
 
 from __future__ import annotations
