@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from kernels import cpu_kernels, decode_attention, paged_decode_attention_out
 from workers.kv_cache import DecodeGroup, DecodeStep, LayerCache
@@ -300,6 +301,8 @@ class Attention(nn.Module):
         blocks = seg.block_table[: -(-ctx // block_size)]
         k_ctx = k_cache[blocks].reshape(-1, self.n_kv, self.head_dim)[:ctx]  # (ctx, KVH, D)
         v_ctx = v_cache[blocks].reshape(-1, self.n_kv, self.head_dim)[:ctx]
+        if q.is_cuda:  # a fused kernel, no (H, n, ctx) mask or score matrix in memory
+            return self._lower_right_causal(q, k_ctx, v_ctx)
         # query i sits at position ctx - n + i and sees keys 0..ctx - n + i
         qpos = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(1)  # (n, 1)
         mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= qpos  # (n, ctx)
@@ -307,6 +310,20 @@ class Attention(nn.Module):
             q.transpose(0, 1)[None], k_ctx.transpose(0, 1)[None], v_ctx.transpose(0, 1)[None],
             attn_mask=mask, scale=self.scale, enable_gqa=True)  # (1, H, n, D)
         return out[0].transpose(0, 1)
+
+
+    def _lower_right_causal(self, q, k, v) -> torch.Tensor:
+        """(n, H, D) attention of the last n positions of a ctx-token context:
+        query i sees keys 0..ctx - n + i. K/V heads are repeated for the query
+        heads so that SDPA can run this as a fused kernel."""
+        group = self.n_heads // self.n_kv
+        if group > 1:
+            k = k.unsqueeze(2).expand(-1, -1, group, -1).flatten(1, 2)  # (ctx, H, D)
+            v = v.unsqueeze(2).expand(-1, -1, group, -1).flatten(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=causal_lower_right(q.shape[0], k.shape[0]), scale=self.scale)
+        return out[0].transpose(0, 1)  # (n, H, D)
 
 
 class MLP(nn.Module):

@@ -139,3 +139,17 @@ def test_cuda_graphs_give_the_eager_tokens():
     graphs = graphed_engine.runner.graphs
     assert graphs.replays > 40 and len(graphs.graphs) >= 4
     assert graphed_engine.blocks.num_free_blocks == graphed_engine.blocks.num_blocks
+
+
+def test_long_prompt_in_chunks_equals_naive_recompute_on_the_gpu():
+    # chunks after the first attend to the KV cached before them (lower-right causal)
+    eng = engine("cuda", prefill_chunk_size=256, max_num_batched_tokens=512)
+    prompt = prompts_of([1500], seed=13)[0]
+    out = eng.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8,
+                                                ignore_eos=True))[0]
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(8):
+            ids.append(int(eng.loaded.model.forward_dense(torch.tensor(ids, device="cuda"))[-1]
+                           .argmax()))
+    assert out.token_ids == ids[len(prompt):]

@@ -50,3 +50,20 @@ def test_int_tensor_equals_torch_tensor(dtype):
     values = [0, 5, -3, 2**31 - 1 if dtype == torch.int32 else 2**40]
     assert torch.equal(int_tensor(values, dtype), torch.tensor(values, dtype=dtype))
     assert int_tensor([], dtype).shape == (0,) and int_tensor([], dtype).dtype == dtype
+
+
+@pytest.mark.parametrize("n, ctx", [(1, 1), (5, 40), (64, 64), (17, 300)])
+def test_lower_right_causal_equals_the_explicit_mask(n, ctx):
+    # the GPU's path for a prefill chunk after cached KV: lower-right causal bias, K/V heads
+    # repeated; here against the boolean mask the CPU path builds
+    from workers.model import Attention
+
+    attn = Attention(tiny_config())
+    gen = torch.Generator().manual_seed(n + ctx)
+    q = torch.randn(n, attn.n_heads, attn.head_dim, generator=gen)
+    k, v = (torch.randn(ctx, attn.n_kv, attn.head_dim, generator=gen) for _ in range(2))
+    mask = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]  # (n, ctx)
+    ref = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, scale=attn.scale, enable_gqa=True)[0].transpose(0, 1)
+    torch.testing.assert_close(attn._lower_right_causal(q, k, v), ref, atol=1e-6, rtol=1e-6)
