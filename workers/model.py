@@ -261,17 +261,15 @@ class Attention(nn.Module):
         window (never attended) and their outputs are dropped, so any finite value
         does. K/V heads are repeated for the query heads so that SDPA can take its
         fused kernels (its grouped-query option falls back to the unfused math)."""
-        S, L, group = batch.num_seqs, batch.max_len, self.n_heads // self.n_kv
+        S, L = batch.num_seqs, batch.max_len
 
-        def padded(x: torch.Tensor, repeat: int) -> torch.Tensor:  # -> (S, heads, L, D)
+        def padded(x: torch.Tensor) -> torch.Tensor:  # (T, heads, D) -> (S, heads, L, D)
             x = x.index_select(0, batch.gather)  # (S * L, heads, D)
-            if repeat > 1:
-                x = x.unsqueeze(2).expand(-1, -1, repeat, -1).flatten(1, 2)
             return x.view(S, L, -1, self.head_dim).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(
-            padded(q, 1), padded(kv[:, 0], group), padded(kv[:, 1], group), is_causal=True,
-            scale=self.scale)  # (S, H, L, D)
+            padded(q), padded(self._all_heads(kv[:, 0])), padded(self._all_heads(kv[:, 1])),
+            is_causal=True, scale=self.scale)  # (S, H, L, D)
         return out.transpose(1, 2).reshape(S * L, *q.shape[1:]).index_select(0, batch.slots)
 
     def _decode(self, q, kv, meta: AttentionMetadata, cache: LayerCache) -> torch.Tensor:
@@ -311,19 +309,24 @@ class Attention(nn.Module):
             attn_mask=mask, scale=self.scale, enable_gqa=True)  # (1, H, n, D)
         return out[0].transpose(0, 1)
 
-
     def _lower_right_causal(self, q, k, v) -> torch.Tensor:
         """(n, H, D) attention of the last n positions of a ctx-token context:
         query i sees keys 0..ctx - n + i. K/V heads are repeated for the query
         heads so that SDPA can run this as a fused kernel."""
-        group = self.n_heads // self.n_kv
-        if group > 1:
-            k = k.unsqueeze(2).expand(-1, -1, group, -1).flatten(1, 2)  # (ctx, H, D)
-            v = v.unsqueeze(2).expand(-1, -1, group, -1).flatten(1, 2)
+        k, v = self._all_heads(k), self._all_heads(v)  # (ctx, H, D)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
             attn_mask=causal_lower_right(q.shape[0], k.shape[0]), scale=self.scale)
         return out[0].transpose(0, 1)  # (n, H, D)
+
+
+    def _all_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, KVH, D) keys or values repeated for their query heads: (T, H, D).
+        SDPA's own grouped-query option runs as unfused math on CUDA (profiled)."""
+        group = self.n_heads // self.n_kv
+        if group == 1:
+            return x
+        return x.unsqueeze(2).expand(-1, -1, group, -1).flatten(1, 2)
 
 
 class MLP(nn.Module):
