@@ -66,8 +66,10 @@ class ModelRunner:
         self.graphs = graphs  # CUDA graphs of decode-only steps; None = eager
 
     def _graphable(self, items: list[RunItem]) -> bool:
+        width = self.graphs.width  # a longer table (never within max_model_len) runs eagerly
         return self.graphs.fits(len(items)) and all(
-            it.is_decode and it.logits == "last" for it in items)
+            it.is_decode and it.logits == "last" and len(it.block_table) <= width
+            for it in items)
 
     def forget(self, seq_id: str) -> None:
         """The sequence's blocks were freed (finished, aborted, preempted)."""
