@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shlex
 import statistics
@@ -65,6 +64,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from bench_common import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
@@ -435,24 +436,6 @@ def parse_args(argv=None):
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     return args
-
-
-def machine(device: str = "cpu") -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return (f"GPU: {torch.cuda.get_device_name(torch.device(device))}, torch "
-                f"{torch.__version__}, CUDA {torch.version.cuda}, {os.cpu_count()} CPU cores, "
-                f"Python {platform.python_version()}")
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {os.cpu_count()} cores ({cpu}), no GPU, Python {platform.python_version()}"
 
 
 def main(argv=None) -> dict:

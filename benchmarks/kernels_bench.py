@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import torch
+from bench_common import machine
 
 from kernels import (
     gather_kv_blocks,
@@ -169,15 +169,6 @@ def line(r: dict) -> str:
     if "max_abs_diff" in r:
         out += f" | diff {r['max_abs_diff']:.1e}"
     return out
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        import triton
-
-        return (f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-                f"CUDA {torch.version.cuda}, triton {triton.__version__}")
-    return f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> None:

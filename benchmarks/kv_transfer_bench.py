@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import platform
 import re
 import shutil
 import socket
@@ -80,7 +79,7 @@ import time
 import zlib
 from pathlib import Path
 
-from bench_common import emit_report
+from bench_common import emit_report, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -713,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "kv_transfer", "date": time.strftime("%Y-%m-%d"),
         "machine": machine(args.device), "device": args.device,
+        "kv_location": "GPU memory, both sides" if args.device != "cpu" else "host memory",
         "load_avg_1m": os.getloadavg()[0],
         "payload_bytes": total, "tokens": args.tokens, "layers": args.layers,
         "layer_shape": list(layers[0].shape), "dtype": "float32", "chunk_bytes": chunk,
@@ -724,15 +724,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     emit_report(report, args.json, print_tables)
     return 0
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return (f"GPU: {torch.cuda.get_device_name()} (KV in GPU memory on both sides), "
-                f"{os.cpu_count()} CPU cores")
-    return f"CPU, {os.cpu_count()} cores, no GPU ({platform.processor() or platform.machine()})"
 
 
 def print_profile(prof: dict) -> None:

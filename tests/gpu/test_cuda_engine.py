@@ -4,22 +4,13 @@ not depend on the device, half precision, prefix reuse, HF parity."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from test_engine import GREEDY, MIXED_LENS, prompts_of  # tests/workers, on the path
 
 from workers.engine import EngineConfig, LLMEngine
 from workers.loader import load_model
 from workers.sampling import SamplingParams
-
-GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-MIXED_LENS = [1, 7, 16, 33, 64, 100, 257, 300]
-
-
-def prompts_of(lens: list[int], seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(256) for _ in range(n)] for n in lens]
 
 
 def engine(device: str, **overrides) -> LLMEngine:
