@@ -46,6 +46,9 @@ def add_ranker_commands(subparsers) -> None:
                     help="torch threads (the head's small steps run fastest on one)")
     tr.add_argument("--encoder-max-tokens", type=_positive, default=128,
                     help="prompt tokens the backbone reads (head + tail)")
+    tr.add_argument("--encoder-layers", type=int, choices=range(1, 7), default=4, metavar="1..6",
+                    help="backbone layers to run; the head reads the last one's output "
+                         "(default 4: ranks better than 6 on ShareGPT, at 2/3 of the cost)")
     tr.add_argument("--from-redis", action="store_true",
                     help="fine-tune on the completion log of the cluster in --config")
     tr.add_argument("--config", help="--from-redis: the cluster's YAML (or example name)")
@@ -112,11 +115,12 @@ def _train_offline(args, cfg) -> int:
     if args.max_examples:
         examples = sorted(examples, key=lambda e: data.hash_order(e.id))[:args.max_examples]
     cache = EmbeddingCache(args.cache_dir or DEFAULT_CACHE, MiniLMEncoder.load(
-        max_tokens=args.encoder_max_tokens))
+        max_tokens=args.encoder_max_tokens, layers=args.encoder_layers))
     command = "baton ranker " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 2 and sys.argv[1] == "ranker" else ""
     report = train_and_evaluate(examples, lambda t: cache.get(t, progress=True), args.out, cfg,
-                                command=command, encoder_max_tokens=args.encoder_max_tokens)
+                                command=command, encoder_max_tokens=args.encoder_max_tokens,
+                                encoder_layers=args.encoder_layers)
     print(quality_table({k: RankQuality(**v) for k, v in report["test"].items()}))
     print(f"wrote {args.out / 'head.safetensors'} and {args.out / 'report.json'}")
     return 0

@@ -32,7 +32,8 @@ class EmbeddingCache:
     def __init__(self, folder: Path, encoder: MiniLMEncoder, flush_every: int = 1024):
         self.encoder = encoder
         suffix = "" if encoder.precision == "fp32" else f"-{encoder.precision}"
-        self.path = Path(folder) / f"minilm-l6-mean-t{encoder.max_tokens}{suffix}.safetensors"
+        depth = "" if encoder.layers == encoder.cfg.layers else f"-d{encoder.layers}"
+        self.path = Path(folder) / f"minilm-l6{depth}-mean-t{encoder.max_tokens}{suffix}.safetensors"
         self.keys_path = self.path.with_suffix(".keys.json")
         self.flush_every = flush_every
         self._rows: dict[str, int] = {}

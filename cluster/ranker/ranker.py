@@ -40,8 +40,9 @@ class Ranker:
             raise ValueError(f"ranker head {path} does not exist; train one with "
                              "`baton ranker train --out DIR`")
         head = ScoreHead.load(path)
-        max_tokens = int(head.meta.get("encoder_max_tokens", 128))
-        return cls(MiniLMEncoder.load(max_tokens=max_tokens, precision=precision), head, str(path))
+        max_tokens, layers = encoder_setting(head)
+        return cls(MiniLMEncoder.load(max_tokens=max_tokens, precision=precision, layers=layers),
+                   head, str(path))
 
     @property
     def precision(self) -> str:
@@ -63,8 +64,15 @@ class Ranker:
     def swap_head(self, path: str | Path) -> dict:
         """Load a head and make it current; a bad file raises and changes nothing."""
         new = ScoreHead.load(Path(path))
-        old_tokens = int(self.head.meta.get("encoder_max_tokens", 128))
-        if int(new.meta.get("encoder_max_tokens", 128)) != old_tokens:
-            raise ValueError(f"{path}: head was trained on a different encoder truncation")
+        if encoder_setting(new) != encoder_setting(self.head):
+            raise ValueError(f"{path}: head was trained on a different encoder setting "
+                             f"(max tokens, layers) {encoder_setting(new)}; the running encoder "
+                             f"is {encoder_setting(self.head)}")
         self.head, self.head_path = new, str(path)
         return {"head_path": str(path), "test": new.meta.get("test"), "source": new.meta.get("source")}
+
+
+def encoder_setting(head: ScoreHead) -> tuple[int, int]:
+    """(max tokens, layers) of the encoder whose features ``head`` was trained
+    on; heads from before the ``layers`` setting read the last of six."""
+    return int(head.meta.get("encoder_max_tokens", 128)), int(head.meta.get("encoder_layers", 6))

