@@ -181,6 +181,8 @@ class SimController:
     def _dispatch(self, view: RequestView, prefill_id: str, decode_id: str) -> None:
         tr = self.trackers.pop(view.request_id)
         tr.dispatch_s = self.clock.now
+        placement = self.scheduler.placement(view, tr.dispatch_s)
+        tr.priority, tr.boost_steps = placement.priority, placement.boost_steps
         tr.prefill_worker, tr.decode_worker = prefill_id, decode_id
         self.dispatch_order.append(view.request_id)
         p = self._by_id.get(prefill_id) or self._worker(prefill_id)

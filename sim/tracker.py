@@ -15,7 +15,7 @@ from workers.sequence import Sequence
 class Tracker:
     __slots__ = ("req", "seq", "dispatch_s", "first_token_s", "last_token_s", "max_gap_s",
                  "finish_s", "prefill_worker", "decode_worker", "preemptions", "prefill_left",
-                 "transfer_s", "rejected", "score")
+                 "transfer_s", "rejected", "score", "priority", "boost_steps")
 
     def __init__(self, req: Request, score: float | None = None):
         self.req = req  # the workload's request
@@ -32,3 +32,7 @@ class Tracker:
         self.transfer_s = 0.0  # time its KV spent on the link (disaggregated)
         self.rejected = ""  # admission refusal reason ("" = accepted)
         self.score = score  # simulated ranker score (ltr policy)
+        # its rank on the worker that decodes it (the scheduler's ``placement`` at
+        # dispatch, as the controller sends it): who is preempted first when KV runs short
+        self.priority = 0.0
+        self.boost_steps = 0

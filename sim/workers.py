@@ -188,6 +188,8 @@ class SimWorker:
         r = tr.req
         seq = Sequence(r.request_id, _prompt_tokens(r, self.spec.block_size),
                        _params(r.output_tokens), r.index)
+        if self.spec.role == "mixed":  # it decodes here too: its rank counts (a prefill
+            seq.priority, seq.boost_steps = tr.priority, tr.boost_steps  # worker ranks none)
         tr.seq, tr.prefill_left = seq, r.prompt_tokens
         self.trackers[r.request_id] = tr
         self.backlog += r.prompt_tokens
@@ -213,7 +215,8 @@ class SimWorker:
         """Decode worker: the KV arrived; the request decodes from its next token."""
         r = tr.req
         seq = Sequence(r.request_id, _prompt_tokens(r, self.spec.block_size),
-                       _params(r.output_tokens), r.index, output_token_ids=[0])
+                       _params(r.output_tokens), r.index, output_token_ids=[0],
+                       priority=tr.priority, boost_steps=tr.boost_steps)
         seq.num_computed_tokens = seq.num_tokens - 1
         seq.status = SequenceStatus.RUNNING
         tr.seq, tr.prefill_left = seq, 0
