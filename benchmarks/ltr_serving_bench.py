@@ -106,7 +106,8 @@ def arrival_offsets(n: int, rate: float | None, seed: int) -> list[float]:
 
 
 # ----- the real cluster ------------------------------------------------------------------------
-def make_config(policy: str, redis_url: str, tag: str, max_num_seqs: int, n: int):
+def make_config(policy: str, redis_url: str, tag: str, max_num_seqs: int, n: int,
+                head: Path | None = None):
     from cluster.config import load_config
 
     cfg = load_config("tiny-colocated")
@@ -116,7 +117,8 @@ def make_config(policy: str, redis_url: str, tag: str, max_num_seqs: int, n: int
     return replace(cfg, name=name, pools=pools,
                    scheduler=replace(cfg.scheduler, policy=policy),
                    admission=replace(cfg.admission, max_waiting=max(1024, 2 * n)),
-                   redis=replace(cfg.redis, url=redis_url, namespace=name))
+                   redis=replace(cfg.redis, url=redis_url, namespace=name),
+                   ranker=replace(cfg.ranker, head_path=str(head)) if head else cfg.ranker)
 
 
 async def one_request(client, rid: str, prompt: list[int], max_tokens: int, delay_s: float):
@@ -216,7 +218,7 @@ def pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def time_encoder(prompts: list[str], repeats: int = 3) -> dict:
+def time_encoder(prompts: list[str], repeats: int = 3, head: Path | None = None) -> dict:
     """Seconds to score ``prompts`` on one torch thread, served int8 against
     the fp32 reference, interleaved; the best of ``repeats`` each."""
     import torch
@@ -225,7 +227,7 @@ def time_encoder(prompts: list[str], repeats: int = 3) -> dict:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    rankers = {p: Ranker.load(precision=p) for p in ("int8", "fp32")}
+    rankers = {p: Ranker.load(head, precision=p) for p in ("int8", "fp32")}
     best = dict.fromkeys(rankers, float("inf"))
     load = os.getloadavg()[0]
     for _ in range(repeats):
@@ -359,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-sim", action="store_true")
+    ap.add_argument("--head", type=Path, default=None,
+                    help="ranker head for ltr (default: the shipped one)")
     ap.add_argument("--sweep", action="store_true",
                     help="no cluster: ratios by slot count in the slot model and the simulator, "
                          "with the shipped head's real scores")
@@ -381,12 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [e.output_tokens for e in examples]
     offsets = arrival_offsets(len(examples), args.rate, args.seed)
     if args.sweep:
-        scores = Ranker.load().score([e.prompt for e in examples])
+        scores = Ranker.load(args.head).score([e.prompt for e in examples])
         print_sweep(sweep(examples, scores), rank_quality(scores, lengths).kendall_tau,
                     len(examples))
         return 0
-    encoder_cost = time_encoder([e.prompt for e in examples])
-    ranker = Ranker.load()
+    encoder_cost = time_encoder([e.prompt for e in examples], head=args.head)
+    ranker = Ranker.load(args.head)
     quality = rank_quality(ranker.score([e.prompt for e in examples]), lengths)
     del ranker
     say(f"{len(examples)} requests, {sum(lengths)} output tokens; shipped head on them: "
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for policy in policies:
                 cfg = cfgs[policy] = make_config(policy, redis_server.url, tag,
-                                                 args.max_num_seqs, len(examples))
+                                                 args.max_num_seqs, len(examples), args.head)
                 dep = Deployment(cfg).start()
                 try:
                     res = asyncio.run(run_policy(cfg, prompts, lengths, offsets))
