@@ -12,16 +12,16 @@ Prompts longer than ``max_tokens`` keep their head and their tail: the
 instruction that decides the answer's length is often at the end of a long
 pasted text ("summarize the above").
 
-``precision`` sets how the 36 Linear layers (96% of the FLOPs; attention,
+``precision`` sets how the Linear layers (96% of the FLOPs; attention,
 LayerNorm and GELU stay fp32) run:
 
 - ``fp32``: the reference, equal to ``transformers.BertModel`` within 1e-5;
 - ``bf16``: bfloat16 weights and activations in the matmuls;
 - ``int8``: weights int8 per output channel, activations quantized per token
   on the fly, exact int32 accumulation (``torch._int_mm``), so the result is
-  the same on every CPU. 1.5-2.2x faster than fp32 on one thread (300 serving
-  prompts, loaded 2-core machine); the shipped head's test-split tau moves from
-  0.393 to 0.394 (BENCHMARKS.md).
+  the same on every CPU. 1.5-2.3x faster than fp32 on one thread (300 serving
+  prompts, 2-core machine); the shipped head's test-split tau is 0.4304 with
+  fp32 and with int8 features (BENCHMARKS.md).
 
 Query, key and value projections run as one fused matmul in every precision.
 

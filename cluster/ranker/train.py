@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.ranker.data import BUCKET_TOKENS, Example, bucket, by_split, count_tokens
+from cluster.ranker.encoder import DEFAULT_LAYERS
 from cluster.ranker.evaluate import RankQuality, kendall_tau, rank_quality
 from cluster.ranker.head import ScoreHead, init_seed, prompt_features
 from cluster.ranker.listmle import listmle
@@ -170,7 +171,7 @@ def classifier_scores(head: ScoreHead, x: torch.Tensor) -> torch.Tensor:
 # ----- the whole run -------------------------------------------------------------------------
 def train_and_evaluate(examples: list[Example], embed, out_dir: Path, cfg: TrainConfig,
                        command: str = "", encoder_max_tokens: int = 128,
-                       encoder_layers: int = 6, log=None) -> dict:
+                       encoder_layers: int = DEFAULT_LAYERS, log=None) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.time()
     splits = by_split(examples)

@@ -348,6 +348,13 @@ def test_a_shallower_encoder_pools_that_layer_of_the_reference_bert(encoder):
             MiniLMEncoder(encoder.w, encoder.tok, encoder.cfg, 16, layers=bad)
 
 
+def test_cli_defaults_name_the_encoder_constants():
+    from cluster.ranker import cli, encoder
+
+    assert cli.PRECISIONS == encoder.PRECISIONS
+    assert cli.ENCODER_LAYERS == encoder.DEFAULT_LAYERS
+
+
 def test_swapping_in_a_head_of_another_encoder_setting_is_refused(tmp_path, encoder):
     from cluster.ranker.ranker import Ranker
 
