@@ -54,7 +54,9 @@ def test_batches_match_planner_steps_with_preemption(make_spec, mode):
     exact, fast = both(make_spec, mode, POISSON, memory_utilization=0.8)
     assert fast.summary.preemptions == exact.summary.preemptions > 0
     assert fast.summary.extra["windows"] > 0
-    assert fast.summary.extra["planner_calls"] < exact.summary.extra["planner_calls"] / 2
+    # requests that starved in the queue decode boosted for a quantum, and a boosted
+    # sequence goes through the planner: 0.26-0.51 of the calls on these traces
+    assert fast.summary.extra["planner_calls"] < exact.summary.extra["planner_calls"] * 0.6
 
 
 @pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
