@@ -17,7 +17,7 @@ import pytest
 import torch
 
 TESTS = Path(__file__).resolve().parent.parent
-for helpers in ("kernels", "workers"):  # kernel_cases, hf_fixtures
+for helpers in ("kernels", "workers", "kvtransfer"):  # kernel_cases, hf_fixtures, test_transports
     if str(TESTS / helpers) not in sys.path:
         sys.path.insert(0, str(TESTS / helpers))
 

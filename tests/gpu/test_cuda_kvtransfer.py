@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_transports import BLOCKS, BS, HEADS, LAYERS, landed, send  # tests/kvtransfer
 
-from kernels import gather_kv_blocks
 from kvtransfer import make_receiver, make_sender
 from kvtransfer.base import ReceiverCore, TransferState
 
-LAYERS, BLOCKS, BS, HEADS, DIM = 3, 32, 16, 2, 64
-SRC_IDS, DST_IDS = [3, 7, 1, 9, 30], [10, 11, 20, 2, 5]
+DIM = 64  # head size of these GPU caches (the CPU tests use 8)
 
 
 def caches(fill: bool, dtype=torch.bfloat16):
@@ -33,15 +32,6 @@ def pair():
     sender.close()
 
 
-def send(sender, receiver, src, rid):
-    receiver.expect(rid, DST_IDS)
-    handle = sender.open(rid, receiver.endpoint, LAYERS)
-    ids = torch.tensor(SRC_IDS, device="cuda")
-    for layer in range(LAYERS):
-        handle.send_layer(layer, gather_kv_blocks(*src[layer], ids))
-    return handle.finish(timeout_s=30)
-
-
 @pytest.mark.parametrize("corrupt", [0, 1])
 def test_gpu_blocks_land_bit_exact_over_grpc(pair, corrupt):
     sender, receiver, dst = pair
@@ -50,6 +40,4 @@ def test_gpu_blocks_land_bit_exact_over_grpc(pair, corrupt):
     result = send(sender, receiver, src, f"r{corrupt}")
     assert (result.ok, result.attempts) == (True, 1 + corrupt)
     assert receiver.take(f"r{corrupt}").state is TransferState.SUCCESS
-    for layer in range(LAYERS):
-        for i in (0, 1):
-            assert torch.equal(dst[layer][i][DST_IDS], src[layer][i][SRC_IDS])
+    assert landed(src, dst)

@@ -36,8 +36,9 @@ def pair(request):
 def send(sender, receiver, src, rid):
     receiver.expect(rid, DST_IDS)
     handle = sender.open(rid, receiver.endpoint, LAYERS)
+    ids = torch.tensor(SRC_IDS, device=src[0][0].device)  # the caches' device (tests/gpu too)
     for layer in range(LAYERS):
-        handle.send_layer(layer, gather_kv_blocks(*src[layer], torch.tensor(SRC_IDS)))
+        handle.send_layer(layer, gather_kv_blocks(*src[layer], ids))
     return handle.finish(timeout_s=30)
 
 
