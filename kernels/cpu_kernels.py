@@ -17,7 +17,8 @@ Sources: ``csrc/cpu_kernels.cpp``.
 
 Lifecycle: nothing is compiled at import. ``load()`` builds the extension
 with torch's C++ extension builder (a compiler and ninja are needed; about
-15 s on 2 cores) the first time a process on the machine calls it, then
+15 s on 2 cores; with ``-fopenmp``, so that ``at::parallel_for`` spreads the
+work over torch's intra-op threads, or without it where OpenMP is missing) the first time a process on the machine calls it, then
 loads the cached build (``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) in about a second; where it cannot build it
 warns once and returns False. The engine calls it only when
@@ -92,20 +93,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
 
 
+def parallel_threads(tasks: int = 64) -> int:
+    """Threads the kernels' ``at::parallel_for`` runs ``tasks`` tasks on (1 if
+    the build has no OpenMP); 0 when the kernels are not loaded."""
+    return torch.ops.baton_cpu.parallel_threads(tasks) if is_loaded() else 0
+
+
 def _build() -> bool:
     from torch.utils.cpp_extension import load as load_extension
 
     flags, tag = ["-O3"], "generic"
     if _x86_has("avx2", "fma"):
         flags, tag = flags + ["-mavx2", "-mfma"], "avx2"
-    try:
-        load_extension(f"baton_cpu_kernels_{tag}", [str(SOURCE)], extra_cflags=flags,
-                       is_python_module=False, verbose=False)
-    except Exception as exc:  # no compiler, no ninja, a failed build: stay on torch
-        warnings.warn(f"CPU decode attention kernel unavailable ({exc!r:.300}); "
-                      "decode attention stays on torch", RuntimeWarning, stacklevel=3)
-        return False
-    return True
+    # Without -fopenmp, at::parallel_for compiles to a plain loop: the kernels
+    # would run on one thread whatever torch.get_num_threads() says. The
+    # extension then binds to the OpenMP runtime torch already loaded.
+    err: Exception | None = None
+    for omp in (["-fopenmp"], []):
+        try:
+            load_extension(f"baton_cpu_kernels_{tag}{'_omp' if omp else ''}", [str(SOURCE)],
+                           extra_cflags=flags + omp, extra_ldflags=omp,
+                           is_python_module=False, verbose=False)
+            return True
+        except Exception as exc:  # no compiler, no ninja, no OpenMP: try without, then torch
+            err = exc
+    warnings.warn(f"CPU decode attention kernel unavailable ({err!r:.300}); "
+                  "decode attention stays on torch", RuntimeWarning, stacklevel=3)
+    return False
 
 
 def _x86_has(*flags: str) -> bool:

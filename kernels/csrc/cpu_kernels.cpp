@@ -315,15 +315,33 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
+// How many threads at::parallel_for runs `tasks` tasks of grain 1 on: what the
+// kernels above get (1 when the build lacks OpenMP, whatever torch's setting).
+int64_t parallel_threads(int64_t tasks) {
+  std::vector<char> seen(std::max<int64_t>(at::get_num_threads(), 1) + 1, 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    const int64_t t = at::get_thread_num();
+    seen[std::min<int64_t>(t, static_cast<int64_t>(seen.size()) - 1)] = 1;
+  });
+  int64_t n = 0;
+  for (char c : seen) n += c;
+  return n;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(baton_cpu, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale) -> (Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("parallel_threads(int tasks) -> int");
 }
 
 TORCH_LIBRARY_IMPL(baton_cpu, CPU, m) {
   m.impl("paged_decode_attention", paged_decode_attention);
   m.impl("rms_norm", rms_norm);
+}
+
+TORCH_LIBRARY_IMPL(baton_cpu, CompositeExplicitAutograd, m) {
+  m.impl("parallel_threads", parallel_threads);
 }

@@ -108,3 +108,15 @@ def test_rms_norm_leaves_other_inputs_to_torch():
     ref = torch.nn.functional.rms_norm(x, (32,), w, 1e-5)
     assert torch.equal(cpu_kernels.rms_norm(x, w, 1e-5), ref)  # 3-D
     assert torch.equal(cpu_kernels.rms_norm(x[:, 0], w, 1e-5), ref[:, 0])  # strided
+
+
+def test_kernels_run_on_torch_intra_op_threads():
+    """A build without OpenMP would run every kernel on one thread."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu_kernels.parallel_threads(64) == 2
+        torch.set_num_threads(1)
+        assert cpu_kernels.parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(before)
