@@ -75,10 +75,11 @@ class PoolSpec:
     prefill_chunk_size: int = 512
     kv_cache_bytes: int = 256 << 20
     block_size: int = 16
-    # CPU pools (gpus_per_replica 0), model.dtype float32: the C++ kernels of
-    # kernels.cpu_kernels for decode attention and RMSNorm (EngineConfig.cpu_kernels;
-    # built on each machine on first use, ~15 s). Where they cannot build: torch, warned
-    cpu_kernels: bool = False
+    # The C++ kernels of kernels.cpu_kernels for decode attention and RMSNorm
+    # (EngineConfig.cpu_kernels; built on each machine on first use, ~15 s). Unset: on
+    # where they apply (a CPU pool, model.dtype float32) and build, else torch; true:
+    # the same, and a pool where they cannot apply is a config error; false: torch
+    cpu_kernels: bool | None = None
     autoscale: AutoscaleSpec | None = None  # None = a fixed number of replicas
 
 

@@ -82,7 +82,7 @@ class Deployment:
             max_num_batched_tokens=pool.max_num_batched_tokens,
             prefill_chunk_size=pool.prefill_chunk_size, transport=cfg.transport,
             device="cuda" if pool.gpus_per_replica > 0 else "cpu",
-            torch_threads=self.torch_threads, cpu_kernels=pool.cpu_kernels,
+            torch_threads=self.torch_threads, cpu_kernels=pool.cpu_kernels is not False,
             redis_url=cfg.redis.url,
             namespace=cfg.redis.namespace, redis_password_env=cfg.redis.password_env)
 

@@ -33,6 +33,9 @@ def make_engine(tiny_model):
 
     def build(**overrides):
         overrides.setdefault("kv_cache_bytes", 16 << 20)  # ample for tests, cheap to allocate
+        # the torch path, which every machine has; tests of the C++ kernels (the
+        # engine's default where they build) ask for them
+        overrides.setdefault("cpu_kernels", False)
         return LLMEngine(EngineConfig(model="tiny", **overrides), loaded=tiny_model)
 
     return build

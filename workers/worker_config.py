@@ -33,7 +33,7 @@ class WorkerSpec:
     transport: str  # grpc | nccl (| local in-process tests)
     device: str = "cpu"
     torch_threads: int = 1  # intra-op threads; CPU workers share few cores
-    cpu_kernels: bool = False  # the pool's C++ CPU kernels (EngineConfig.cpu_kernels)
+    cpu_kernels: bool = True  # the pool's C++ CPU kernels (EngineConfig.cpu_kernels)
     lease_s: float = 30.0  # a KV reservation never used is released after this
     redis_url: str | None = None  # registry and heartbeats; None = no registration
     namespace: str = "baton"  # the cluster's Redis key prefix

@@ -55,15 +55,15 @@ def test_bad_values_are_named(data, message):
         ClusterConfig.from_dict(data)
 
 
-def test_cpu_kernels_is_per_pool_and_off_by_default(tmp_path):
+def test_cpu_kernels_is_per_pool_and_unset_by_default(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("pools:\n"
                     "  - {name: prefill, role: prefill, gpu_type: H100}\n"
                     "  - {name: decode, role: decode, gpu_type: L40S, cpu_kernels: true}\n")
     cfg = load_config(path)
-    assert [p.cpu_kernels for p in cfg.pools] == [False, True]
+    assert [p.cpu_kernels for p in cfg.pools] == [None, True]
     assert ClusterConfig.from_dict(cfg.to_dict()) == cfg
-    assert not any(p.cpu_kernels for name in EXAMPLES for p in load_config(name).pools)
+    assert all(p.cpu_kernels is None for name in EXAMPLES for p in load_config(name).pools)
 
 
 def test_sizes_accept_units():

@@ -15,7 +15,8 @@ def test_worker_specs_carry_each_pools_settings():
         {"name": "prefill", "role": "prefill", "gpu_type": "H100", "replicas": 2,
          "block_size": 32, "kv_cache_bytes": "64MiB", "prefill_chunk_size": 256,
          "cpu_kernels": True},
-        {"name": "decode", "role": "decode", "gpu_type": "L40S", "max_num_seqs": 8}]})
+        {"name": "decode", "role": "decode", "gpu_type": "L40S", "max_num_seqs": 8},
+        {"name": "torch", "role": "decode", "gpu_type": "L40S", "cpu_kernels": False}]})
     deployment = Deployment(cfg, torch_threads=2)
     specs = [deployment._spec(pool, i) for pool in cfg.pools for i in range(pool.replicas)]
     assert [(s.worker_id, s.role, s.gpu_type, s.block_size, s.kv_cache_bytes,
@@ -23,4 +24,5 @@ def test_worker_specs_carry_each_pools_settings():
             for s in specs] == [
         ("c/prefill/0", "prefill", "H100", 32, 64 << 20, 256, 64, 2, True),
         ("c/prefill/1", "prefill", "H100", 32, 64 << 20, 256, 64, 2, True),
-        ("c/decode/0", "decode", "L40S", 16, 256 << 20, 512, 8, 2, False)]
+        ("c/decode/0", "decode", "L40S", 16, 256 << 20, 512, 8, 2, True),  # unset: on
+        ("c/torch/0", "decode", "L40S", 16, 256 << 20, 512, 64, 2, False)]

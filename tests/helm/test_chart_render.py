@@ -143,7 +143,7 @@ def test_configmap_is_the_baton_config_of_the_values(case, baton_config):
             assert spec.max_num_seqs == engine["max_num_seqs"]
         if "tensor_parallel" in engine:
             assert spec.tensor_parallel == engine["tensor_parallel"]
-        assert spec.cpu_kernels == engine.get("cpu_kernels", False)
+        assert spec.cpu_kernels == engine.get("cpu_kernels")  # unset: None, on where it applies
 
 
 def _check_autoscale(pool: dict, spec) -> None:
@@ -188,12 +188,16 @@ def test_cpu_kernels_reach_the_config_of_a_cpu_pool(tmp_path):
     pools = copy.deepcopy(merged_values({})["pools"])
     for pool in pools:
         pool["gpusPerPod"] = 0
+    pools[0]["engine"]["cpu_kernels"] = False
     pools[1]["engine"]["cpu_kernels"] = True
     docs = render({"pools": pools})
     path = tmp_path / "config.yaml"
     path.write_text(only(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
     assert [(p.name, p.cpu_kernels) for p in load_config(path).pools] == [
         ("prefill", False), ("decode", True)]
+    default = tmp_path / "default.yaml"  # unset: None, on wherever the kernels apply
+    default.write_text(only(render({}), "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    assert [p.cpu_kernels for p in load_config(default).pools] == [None, None]
 
 
 def test_config_names_secret_variables_and_holds_no_secret(case, baton_config):

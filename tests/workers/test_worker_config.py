@@ -37,11 +37,12 @@ def test_engine_config_is_the_specs_pool_settings():
     assert engine.config == EngineConfig(
         model="tiny", dtype="float32", block_size=8, kv_cache_bytes=4 << 20, max_num_seqs=4,
         max_num_batched_tokens=128, prefill_chunk_size=64, max_model_len=256, num_threads=1,
-        cpu_kernels=False)
-    assert engine.runner.cpu_kernels is False
+        cpu_kernels=True)
 
 
 def test_cpu_kernels_reach_the_engine(cpu_kernel):
-    engine = build_engine(replace(SPEC, cpu_kernels=True))
-    assert engine.config.cpu_kernels is True
+    engine = build_engine(SPEC)  # on by default
     assert engine.runner.cpu_kernels is True and engine.runner.decode_buffer is None
+    engine = build_engine(replace(SPEC, cpu_kernels=False))
+    assert engine.config.cpu_kernels is False
+    assert engine.runner.cpu_kernels is False and engine.runner.decode_buffer is not None
