@@ -1,9 +1,10 @@
-"""Micro-benchmarks of the kernels package: Triton against the torch reference.
+"""Micro-benchmarks of the kernels package: Triton (CUDA) or C++ (CPU) against the torch reference.
 
 Usage::
 
     python benchmarks/kernels_bench.py                     # CUDA if present, else CPU
     python benchmarks/kernels_bench.py --device cuda --dtypes float16,bfloat16 --json out.json
+    python benchmarks/kernels_bench.py --device cpu --shapes 2 --threads 1,2
 
 Per (kernel, shape, dtype, impl): median time per call and the effective
 bandwidth of the bytes the call must move at least (KV read once for decode
@@ -12,9 +13,11 @@ blocks read and written once for gather and scatter). On CUDA both
 implementations are timed with ``triton.testing.do_bench`` (CUDA events, L2
 flushed between calls, median), each over its own rotation of input sets
 larger than L2, and the Triton output is checked against the reference
-before it is timed; the table gives Triton's speed-up over torch. On CPU only
-the torch references run (Triton is interpreted there: a correctness tool,
-not a speed one) and are timed by the wall clock.
+before it is timed; the table gives Triton's speed-up over torch. On CPU
+Triton is interpreted (a correctness tool, not a speed one): the torch
+references run, and for float32 paged decode attention the C++ kernel of
+``kernels.cpu_kernels`` beside them (checked the same way), timed by the wall
+clock at each of ``--threads`` intra-op thread counts.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from bench_common import machine
 
 from kernels import (
+    cpu_kernels,
     gather_kv_blocks,
     merge_attention_states,
     paged_decode_attention,
@@ -38,6 +42,7 @@ from kernels import (
 
 # (batch, num_heads, num_kv_heads, head_dim, block_size, context_len)
 PAGED_SHAPES = [
+    (32, 8, 2, 32, 16, 192),  # the tiny model's heads, batch 32
     (8, 8, 2, 64, 16, 512),  # llama-60m-like, short context
     (32, 32, 8, 128, 16, 2048),  # Llama-3-8B heads, batch 32
     (64, 32, 8, 128, 16, 4096),  # Llama-3-8B heads, large batch
@@ -121,48 +126,69 @@ def cases(shape: tuple, device: str, dtype: torch.dtype) -> list[tuple]:
 
 
 def check(name: str, got, ref) -> float:
-    """Largest absolute difference between Triton's and torch's outputs."""
+    """Largest absolute difference between the fast and the torch outputs."""
     got = got if isinstance(got, tuple) else (got,)
     ref = ref if isinstance(ref, tuple) else (ref,)
     worst = 0.0
     for g, r in zip(got, ref):
         diff = (g.float() - r.float()).abs().max().item()
         if diff != diff:  # NaN
-            raise RuntimeError(f"{name}: NaN in the Triton output")
+            raise RuntimeError(f"{name}: NaN in the fast output")
         worst = max(worst, diff)
     return worst
 
 
-def bench(device: str, dtypes: list[str], iters: int, shapes: list[tuple]) -> list[dict]:
-    impls = ["triton", "torch"] if device.startswith("cuda") else ["torch"]
+def fast_impl(device: str, kernel: str, dtype: torch.dtype) -> str | None:
+    """The implementation timed against torch: Triton on CUDA, the C++ kernel
+    for float32 paged decode attention on CPU (where it builds)."""
+    if device.startswith("cuda"):
+        return "triton"
+    if kernel == "paged_decode_attention" and dtype == torch.float32 and cpu_kernels.load():
+        return "cpp"
+    return None
+
+
+def bench(device: str, dtypes: list[str], iters: int, shapes: list[tuple],
+          threads: list[int | None]) -> list[dict]:
     rows = []
-    for dtype_name in dtypes:
-        dtype = getattr(torch, dtype_name)
-        for shape in shapes:
-            for name, make, call, nbytes, checked in cases(shape, device, dtype):
-                row = {"kernel": name, "shape": list(shape), "dtype": dtype_name}
-                if checked and "triton" in impls:
-                    a = make()
-                    row["max_abs_diff"] = check(name, call(a, "triton"), call(a, "torch"))
-                for impl in impls:
-                    nxt = rotating(make, nbytes, device)
-                    ms = time_ms(lambda c=call, n=nxt, i=impl: c(n(), i), device, iters)
-                    row[f"{impl}_ms"] = ms
-                    row[f"{impl}_gb_s"] = nbytes / ms / 1e6
-                if "triton_ms" in row:
-                    row["speedup"] = row["torch_ms"] / row["triton_ms"]
-                rows.append(row)
-                print(line(row), flush=True)
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+    for n_threads in threads:
+        if n_threads:
+            torch.set_num_threads(n_threads)
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            for shape in shapes:
+                for name, make, call, nbytes, checked in cases(shape, device, dtype):
+                    rows.append(bench_case(device, iters, shape, dtype, name, make, call,
+                                           nbytes, checked))
+                    print(line(rows[-1]), flush=True)
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
     return rows
+
+
+def bench_case(device, iters, shape, dtype, name, make, call, nbytes, checked) -> dict:
+    fast = fast_impl(device, name, dtype)
+    row = {"kernel": name, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
+           "threads": torch.get_num_threads(), "fast": fast}
+    if checked and fast:
+        a = make()
+        row["max_abs_diff"] = check(name, call(a, fast), call(a, "torch"))
+    for impl in ([fast] if fast else []) + ["torch"]:
+        nxt = rotating(make, nbytes, device)
+        ms = time_ms(lambda c=call, n=nxt, i=impl: c(n(), i), device, iters)
+        row[f"{impl}_ms"] = ms
+        row[f"{impl}_gb_s"] = nbytes / ms / 1e6
+    if fast:
+        row["speedup"] = row["torch_ms"] / row[f"{fast}_ms"]
+    return row
 
 
 def line(r: dict) -> str:
     shape = "x".join(map(str, r["shape"]))
-    out = f"{r['kernel']:24s} {shape:22s} {r['dtype']:9s}"
-    if "triton_ms" in r:
-        out += f" triton {r['triton_ms']:8.3f} ms {r['triton_gb_s']:7.0f} GB/s |"
+    out = f"{r['kernel']:24s} {shape:22s} {r['dtype']:9s} {r['threads']:>2} thr"
+    if r["fast"]:
+        f = r["fast"]
+        out += f" {f:6s} {r[f + '_ms']:8.3f} ms {r[f + '_gb_s']:7.0f} GB/s |"
     out += f" torch {r['torch_ms']:8.3f} ms {r['torch_gb_s']:7.0f} GB/s"
     if "speedup" in r:
         out += f" | {r['speedup']:5.2f}x"
@@ -180,13 +206,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="CPU: timed calls; CUDA: do_bench repetition time in ms (>= 50)")
     parser.add_argument("--shapes", type=int, default=len(PAGED_SHAPES),
                         help="use the first N shapes (CPU: the long ones are slow)")
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated intra-op thread counts to time at "
+                             "(default: torch's setting)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [None]
     cuda = args.device.startswith("cuda")
     dtypes = (args.dtypes or ("float16,bfloat16" if cuda else "float32")).split(",")
     print(f"# {machine(args.device)}; shapes are batch x heads x kv_heads x head_dim x "
           f"block_size x context", flush=True)
-    rows = bench(args.device, dtypes, args.iters, PAGED_SHAPES[:args.shapes])
+    rows = bench(args.device, dtypes, args.iters, PAGED_SHAPES[:args.shapes], threads)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "kernels", "machine": machine(args.device),
