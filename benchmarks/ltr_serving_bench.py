@@ -46,13 +46,20 @@ model through sim's public API (``Simulation``, ``Workload``,
 ``spec_from_cluster_config`` of the very config the cluster ran). The
 simulator's ranker is its own log-normal-noise model; ``ranker_noise`` is set
 by bisection so that its Kendall's tau on these requests equals the real
-ranker's measured tau.
+ranker's measured tau. ``--profiles FILE`` simulates with other efficiency
+profiles than the committed ones: this burst decodes 8 requests at once with
+contexts up to ~2,000 tokens, a regime the committed ``cpu`` profile (fitted on
+a light load) does not see; ``benchmarks/sim_vs_cluster.py --decode-probes
+--profiles FILE`` fits one that does.
 
 Usage::
 
     .venv/bin/python benchmarks/ltr_serving_bench.py --json benchmarks/out/ltr_serving.json
     .venv/bin/python benchmarks/ltr_serving_bench.py --requests 40 --max-output-tokens 64  # smoke
     .venv/bin/python benchmarks/ltr_serving_bench.py --sweep  # slots vs ratio, no cluster
+    # the simulator half again for a saved run, with other profiles (no cluster):
+    .venv/bin/python benchmarks/ltr_serving_bench.py --resimulate benchmarks/out/ltr_serving.json \
+        --profiles FILE
 """
 
 from __future__ import annotations
@@ -240,7 +247,7 @@ def time_encoder(prompts: list[str], repeats: int = 3, head: Path | None = None)
 
 
 # ----- the simulator on the same workload ------------------------------------------------------
-def simulate_policy(cfg, prompt_tokens, lengths, offsets, noise: float):
+def simulate_policy(cfg, prompt_tokens, lengths, offsets, noise: float, profiles=None):
     from sim.core import Simulation
     from sim.spec import spec_from_cluster_config
     from sim.workload import Request, Workload, WorkloadSpec
@@ -249,7 +256,7 @@ def simulate_policy(cfg, prompt_tokens, lengths, offsets, noise: float):
     reqs = [Request(i, t, p, n) for i, (t, p, n) in
             enumerate(zip(offsets, prompt_tokens, lengths, strict=True))]
     wl = Workload(WorkloadSpec(num_requests=len(reqs)), reqs, closed=False)
-    return Simulation(spec, wl).run()
+    return Simulation(spec, wl, profiles=profiles).run()
 
 
 def sim_tau(cfg, prompt_tokens, lengths, offsets, noise: float) -> float:
@@ -272,10 +279,29 @@ def noise_for_tau(cfg, prompt_tokens, lengths, offsets, tau: float) -> float:
     return (lo + hi) / 2
 
 
-def sim_rows(cfgs: dict, prompt_tokens, lengths, offsets, noise: float) -> list[dict]:
+def sim_report(cfgs: dict, prompt_tokens, lengths, offsets, tau: float, real: dict,
+               profiles_path: Path | None) -> dict:
+    """The same burst in the simulator, its ranker's noise set to the real tau;
+    ``real`` = the cluster's rows by policy."""
+    from sim.latency import load_profiles
+
+    profiles = load_profiles(profiles_path) if profiles_path else None
+    noise = noise_for_tau(cfgs["fcfs"], prompt_tokens, lengths, offsets, tau)
+    srows = sim_rows(cfgs, prompt_tokens, lengths, offsets, noise, profiles)
+    for r in srows:
+        r["sim_over_real_mean"] = r["e2e_mean_s"] / real[r["policy"]]["e2e_mean_s"]
+    sby = {r["policy"]: r for r in srows}
+    real_ratio = real["fcfs"]["e2e_mean_s"] / real["ltr"]["e2e_mean_s"]
+    simr = sby["fcfs"]["e2e_mean_s"] / sby["ltr"]["e2e_mean_s"]
+    return {"ranker_noise": noise, "profiles": str(profiles_path or "committed"), "rows": srows,
+            "fcfs_over_ltr_mean": simr, "relative_error": abs(simr - real_ratio) / real_ratio}
+
+
+def sim_rows(cfgs: dict, prompt_tokens, lengths, offsets, noise: float,
+             profiles=None) -> list[dict]:
     rows = []
     for policy, cfg in cfgs.items():
-        res = simulate_policy(cfg, prompt_tokens, lengths, offsets, noise)
+        res = simulate_policy(cfg, prompt_tokens, lengths, offsets, noise, profiles)
         e2e = [t.finish_s - t.req.arrival_s for t in res.trackers]
         rows.append({"policy": policy, "e2e_mean_s": statistics.fmean(e2e),
                      "e2e_p90_s": pct(e2e, 0.9),
@@ -361,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-sim", action="store_true")
+    ap.add_argument("--profiles", type=Path, default=None,
+                    help="efficiency profiles for the simulator (default: the committed ones)")
+    ap.add_argument("--resimulate", type=Path, default=None, metavar="REPORT.json",
+                    help="no cluster: the simulator half again for a saved report's real runs "
+                         "(with --profiles, e.g. one calibrated with decode probes)")
     ap.add_argument("--head", type=Path, default=None,
                     help="ranker head for ltr (default: the shipped one)")
     ap.add_argument("--sweep", action="store_true",
@@ -384,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [[256, *e.prompt.encode()] for e in examples]
     lengths = [e.output_tokens for e in examples]
     offsets = arrival_offsets(len(examples), args.rate, args.seed)
+    if args.resimulate:
+        return resimulate(args.resimulate, examples, prompts, lengths, offsets, args)
     if args.sweep:
         scores = Ranker.load(args.head).score([e.prompt for e in examples])
         print_sweep(sweep(examples, scores), rank_quality(scores, lengths).kendall_tau,
@@ -442,19 +475,39 @@ def main(argv: list[str] | None = None) -> int:
             "fcfs_over_oracle_mean": by["fcfs"]["e2e_mean_s"] / by["sjf-oracle"]["e2e_mean_s"],
             "fcfs_over_ltr_per_token": by["fcfs"]["per_token_mean_s"] / by["ltr"]["per_token_mean_s"]}
     if not args.skip_sim and "fcfs" in by and "ltr" in by:
-        ptoks = [len(p) for p in prompts]
-        noise = noise_for_tau(cfgs["fcfs"], ptoks, lengths, offsets, quality.kendall_tau)
-        srows = sim_rows(cfgs, ptoks, lengths, offsets, noise)
-        sby = {r["policy"]: r for r in srows}
-        real = by["fcfs"]["e2e_mean_s"] / by["ltr"]["e2e_mean_s"]
-        simr = sby["fcfs"]["e2e_mean_s"] / sby["ltr"]["e2e_mean_s"]
-        report["sim"] = {"ranker_noise": noise, "rows": srows, "fcfs_over_ltr_mean": simr,
-                         "relative_error": abs(simr - real) / real}
+        report["sim"] = sim_report(cfgs, [len(p) for p in prompts], lengths, offsets,
+                                   quality.kendall_tau, by, args.profiles)
     report["load_avg_end"] = os.getloadavg()
     report["wall_s"] = time.perf_counter() - t_start
     report["per_request"] = per_request
     emit_report(report, args.json, print_tables)
     return 0
+
+
+def resimulate(path: Path, examples, prompts, lengths, offsets, args) -> int:
+    import json
+
+    saved = json.loads(path.read_text())
+    if saved["requests"] != len(examples) or saved["output_tokens"] != sum(lengths):
+        raise SystemExit(f"{path}: another workload ({saved['requests']} requests, "
+                         f"{saved['output_tokens']} tokens); give the same --requests and limits")
+    by = {r["policy"]: r for r in saved["rows"]}
+    cfgs = {p: make_config(p, "redis://unused", "resim", saved["max_num_seqs"], len(examples))
+            for p in by}
+    sim = sim_report(cfgs, [len(p) for p in prompts], lengths, offsets,
+                     saved["ranker_on_workload"]["kendall_tau"], by, args.profiles)
+    emit_report({"resimulated": str(path), "sim": sim}, args.json,
+                lambda r: print_resimulated(r["sim"], by))
+    return 0
+
+
+def print_resimulated(sim: dict, real: dict) -> None:
+    for r in sim["rows"]:
+        print(f"{r['policy']:<11} simulated mean e2e {r['e2e_mean_s']:6.1f} s, real "
+              f"{real[r['policy']]['e2e_mean_s']:6.1f} s, sim/real {r['sim_over_real_mean']:.2f}")
+    print(f"fcfs/ltr simulated {sim['fcfs_over_ltr_mean']:.2f}, real "
+          f"{real['fcfs']['e2e_mean_s'] / real['ltr']['e2e_mean_s']:.2f}, off by "
+          f"{sim['relative_error']:.1%} (profiles: {sim['profiles']})")
 
 
 def print_tables(report: dict) -> None:

@@ -7,8 +7,10 @@
    calibration sample of the same load (``--calibration-requests`` requests,
    seed 1; half run just before the measured workload, half just after, as
    the shared machine's background load drifts): engine steps (each prompt's
-   prefill, each request's time per token at its mean batch) for the ``cpu``
-   efficiency profile, the KV link, and the control plane's delays.
+   prefill, each request's time per token at its mean batch; with
+   ``--decode-probes`` also decode batches of 4-16 requests at longer
+   contexts, ``sim.cluster_probe.decode_samples``) for the ``cpu`` efficiency
+   profile, the KV link, and the control plane's delays.
 3. Run the same workload on the real cluster (timestamps at the controller:
    arrival, each token) and in the simulator (the same config on ``cpu``
    hardware, with the measured profile, link and control plane):
@@ -37,7 +39,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sim.cluster_probe import LocalCluster, cluster_timings, fit_cluster, load_samples  # noqa: E402
+from sim.cluster_probe import (  # noqa: E402
+    LocalCluster,
+    cluster_timings,
+    decode_samples,
+    fit_cluster,
+    load_samples,
+)
 from sim.control import cluster_options, save_cluster  # noqa: E402
 from sim.engine_profile import compare, sim_timings  # noqa: E402
 from sim.latency import PROFILES_PATH, load_profiles, save_profile  # noqa: E402
@@ -63,6 +71,9 @@ def main() -> int:
     ap.add_argument("--max-output", type=int, default=64)
     ap.add_argument("--skip-calibrate", action="store_true", help="use the stored cpu profile")
     ap.add_argument("--calibration-requests", type=int, default=40)
+    ap.add_argument("--decode-probes", action="store_true",
+                    help="calibrate on decode batches of 4-16 requests too (sim.cluster_probe."
+                         "decode_samples): for profiles that simulate batch-heavy loads")
     ap.add_argument("--profiles", type=Path, default=PROFILES_PATH)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -77,6 +88,7 @@ def main() -> int:
         if calibrate:
             cluster.run(build_workload(replace(wl, num_requests=2)).initial())  # warm-up
             before = cluster.probe(sample[:half], alone=False)
+            batches = decode_samples(cluster) if args.decode_probes else []
             out["load_avg"]["calibrated_before"] = os.getloadavg()
         t0 = time.time()
         real = cluster.run(build_workload(wl).initial())
@@ -90,8 +102,9 @@ def main() -> int:
     out["load_avg"]["end"] = os.getloadavg()
     if calibrate:
         probes = before + after
-        profile, options, report = fit_cluster(probes, load_samples([p.run for p in probes]),
-                                               config, f"a {len(sample)}-request load")
+        profile, options, report = fit_cluster(
+            probes, load_samples([p.run for p in probes]) + batches, config,
+            f"a {len(sample)}-request load" + (" and decode batches" if batches else ""))
         save_profile(profile, args.profiles, report)
         save_cluster("cpu", options, report, args.profiles)
         out["calibration"] = report

@@ -232,7 +232,8 @@ def _calibrate_cluster(args) -> dict:
                           seed=1, data_dir=args.data_dir)
     with LocalCluster() as cluster:
         prof, options, rep = calibrate_cluster(cluster, quick=args.quick,
-                                               workload=build_workload(sample).initial())
+                                               workload=build_workload(sample).initial(),
+                                               decode_probes=args.decode_probes)
     save_profile(prof, args.profiles, rep)
     save_cluster("cpu", options, rep, args.profiles)
     return rep
@@ -249,6 +250,9 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="tiny", help="engine model to profile (cpu)")
     p.add_argument("--quick", action="store_true", help="fewer engine shapes (cpu)")
+    p.add_argument("--decode-probes", action="store_true",
+                   help="cluster: also time decode batches of 4-16 requests at longer "
+                        "contexts (for simulating loads that decode many at once)")
     p.add_argument("--profiles", type=Path, default=PROFILES_PATH, help="where to write the profiles")
     p.add_argument("--json", action="store_true")
 

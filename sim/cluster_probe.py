@@ -28,6 +28,10 @@ from dataclasses import dataclass, field, replace
 from sim.workload import Request
 
 MIB = 1 << 20
+# (requests decoding together, prompt tokens) of the decode probes that go with a
+# load sample: a light load decodes one or two requests at a time, too few to tell
+# a step's fixed cost from its per-sequence and per-context cost
+DECODE_SHAPES = ((4, 256), (8, 256), (8, 1024), (16, 512))
 
 
 @dataclass(frozen=True)
@@ -163,15 +167,19 @@ class Probe:
 
 
 def calibrate_cluster(cluster: LocalCluster, quick: bool = False,
-                      workload: list[Request] | None = None):
+                      workload: list[Request] | None = None, decode_probes: bool = False):
     """Measure, on the running cluster, what the simulator models of it:
 
     - engine steps: with ``workload`` (a sample of the load to be simulated),
       each of its prompts' prefill (``prefill_s``) and each request's time per
       token at the mean number of requests decoding beside it: the steps
       under that load, CPU contention between the workers included (they
-      share this machine's cores; GPUs would not). Without: prompts of several
-      lengths one at a time and batches of b requests decoding together.
+      share this machine's cores; GPUs would not). With ``decode_probes``,
+      also ``decode_samples``: batches of up to 16 requests at contexts up to
+      ~1,100 tokens, for loads that decode many requests at once (a light
+      load's samples cannot separate a step's fixed cost from its per-sequence
+      and per-context cost). Without ``workload``: prompts of several lengths
+      one at a time and batches of b requests decoding together.
       The ``cpu`` efficiency profile is fitted on them (sim.calibration);
     - the KV link: from each prompt's last layer handed over (prefill worker)
       to its last layer verified (decode worker), against its bytes;
@@ -186,8 +194,11 @@ def calibrate_cluster(cluster: LocalCluster, quick: bool = False,
     cluster.run([Request(0, 0.0, 64, 8)])  # warm-up: first calls pay for imports and caches
     if workload:
         probes = cluster.probe(workload, alone=False)
-        return fit_cluster(probes, _workload_samples([p.run for p in probes], StepSample),
-                           cluster.config, f"a {len(workload)}-request load")
+        samples = _workload_samples([p.run for p in probes], StepSample)
+        what = f"a {len(workload)}-request load"
+        if decode_probes:
+            samples, what = samples + decode_samples(cluster), what + " and decode batches"
+        return fit_cluster(probes, samples, cluster.config, what)
     probes, samples = _shape_probes(cluster, quick, StepSample)
     return fit_cluster(probes, samples, cluster.config, "probes one shape at a time")
 
@@ -229,6 +240,21 @@ def _shape_probes(cluster: LocalCluster, quick: bool, StepSample) -> tuple[list[
             step, ctx = _batch_step(cluster.run([Request(i, 0.0, 32, 64) for i in range(b)]))
             samples.append(StepSample(b, b, b, ctx, (), step, "token", 1, f"b{b}"))
     return probes, samples
+
+
+def decode_samples(cluster: LocalCluster, shapes=DECODE_SHAPES, reps: int = 2,
+                   output_tokens: int = 128) -> list:
+    """Token steps of ``b`` requests decoding together after ``p``-token
+    prompts, per (b, p) of ``shapes``: the time per token while all of them
+    decode (sim.calibration.StepSample, kind "token")."""
+    from sim.calibration import StepSample
+    out = []
+    for b, p in shapes:
+        for _ in range(reps):
+            runs = cluster.run([Request(i, 0.0, p, output_tokens) for i in range(b)])
+            step, ctx = _batch_step(runs)
+            out.append(StepSample(b, b, b, ctx, (), step, "token", 1, f"b{b}p{p}"))
+    return out
 
 
 def load_samples(runs: list[ClusterRun]) -> list:

@@ -46,7 +46,7 @@ def test_control_plane_and_link_recovered_from_exact_timings():
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_same_workload_on_the_cluster_and_in_the_simulator():
     pytest.importorskip("ray")
-    from sim.cluster_probe import LocalCluster, cluster_timings
+    from sim.cluster_probe import LocalCluster, cluster_timings, decode_samples
     from sim.control import cluster_options
     from sim.engine_profile import compare, sim_timings
     from sim.runner import simulate
@@ -57,6 +57,10 @@ def test_same_workload_on_the_cluster_and_in_the_simulator():
     with LocalCluster() as cluster:
         real = cluster.run(build_workload(wl).initial())
         config = cluster.config
+        batches = decode_samples(cluster, shapes=((3, 40),), reps=1, output_tokens=12)
+    (b,) = batches  # three requests decoding together: one token step of three
+    assert (b.kind, b.num_tokens, b.num_seqs, b.decode_ctx_sum) == ("token", 3, 3, 3 * (40 + 6))
+    assert 0 < b.seconds < 1
     spec = spec_from_cluster_config(config, hardware="cpu", **cluster_options("cpu"))
     simulated = sim_timings(simulate(spec, wl))
     assert [t.request_id for t in cluster_timings(real)] == [t.request_id for t in simulated]
