@@ -17,12 +17,14 @@ Sources: ``csrc/cpu_kernels.cpp``.
 
 Lifecycle: nothing is compiled at import. ``load()`` builds the extension
 with torch's C++ extension builder (a compiler and ninja are needed; about
-15 s on 2 cores; with ``-fopenmp``, so that ``at::parallel_for`` spreads the
-work over torch's intra-op threads, or without it where OpenMP is missing) the first time a process on the machine calls it, then
+15 s on 2 cores) the first time a process on the machine calls it, then
 loads the cached build (``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) in about a second; where it cannot build it
-warns once and returns False. The engine calls it only when
-``EngineConfig.cpu_kernels`` is set.
+warns once and returns False. It builds with ``-fopenmp``, so that
+``at::parallel_for`` spreads the work over torch's intra-op threads
+(``parallel_threads`` says how many), or without it where OpenMP is missing.
+The engine calls it when ``EngineConfig.cpu_kernels`` is set (the default)
+on CPU in float32.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ class EngineConfig:
     # attention reads (workers.kv_cache.DecodeKVBuffer); past it, or 0, it gathers paged blocks
     decode_buffer_bytes: int = 512 << 20
     # CPU, float32: the C++ kernels of kernels.cpu_kernels (built on first use on the
-    # machine, ~15 s, then cached; `make setup` builds them): decode attention reads the
+    # machine, ~15 s, then cached; `make demo` / `make test` build them first): decode attention reads the
     # paged cache in place (no decode buffer), RMSNorm is one op. Ignored on CUDA and for
     # other dtypes; off, or where they cannot build (a warning): torch
     cpu_kernels: bool = True
