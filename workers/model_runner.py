@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kernels.cpu_kernels import SUPPORTED_GROUPS, SUPPORTED_HEAD_DIMS
@@ -118,8 +119,13 @@ class ModelRunner:
                          [it.block_table for it in rows])
 
     def _prepare(self, items: list[RunItem], step: DecodeStep | None):
+        """Token ids, positions, slots and attention metadata of one step, built on
+        the host and moved in one copy. ``items`` come decodes first (``run``'s
+        order). Prompt chunks are laid out with numpy, not token by token: a
+        batch of prompts is thousands of rows, which Python would build slower
+        than a GPU runs the step."""
         bs = self.kv.block_size
-        ids, pos, slots, rows, counts, prefills = [], [], [], [], [], []
+        ids, pos, slots, rows, counts, chunks = [], [], [], [], [], []
         num_decode = 0
         for it in items:
             start, n, first = len(ids), len(it.token_ids), it.start_pos
@@ -129,19 +135,19 @@ class ModelRunner:
                 pos.append(first)
                 slots.append(it.block_table[first // bs] * bs + first % bs)
             else:
-                pos += range(first, first + n)
-                slots += [it.block_table[p // bs] * bs + p % bs for p in range(first, first + n)]
-                prefills.append(PrefillSegment(start, n, first + n,
-                                               self._to_device(int_tensor(it.block_table))))
+                chunks.append((start, n, first, it.block_table))
             wanted = _logit_rows(start, n, it.logits)
             rows += wanted
             counts.append(len(wanted))
         T = len(ids)
-        packed = self._to_device(int_tensor(ids + pos + slots))  # one tensor, three (T,) views
+        if chunks:
+            packed, prefills = self._pack_chunks(ids, pos, slots, chunks)
+        else:  # decode-only: a few short lists are cheaper than numpy
+            packed, prefills = self._to_device(int_tensor(ids + pos + slots)), []
         paged = [] if step is not None else items[:num_decode]  # the buffer needs no tables
         tables, context_lens = _decode_tables(paged, self._to_device)
         meta = AttentionMetadata(
-            slot_mapping=packed[2 * T:],
+            slot_mapping=packed[2 * T:3 * T],
             num_decode=num_decode,
             decode_block_tables=tables,
             decode_context_lens=context_lens,
@@ -152,18 +158,41 @@ class ModelRunner:
         )
         return packed[:T], packed[T:2 * T], meta, rows, counts
 
+    def _pack_chunks(self, ids: list[int], pos: list[int], slots: list[int], chunks: list
+                     ) -> tuple[torch.Tensor, list[PrefillSegment]]:
+        """One (3T + blocks,) tensor: ids, positions, slots (the decodes' from the
+        lists, then each chunk's), then every chunk's block table; the segments'
+        tables are views of it."""
+        bs = self.kv.block_size
+        parts_pos, parts_slot, tables = [np.asarray(pos, np.int64)], [np.asarray(slots, np.int64)], []
+        for _, n, first, table in chunks:
+            p = np.arange(first, first + n, dtype=np.int64)
+            t = np.asarray(table, np.int64)
+            parts_pos.append(p)
+            parts_slot.append(t[p // bs] * bs + p % bs)
+            tables.append(t)
+        flat = np.concatenate([np.asarray(ids, np.int64), *parts_pos, *parts_slot, *tables])
+        packed = self._to_device(torch.from_numpy(flat))
+        at, prefills = 3 * len(ids), []
+        for (start, n, first, _), t in zip(chunks, tables, strict=True):
+            prefills.append(PrefillSegment(start, n, first + n, packed[at:at + len(t)]))
+            at += len(t)
+        return packed, prefills
+
     def _padded(self, prefills: list[PrefillSegment]) -> PaddedPrefill | None:
         """The fresh segments as one padded batch, when there are two or more."""
         fresh = [seg for seg in prefills if seg.context_len == seg.num_tokens]
         if len(fresh) < 2:
             return None
-        longest = max(seg.num_tokens for seg in fresh)
-        rows = [r for seg in fresh for r in range(seg.start, seg.start + seg.num_tokens)]
-        slots = [i * longest + p for i, seg in enumerate(fresh) for p in range(seg.num_tokens)]
+        starts = np.array([seg.start for seg in fresh], np.int64)
+        lens = np.array([seg.num_tokens for seg in fresh], np.int64)
+        longest, n = int(lens.max()), int(lens.sum())
+        seg = np.repeat(np.arange(len(fresh), dtype=np.int64), lens)  # each row's segment
+        within = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
         # padded slot -> a row of its own segment (the last one past the segment's end)
-        gather = [seg.start + min(p, seg.num_tokens - 1) for seg in fresh for p in range(longest)]
-        n = len(rows)
-        packed = self._to_device(int_tensor(rows + slots + gather))
+        gather = starts[:, None] + np.minimum(np.arange(longest), lens[:, None] - 1)
+        packed = self._to_device(torch.from_numpy(
+            np.concatenate([starts[seg] + within, seg * longest + within, gather.ravel()])))
         return PaddedPrefill(packed[:n], packed[n:2 * n], packed[2 * n:], len(fresh), longest)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
