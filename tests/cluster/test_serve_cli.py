@@ -5,21 +5,15 @@ tokens, and exits 0 after draining on SIGTERM."""
 from __future__ import annotations
 
 import json
+import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 from cluster.client import BatonClient
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float) -> str:
@@ -31,19 +25,25 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float) -> str:
             seen.append(line)
             if needle in line:
                 return line
+    if proc.poll() is not None:
+        seen.append(proc.stdout.read())  # an early exit's traceback, whole
     raise AssertionError(f"no {needle!r} from baton serve; output:\n{''.join(seen)}")
 
 
 def test_baton_serve_answers_grpc_and_http_then_drains_on_sigterm(ray_cluster):
     cluster, _ = ray_cluster
-    grpc_port, http_port = free_port(), free_port()
+    # Port 0: the server binds free ports and names them in its banner (a port
+    # picked here could be taken by a Ray worker before the server binds it).
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", "--grpc-port", str(grpc_port),
-         "--http-port", str(http_port), "--ray-address", cluster.address],
+        [sys.executable, "-m", "cluster.cli", "serve", "--grpc-port", "0",
+         "--http-port", "0", "--ray-address", cluster.address],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         banner = wait_for_line(proc, "baton: serving", 180)
-        assert f"gRPC port {grpc_port}" in banner and f"HTTP port {http_port}" in banner
+        ports = re.search(r"gRPC port (\d+) and HTTP port (\d+)", banner)
+        assert ports, banner
+        grpc_port, http_port = (int(p) for p in ports.groups())
+        assert grpc_port > 0 and http_port > 0 and grpc_port != http_port
         with BatonClient(f"127.0.0.1:{grpc_port}") as client:
             via_grpc = client.generate("serve me", max_tokens=8, temperature=0.0,
                                        ignore_eos=True)
