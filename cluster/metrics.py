@@ -28,6 +28,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from workers.messages import WorkerLoad
+from workers.sequence import FinishReason
 
 # Latency buckets from 1 ms to 5 min: token gaps on GPUs are milliseconds,
 # queueing under overload can reach minutes.
@@ -145,6 +146,13 @@ class ServingMetrics:
                                    "Replicas of an autoscaled pool: ready, or pending placement "
                                    "(waiting for a gpu_type resource, e.g. a new pod)",
                                    ["pool", "state"], registry=r)
+        # Every known series exists from the start, at zero: a failure counter
+        # with no sample until the first failure breaks rate() and alerts.
+        self.kv_bytes.labels(transport)
+        for reason in ("retried", "recomputed"):
+            self.kv_failures.labels(transport, reason)
+        for finish in FinishReason:
+            self.success.labels(finish.value)
         r.register(_LiveCollector(snapshot))
 
     def observe_tokens(self, previous_s: float | None, now: float, count: int) -> None:

@@ -219,7 +219,8 @@ METRICS = ["baton_time_to_first_token_seconds", "baton_inter_token_latency_secon
            "baton_e2e_request_latency_seconds", "baton_request_queue_time_seconds",
            "baton_num_requests_running", "baton_num_requests_waiting",
            "baton_kv_cache_usage_ratio", "baton_kv_transfer_bytes_total",
-           "baton_kv_transfer_duration_seconds", "baton_prefix_cache_hits_total",
+           "baton_kv_transfer_duration_seconds", "baton_kv_transfer_failures_total",
+           "baton_prefix_cache_hits_total",
            "baton_prefix_cache_queries_total", "baton_request_success_total"]
 
 
@@ -246,6 +247,9 @@ def test_metrics_parse_and_agree_with_the_run(served, client):
     assert delta("baton_request_queue_time_seconds_count", role="prefill") == n
     assert delta("baton_kv_transfer_duration_seconds_count", transport="grpc") == n
     assert delta("baton_kv_transfer_bytes_total", transport="grpc") > 0
+    for reason in ("retried", "recomputed"):  # exported at zero before any failure
+        assert [v for lab, v in after["baton_kv_transfer_failures_total"]
+                if lab == {"transport": "grpc", "reason": reason}] == [0.0]
     assert delta("baton_prefix_cache_queries_total") > 0
     assert total(after, "baton_num_requests_running", role="decode") == 0
     assert total(after, "baton_num_requests_waiting", role="prefill") == 0

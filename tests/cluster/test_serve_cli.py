@@ -55,8 +55,17 @@ def test_baton_serve_answers_grpc_and_http_then_drains_on_sigterm(ray_cluster):
             via_http = json.loads(resp.read())["choices"][0]
         assert via_http["token_ids"] == via_grpc.token_ids and len(via_grpc.token_ids) == 8
         assert via_http["text"] == via_grpc.text
-        proc.send_signal(signal.SIGTERM)
+        # SIGTERM while a stream is in flight: the stream still ends whole.
+        with BatonClient(f"127.0.0.1:{grpc_port}") as client:
+            stream = client.stream("in flight", max_tokens=300, temperature=0.0,
+                                   ignore_eos=True)
+            first = next(stream)
+            proc.send_signal(signal.SIGTERM)
+            *rest, final = list(stream)
         wait_for_line(proc, "baton: draining", 30)
+        streamed = first.token_ids + [t for d in rest for t in d.token_ids]
+        assert final.finish_reason == "length" and len(streamed) == 300
+        assert final.token_ids == streamed
         assert proc.wait(timeout=90) == 0
     finally:
         if proc.poll() is None:
