@@ -5,7 +5,8 @@ Lifecycle: ``GrpcFrontend.start(port)`` runs a ``grpc.aio`` server on the
 event loop of the process that holds the controller (the controller actor),
 so each token costs no extra hop. Per Generate call: authenticate (bearer
 token in the ``authorization`` metadata) -> validate (INVALID_ARGUMENT naming
-the field) -> submit (RESOURCE_EXHAUSTED when overloaded, UNAVAILABLE while
+the field; a message protobuf cannot parse, e.g. a string that is not UTF-8,
+too: ``cluster/grpc_decode.py``) -> submit (RESOURCE_EXHAUSTED when overloaded, UNAVAILABLE while
 draining) -> stream chunks until the final message. A client deadline that
 passes, or a client that goes away, cancels the request in every pool.
 ``drain()`` flips health to NOT_SERVING and refuses new work; ``stop(grace)``
@@ -23,6 +24,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from cluster.controller import Overloaded, Unavailable
+from cluster.grpc_decode import MalformedRequests
 from cluster.validation import InvalidRequest, ModelLimits, build_request, render_chat
 from proto.baton.v1 import serving_pb2 as pb
 from proto.baton.v1 import serving_pb2_grpc as pb_grpc
@@ -172,7 +174,8 @@ class GrpcFrontend:
         self.health = HealthServicer()
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(
+            options=options, interceptors=(MalformedRequests(SERVICES, self.auth.check),))
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), self.server)
         pb_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(self), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -76,6 +76,24 @@ def test_missing_or_wrong_token_is_unauthenticated(address, token):
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+@pytest.mark.parametrize("token,code", [(None, grpc.StatusCode.UNAUTHENTICATED),
+                                        (AUTH_TOKEN, grpc.StatusCode.INVALID_ARGUMENT)])
+def test_a_request_that_does_not_parse_is_refused_after_auth(address, token, code):
+    from proto.baton.v1 import serving_pb2 as pb
+
+    addr, _ = address
+    raw = pb.GenerateRequest(text="QQ").SerializeToString().replace(b"QQ", b"\xff\xfe")
+    with grpc.insecure_channel(addr) as channel:
+        call = channel.unary_stream("/baton.v1.GenerationService/Generate",
+                                    response_deserializer=pb.GenerateResponse.FromString)
+        md = (("authorization", f"Bearer {token}"),) if token else None
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(raw, timeout=30, metadata=md))
+    assert err.value.code() == code
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        assert err.value.details() == "text: not valid UTF-8"
+
+
 def test_drain_refuses_new_work_and_reports_not_serving(address):
     addr, dep = address
     with BatonClient(addr, token=AUTH_TOKEN) as client:

@@ -112,3 +112,73 @@ def test_cancel_is_idempotent_and_health_serves(served):
     assert status.status == health_pb2.HealthCheckResponse.SERVING
     models = stub.ListModels(pb.ListModelsRequest()).models
     assert [(m.id, m.max_model_len, m.vocab_size) for m in models] == [("tiny", 2048, 320)]
+
+
+def test_oversized_message_is_resource_exhausted_and_the_server_keeps_serving(served):
+    dep, channel = served
+    decode = dep.workers["grpc-fe/decode/0"][2]
+    free = ray.get(decode.free_blocks.remote())
+    with pytest.raises(grpc.RpcError) as err:
+        generate(channel, text="y" * (17 << 20))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ray.get(decode.free_blocks.remote()) == free
+    assert generate(channel, text="still here", sampling=pb.SamplingParams(max_tokens=2))
+
+
+def test_invalid_utf8_is_invalid_argument_naming_the_field(served):
+    dep, channel = served
+    decode = dep.workers["grpc-fe/decode/0"][2]
+    free = ray.get(decode.free_blocks.remote())
+    wire = pb.GenerateRequest(text="AB", sampling=pb.SamplingParams(max_tokens=2))
+    raw = wire.SerializeToString().replace(b"AB", b"\xff\xfe")
+    call = channel.unary_stream("/baton.v1.GenerationService/Generate",
+                                request_serializer=None,
+                                response_deserializer=pb.GenerateResponse.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        list(call(raw, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert err.value.details().startswith("text:"), err.value.details()
+    assert ray.get(decode.free_blocks.remote()) == free
+    assert generate(channel, text="still here", sampling=pb.SamplingParams(max_tokens=2))
+
+
+def wait_blocks(decode, free: int, timeout_s: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while ray.get(decode.free_blocks.remote()) != free and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return ray.get(decode.free_blocks.remote())
+
+
+def test_client_cancel_mid_stream_frees_the_blocks(served):
+    dep, channel = served
+    decode = dep.workers["grpc-fe/decode/0"][2]
+    free = ray.get(decode.free_blocks.remote())
+    stub = pb_grpc.GenerationServiceStub(channel)
+    call = stub.Generate(pb.GenerateRequest(
+        text="a long one", stream=True,
+        sampling=pb.SamplingParams(max_tokens=1500, ignore_eos=True)), timeout=60)
+    for i, _ in enumerate(call):
+        if i == 3:
+            break
+    assert ray.get(decode.free_blocks.remote()) < free  # it is decoding
+    call.cancel()
+    assert wait_blocks(decode, free) == free
+
+
+def test_cancel_rpc_mid_stream_ends_it_as_abort_and_frees_the_blocks(served):
+    dep, channel = served
+    decode = dep.workers["grpc-fe/decode/0"][2]
+    free = ray.get(decode.free_blocks.remote())
+    stub = pb_grpc.GenerationServiceStub(channel)
+    call = stub.Generate(pb.GenerateRequest(
+        request_id="cancel-me", text="a long one", stream=True,
+        sampling=pb.SamplingParams(max_tokens=1500, ignore_eos=True)), timeout=60)
+    first = next(call)
+    assert first.WhichOneof("kind") == "chunk"
+    assert stub.Cancel(pb.CancelRequest(request_id="cancel-me")).cancelled is True
+    rest = list(call)
+    assert rest[-1].final.finish_reason == pb.FINISH_REASON_ABORT
+    tokens = sum(len(m.chunk.token_ids) for m in [first, *rest] if m.WhichOneof("kind") == "chunk")
+    assert tokens < 1500 and rest[-1].final.usage.completion_tokens == tokens
+    assert wait_blocks(decode, free) == free
+    assert stub.Cancel(pb.CancelRequest(request_id="cancel-me")).cancelled is False  # idempotent
