@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cluster.grpc_decode import Malformed, malformed
 from proto.baton.v1 import serving_pb2 as pb
@@ -35,3 +37,17 @@ def test_bytes_that_are_no_message_blame_the_request():
         pb.GenerateRequest.FromString(raw)
     got = malformed(pb.GenerateRequest, raw)
     assert got.field == "request" and "baton.v1.GenerateRequest" in got.reason
+
+
+@settings(max_examples=400, deadline=None)
+@given(good=st.builds(pb.GenerateRequest, text=st.text(max_size=40),
+                      request_id=st.text(max_size=8)),
+       noise=st.binary(max_size=64), cut=st.integers(0, 200))
+def test_any_bytes_parse_or_get_a_named_field(good, noise, cut):
+    raw = good.SerializeToString()
+    raw = raw[:cut] + noise + raw[cut:]
+    try:
+        pb.GenerateRequest.FromString(raw)
+    except DecodeError:
+        got = malformed(pb.GenerateRequest, raw)
+        assert got.field and got.reason  # never a crash, always a field to name
