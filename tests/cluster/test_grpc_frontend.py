@@ -40,6 +40,13 @@ def generate(channel, **kw):
     return list(stub.Generate(pb.GenerateRequest(**kw), timeout=timeout))
 
 
+def wait_blocks(decode, free: int, timeout_s: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while ray.get(decode.free_blocks.remote()) != free and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return ray.get(decode.free_blocks.remote())
+
+
 def test_stream_equals_in_process_engine(served):
     _, channel = served
     prompts = mixed_prompts(3, seed=21, low=5, high=80)
@@ -97,10 +104,7 @@ def test_deadline_ends_the_request_and_frees_blocks(served):
         generate(channel, text="long", timeout=0.05, stream=True,
                  sampling=pb.SamplingParams(max_tokens=1500, ignore_eos=True))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 10
-    while ray.get(decode.free_blocks.remote()) != free and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert ray.get(decode.free_blocks.remote()) == free
+    assert wait_blocks(decode, free) == free
 
 
 def test_cancel_is_idempotent_and_health_serves(served):
@@ -142,21 +146,19 @@ def test_invalid_utf8_is_invalid_argument_naming_the_field(served):
     assert generate(channel, text="still here", sampling=pb.SamplingParams(max_tokens=2))
 
 
-def wait_blocks(decode, free: int, timeout_s: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout_s
-    while ray.get(decode.free_blocks.remote()) != free and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return ray.get(decode.free_blocks.remote())
+def long_stream(channel, request_id: str = ""):
+    """A streaming Generate of 1,500 tokens (EOS ignored): still running when cancelled."""
+    stub = pb_grpc.GenerationServiceStub(channel)
+    return stub, stub.Generate(pb.GenerateRequest(
+        request_id=request_id, text="a long one", stream=True,
+        sampling=pb.SamplingParams(max_tokens=1500, ignore_eos=True)), timeout=60)
 
 
 def test_client_cancel_mid_stream_frees_the_blocks(served):
     dep, channel = served
     decode = dep.workers["grpc-fe/decode/0"][2]
     free = ray.get(decode.free_blocks.remote())
-    stub = pb_grpc.GenerationServiceStub(channel)
-    call = stub.Generate(pb.GenerateRequest(
-        text="a long one", stream=True,
-        sampling=pb.SamplingParams(max_tokens=1500, ignore_eos=True)), timeout=60)
+    _, call = long_stream(channel)
     for i, _ in enumerate(call):
         if i == 3:
             break
@@ -169,10 +171,7 @@ def test_cancel_rpc_mid_stream_ends_it_as_abort_and_frees_the_blocks(served):
     dep, channel = served
     decode = dep.workers["grpc-fe/decode/0"][2]
     free = ray.get(decode.free_blocks.remote())
-    stub = pb_grpc.GenerationServiceStub(channel)
-    call = stub.Generate(pb.GenerateRequest(
-        request_id="cancel-me", text="a long one", stream=True,
-        sampling=pb.SamplingParams(max_tokens=1500, ignore_eos=True)), timeout=60)
+    stub, call = long_stream(channel, request_id="cancel-me")
     first = next(call)
     assert first.WhichOneof("kind") == "chunk"
     assert stub.Cancel(pb.CancelRequest(request_id="cancel-me")).cancelled is True
