@@ -42,7 +42,7 @@ def malformed(cls: type[message.Message], raw: bytes) -> Malformed:
     except message.DecodeError:
         return Malformed("request", f"not a valid {cls.DESCRIPTOR.full_name} message")
     bad = _first_bad_utf8(mirror, cls.DESCRIPTOR, "")
-    if bad is None:  # pragma: no cover - a parse failure the mirror does not share
+    if bad is None:  # a parse failure the mirror does not share
         return Malformed("request", f"not a valid {cls.DESCRIPTOR.full_name} message")
     return Malformed(bad, "not valid UTF-8")
 
@@ -119,9 +119,14 @@ def _bad_in_value(value, field: FieldDescriptor, path: str) -> str | None:
     return None
 
 
-def _tolerant(deserialize: Callable[[bytes], message.Message]) -> Callable[[bytes], object]:
-    cls = deserialize.__self__  # a generated ``Message.FromString``
+def _message_class(deserialize) -> type[message.Message] | None:
+    """The class whose generated ``FromString`` this is, else None."""
+    cls = getattr(deserialize, "__self__", None)
+    return cls if isinstance(cls, type) and issubclass(cls, message.Message) else None
 
+
+def _tolerant(deserialize: Callable[[bytes], message.Message],
+              cls: type[message.Message]) -> Callable[[bytes], object]:
     def parse(raw: bytes):
         try:
             return deserialize(raw)
@@ -143,10 +148,11 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(self.prefixes):
             return handler
-        if handler.request_streaming or handler.request_deserializer is None:
-            return handler  # every Baton method takes one message
+        cls = _message_class(handler.request_deserializer)
+        if handler.request_streaming or cls is None:
+            return handler  # every Baton method takes one generated message
         kind = "unary_stream" if handler.response_streaming else "unary_unary"
-        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer),
+        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer, cls),
                                 **{kind: self._guard(getattr(handler, kind))})
 
     def _guard(self, behavior):

@@ -40,7 +40,7 @@ def generate(channel, **kw):
     return list(stub.Generate(pb.GenerateRequest(**kw), timeout=timeout))
 
 
-def wait_blocks(decode, free: int, timeout_s: float = 10.0) -> int:
+def wait_blocks(decode, free: int, timeout_s: float = 60.0) -> int:
     deadline = time.monotonic() + timeout_s
     while ray.get(decode.free_blocks.remote()) != free and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -158,13 +158,16 @@ def test_client_cancel_mid_stream_frees_the_blocks(served):
     dep, channel = served
     decode = dep.workers["grpc-fe/decode/0"][2]
     free = ray.get(decode.free_blocks.remote())
-    _, call = long_stream(channel)
+    _, call = long_stream(channel, request_id="client-cancel")
     for i, _ in enumerate(call):
         if i == 3:
             break
     assert ray.get(decode.free_blocks.remote()) < free  # it is decoding
     call.cancel()
     assert wait_blocks(decode, free) == free
+    # Freed because it was aborted, not because it ran to its end.
+    done = ray.get(dep.controller.stream.remote("client-cancel", 0, 1.0))
+    assert done.finished and done.finish_reason == "abort" and len(done.token_ids) < 1500
 
 
 def test_cancel_rpc_mid_stream_ends_it_as_abort_and_frees_the_blocks(served):

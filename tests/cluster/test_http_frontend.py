@@ -57,7 +57,7 @@ def free_blocks(dep) -> int:
     return ray.get(dep.workers[DECODE][2].free_blocks.remote())
 
 
-def wait_free(dep, expected: int, timeout_s: float = 10.0) -> int:
+def wait_free(dep, expected: int, timeout_s: float = 60.0) -> int:
     deadline = time.monotonic() + timeout_s
     while free_blocks(dep) != expected and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -185,6 +185,7 @@ def test_unknown_route_is_404_and_wrong_method_405(served):
 def test_client_disconnect_mid_stream_frees_the_blocks(served):
     dep, port = served
     free = free_blocks(dep)
+    aborted = total(metric_values(port), "baton_request_success_total", finish_reason="abort")
     body = j(prompt="a long one", max_tokens=1500, ignore_eos=True, stream=True)
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -196,6 +197,9 @@ def test_client_disconnect_mid_stream_frees_the_blocks(served):
     assert received.startswith(b"HTTP/1.1 200") and b"text/event-stream" in received
     sock.close()
     assert wait_free(dep, free) == free
+    # Freed because it was aborted, not because it ran to its end.
+    assert total(metric_values(port), "baton_request_success_total",
+                 finish_reason="abort") == aborted + 1
 
 
 def metric_values(port: int) -> dict[str, list]:
