@@ -26,6 +26,7 @@ from pathlib import Path
 
 PRECISIONS = ("fp32", "bf16", "int8")  # encoder.PRECISIONS, named here so --help imports no torch
 ENCODER_LAYERS = 4  # encoder.DEFAULT_LAYERS, likewise
+ADAPTER_RANK = 0  # the shipped head's backbone fine-tune (0: frozen backbone)
 
 
 def add_ranker_commands(subparsers) -> None:
@@ -51,6 +52,11 @@ def add_ranker_commands(subparsers) -> None:
                     metavar="1..6",
                     help="backbone layers to run; the head reads the last one's output "
                          "(default 4: ranks better than 6 on ShareGPT, at 2/3 of the cost)")
+    tr.add_argument("--adapter-rank", type=int, default=ADAPTER_RANK, metavar="R",
+                    help="fine-tune the backbone through rank-R LoRA adapters first "
+                         f"(0: keep it frozen; default {ADAPTER_RANK})")
+    tr.add_argument("--adapter-steps", type=_positive, default=None,
+                    help="backbone fine-tuning steps (one list each)")
     tr.add_argument("--from-redis", action="store_true",
                     help="fine-tune on the completion log of the cluster in --config")
     tr.add_argument("--config", help="--from-redis: the cluster's YAML (or example name)")
@@ -97,9 +103,11 @@ def _cmd_train(args) -> int:
     from cluster.ranker.train import TrainConfig
 
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(seed=args.seed)
+    cfg = TrainConfig(seed=args.seed, adapter_rank=args.adapter_rank)
     if args.max_steps:
         cfg = replace(cfg, max_steps=args.max_steps)
+    if args.adapter_steps:
+        cfg = replace(cfg, adapter_steps=args.adapter_steps)
     try:
         return _train_from_redis(args, cfg) if args.from_redis else _train_offline(args, cfg)
     except (ValueError, OSError) as exc:
@@ -108,21 +116,17 @@ def _cmd_train(args) -> int:
 
 def _train_offline(args, cfg) -> int:
     from cluster.ranker import data
-    from cluster.ranker.encoder import MiniLMEncoder
     from cluster.ranker.evaluate import RankQuality
-    from cluster.ranker.features import DEFAULT_CACHE, EmbeddingCache
     from cluster.ranker.train import quality_table, train_and_evaluate
 
     examples = data.load_sharegpt_package() if args.sharegpt_package else data.load_examples(args.data)
     if args.max_examples:
         examples = sorted(examples, key=lambda e: data.hash_order(e.id))[:args.max_examples]
-    cache = EmbeddingCache(args.cache_dir or DEFAULT_CACHE, MiniLMEncoder.load(
-        max_tokens=args.encoder_max_tokens, layers=args.encoder_layers))
     command = "baton ranker " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 2 and sys.argv[1] == "ranker" else ""
-    report = train_and_evaluate(examples, lambda t: cache.get(t, progress=True), args.out, cfg,
-                                command=command, encoder_max_tokens=args.encoder_max_tokens,
-                                encoder_layers=args.encoder_layers)
+    report = train_and_evaluate(examples, args.out, cfg, command=command,
+                                encoder_max_tokens=args.encoder_max_tokens,
+                                encoder_layers=args.encoder_layers, cache_dir=args.cache_dir)
     print(quality_table({k: RankQuality(**v) for k, v in report["test"].items()}))
     print(f"wrote {args.out / 'head.safetensors'} and {args.out / 'report.json'}")
     return 0

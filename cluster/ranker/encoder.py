@@ -25,6 +25,9 @@ LayerNorm and GELU stay fp32) run:
 
 Query, key and value projections run as one fused matmul in every precision.
 
+``adapter`` (optional): low-rank deltas from fine-tuning (``adapter.py``),
+folded into the weights at construction, before quantization.
+
 ``layers`` runs only the first N of the six layers and pools their output.
 The shipped head reads layer 4 (``DEFAULT_LAYERS``): on the ShareGPT split,
 heads on layer-4 features rank better than on the last layer's (test tau
@@ -40,6 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+
+from cluster.ranker.adapter import digest, merge
 
 HIDDEN = 384  # embedding width of MiniLM-L6-H384
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
@@ -78,13 +83,17 @@ def load_wordpiece(path: Path | None = None):
 
 class MiniLMEncoder:
     def __init__(self, weights: dict[str, torch.Tensor], tokenizer, config: BertConfig,
-                 max_tokens: int = 128, precision: str = "fp32", layers: int | None = None):
+                 max_tokens: int = 128, precision: str = "fp32", layers: int | None = None,
+                 adapter: dict[str, torch.Tensor] | None = None):
         assert 8 <= max_tokens <= config.max_positions
         if precision not in PRECISIONS:
             raise ValueError(f"encoder precision {precision!r}: choose one of {PRECISIONS}")
         layers = config.layers if layers is None else layers
         if not 1 <= layers <= config.layers:
             raise ValueError(f"encoder layers={layers}: choose 1..{config.layers}")
+        if adapter:
+            weights = merge(weights, adapter, layers)
+        self.adapter_id = digest(adapter)  # "" for the pretrained backbone
         self.w = weights
         self.tok = tokenizer
         self.cfg = config
@@ -95,11 +104,12 @@ class MiniLMEncoder:
 
     @classmethod
     def load(cls, folder: Path | None = None, max_tokens: int = 128,
-             precision: str = "fp32", layers: int | None = None) -> MiniLMEncoder:
+             precision: str = "fp32", layers: int | None = None,
+             adapter: dict[str, torch.Tensor] | None = None) -> MiniLMEncoder:
         folder = folder or model_dir()
         weights = load_file(str(folder / "model.safetensors"))
         return cls(weights, load_wordpiece(folder / "tokenizer.json"), BertConfig(), max_tokens,
-                   precision, layers)
+                   precision, layers, adapter)
 
     # ----- tokenization ---------------------------------------------------------
     def token_ids(self, texts: list[str]) -> list[list[int]]:

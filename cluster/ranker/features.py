@@ -33,7 +33,9 @@ class EmbeddingCache:
         self.encoder = encoder
         suffix = "" if encoder.precision == "fp32" else f"-{encoder.precision}"
         depth = "" if encoder.layers == encoder.cfg.layers else f"-d{encoder.layers}"
-        self.path = Path(folder) / f"minilm-l6{depth}-mean-t{encoder.max_tokens}{suffix}.safetensors"
+        tuned = f"-a{encoder.adapter_id}" if encoder.adapter_id else ""
+        self.path = (Path(folder)
+                     / f"minilm-l6{depth}{tuned}-mean-t{encoder.max_tokens}{suffix}.safetensors")
         self.keys_path = self.path.with_suffix(".keys.json")
         self.flush_every = flush_every
         self._rows: dict[str, int] = {}

@@ -8,6 +8,10 @@ loaded: a retrained one replaces it whole (hot swap).
 
 Features of a prompt: the backbone's mean-pooled embedding (384) and
 log(1 + its length in WordPiece tokens), since truncation hides the length.
+
+A head trained on a fine-tuned backbone carries that backbone's adapter
+(``adapter.py``; tensors named ``adapter.*`` in the same file), so one file
+says everything needed to score: the encoder is built from it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from cluster.ranker.encoder import HIDDEN
 
 NUM_FEATURES = HIDDEN + 1
 FORMAT = "baton-ranker-head/1"
+ADAPTER_PREFIX = "adapter."
 
 
 def prompt_features(emb: torch.Tensor, prompt_tokens: list[int] | torch.Tensor) -> torch.Tensor:
@@ -45,6 +50,7 @@ class ScoreHead(nn.Module):
         self.net = nn.Sequential(nn.Linear(NUM_FEATURES, hidden), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, outputs))
         self.meta = dict(meta or {})
+        self.adapter: dict[str, torch.Tensor] = {}  # backbone deltas; empty = pretrained
 
     def fit_scaler(self, x: torch.Tensor) -> None:
         self.mean.copy_(x.mean(0))
@@ -68,6 +74,7 @@ class ScoreHead(nn.Module):
         new = ScoreHead(self.net[0].out_features, self.net[3].out_features,
                         self.net[2].p, self.meta)
         new.load_state_dict(self.state_dict())
+        new.adapter = dict(self.adapter)  # tensors are never changed in place: sharing is safe
         return new
 
     # ----- files ----------------------------------------------------------------
@@ -76,6 +83,7 @@ class ScoreHead(nn.Module):
         header = {"format": FORMAT, "hidden": str(hidden), "outputs": str(self.net[3].out_features),
                   "meta": json.dumps(self.meta, sort_keys=True)}
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tensors.update({ADAPTER_PREFIX + k: v.contiguous() for k, v in self.adapter.items()})
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=header)
 
@@ -87,6 +95,8 @@ class ScoreHead(nn.Module):
                 raise ValueError(f"{path}: not a ranker head (format {header.get('format')!r})")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         head = cls(int(header["hidden"]), int(header["outputs"]), meta=json.loads(header["meta"]))
+        head.adapter = {k[len(ADAPTER_PREFIX):]: tensors.pop(k) for k in list(tensors)
+                        if k.startswith(ADAPTER_PREFIX)}
         head.load_state_dict(tensors)
         head.eval()
         return head

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.ranker.adapter import digest
 from cluster.ranker.encoder import MiniLMEncoder
 from cluster.ranker.head import ScoreHead, prompt_features
 
@@ -40,9 +41,10 @@ class Ranker:
             raise ValueError(f"ranker head {path} does not exist; train one with "
                              "`baton ranker train --out DIR`")
         head = ScoreHead.load(path)
-        max_tokens, layers = encoder_setting(head)
-        return cls(MiniLMEncoder.load(max_tokens=max_tokens, precision=precision, layers=layers),
-                   head, str(path))
+        max_tokens, layers, _ = encoder_setting(head)
+        encoder = MiniLMEncoder.load(max_tokens=max_tokens, precision=precision, layers=layers,
+                                     adapter=head.adapter)
+        return cls(encoder, head, str(path))
 
     @property
     def precision(self) -> str:
@@ -66,13 +68,15 @@ class Ranker:
         new = ScoreHead.load(Path(path))
         if encoder_setting(new) != encoder_setting(self.head):
             raise ValueError(f"{path}: head was trained on a different encoder setting "
-                             f"(max tokens, layers) {encoder_setting(new)}; the running encoder "
-                             f"is {encoder_setting(self.head)}")
+                             f"(max tokens, layers, adapter) {encoder_setting(new)}; the running "
+                             f"encoder is {encoder_setting(self.head)}")
         self.head, self.head_path = new, str(path)
         return {"head_path": str(path), "test": new.meta.get("test"), "source": new.meta.get("source")}
 
 
-def encoder_setting(head: ScoreHead) -> tuple[int, int]:
-    """(max tokens, layers) of the encoder whose features ``head`` was trained
-    on; heads from before the ``layers`` setting read the last of six."""
-    return int(head.meta.get("encoder_max_tokens", 128)), int(head.meta.get("encoder_layers", 6))
+def encoder_setting(head: ScoreHead) -> tuple[int, int, str]:
+    """(max tokens, layers, adapter digest) of the encoder whose features
+    ``head`` was trained on; heads from before the ``layers`` setting read the
+    last of six."""
+    return (int(head.meta.get("encoder_max_tokens", 128)), int(head.meta.get("encoder_layers", 6)),
+            digest(head.adapter))

