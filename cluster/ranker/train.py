@@ -50,7 +50,7 @@ class TrainConfig:
     bucket_tokens: int = BUCKET_TOKENS  # label width: lengths this close tie
     classifier_buckets: int = 10  # baseline: classes = train-split length quantiles
     adapter_rank: int = 0  # LoRA rank of the backbone fine-tune; 0 keeps the backbone frozen
-    adapter_steps: int = 1000  # fine-tuning steps, one list of list_size prompts each
+    adapter_steps: int = 2000  # fine-tuning steps, one list of list_size prompts each
     adapter_lr: float = 5e-4
     seed: int = 0
 
