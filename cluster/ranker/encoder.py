@@ -129,7 +129,11 @@ class MiniLMEncoder:
     def embed(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
         """Mean-pooled embeddings, (len(texts), 384) float32, in input order.
         Batches group prompts of similar length so little compute goes to padding."""
-        ids = self.token_ids(texts)
+        return self.embed_ids(self.token_ids(texts), batch_size)
+
+    @torch.inference_mode()
+    def embed_ids(self, ids: list[list[int]], batch_size: int = 32) -> torch.Tensor:
+        """``embed`` of already tokenized prompts (``token_ids``)."""
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = torch.empty(len(ids), self.cfg.hidden)
         for s in range(0, len(order), batch_size):

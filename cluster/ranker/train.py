@@ -170,7 +170,8 @@ def tune_backbone(train: list[Example], val: list[Example], cfg: TrainConfig, ma
         opt.step()
         if step % cfg.eval_every and step != cfg.adapter_steps:
             continue
-        tau = kendall_tau(_scores(enc, head, val_ids, val_plen).numpy(), val_y)
+        val_x = prompt_features(enc.embed_ids(val_ids, batch_size=64), val_plen)
+        tau = kendall_tau(head.score(val_x).numpy(), val_y)
         history.append({"step": step, "loss": round(loss.item(), 4), "val_tau": round(tau, 4),
                         "seconds": round(time.time() - t0, 1)})
         if log:
@@ -184,19 +185,6 @@ def tune_backbone(train: list[Example], val: list[Example], cfg: TrainConfig, ma
 def _features(enc: MiniLMEncoder, ids: list[list[int]], plen: list[int]) -> torch.Tensor:
     padded, mask = pad_batch(ids)
     return prompt_features(mean_pool(enc.hidden_states(padded, mask), mask), plen)
-
-
-@torch.no_grad()
-def _scores(enc: MiniLMEncoder, head: ScoreHead, ids: list[list[int]],
-            plen: list[int]) -> torch.Tensor:
-    head.eval()
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = torch.empty(len(ids))
-    for s in range(0, len(order), 64):
-        idx = order[s:s + 64]
-        out[idx] = head(_features(enc, [ids[i] for i in idx], [plen[i] for i in idx]))
-    head.train()
-    return out
 
 
 # ----- baselines --------------------------------------------------------------------------
