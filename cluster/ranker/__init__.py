@@ -28,10 +28,10 @@ Modules, in the order a prompt meets them:
 
 The shipped head (``head.safetensors``) is reproduced by::
 
-    baton ranker train --out cluster/ranker --threads 2
+    baton ranker train --out cluster/ranker --threads 2 --encoder-layers 4
 
 (ShareGPT first turns from ../shared/data, seed 0: 2,000 adapter steps on
-MiniLM's first two layers, then the head; about 20 minutes on 2 cores. Its
+MiniLM's first four layers, then the head; about 45 minutes on 2 cores. Its
 ``report.json`` beside it records the validation history and the test-split
 numbers.)
 """

@@ -20,8 +20,8 @@ LayerNorm and GELU stay fp32) run:
 - ``int8``: weights int8 per output channel, activations quantized per token
   on the fly, exact int32 accumulation (``torch._int_mm``), so the result is
   the same on every CPU. 1.5-2.3x faster than fp32 on one thread (300 serving
-  prompts, 2-core machine); the shipped head's test-split tau is 0.4387 with
-  fp32 features and 0.4382 with int8 (BENCHMARKS.md).
+  prompts, 2-core machine); the shipped head's test-split tau is 0.4699 with
+  fp32 features and 0.4700 with int8 (BENCHMARKS.md).
 
 Query, key and value projections run as one fused matmul in every precision.
 
@@ -30,9 +30,9 @@ folded into the weights at construction, before quantization.
 
 ``layers`` runs only the first N of the six layers and pools their output.
 Frozen, layer 4 ranks best on the ShareGPT split (test tau 0.417-0.430,
-the last layer 0.383-0.393; BENCHMARKS.md). The shipped head reads layer 2
+the last layer 0.383-0.393; BENCHMARKS.md). The shipped head reads layer 4
 (``DEFAULT_LAYERS``) of a backbone fine-tuned through adapters: test tau
-0.439 at a third of the six-layer encoder's cost.
+0.470 (two fine-tuned layers: 0.439, at half the cost).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from cluster.ranker.adapter import digest, merge
 HIDDEN = 384  # embedding width of MiniLM-L6-H384
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
 PRECISIONS = ("fp32", "bf16", "int8")
-DEFAULT_LAYERS = 2  # layers whose output the shipped head reads (see the module docstring)
+DEFAULT_LAYERS = 4  # layers whose output the shipped head reads (see the module docstring)
 
 
 @dataclass(frozen=True)
