@@ -89,15 +89,16 @@ TARGET_OVERHEAD = 0.02
 
 
 # ----- workload -------------------------------------------------------------------------
-def workload(n: int | None, max_prompt_bytes: int, max_output_tokens: int, data: list[Path] | None):
+def test_split(data: list[Path] | None) -> list:
+    """The ranker's test split, in a fixed hash order."""
     from cluster.ranker.data import by_split, hash_order, load_examples
 
-    test = by_split(load_examples(data))["test"]
+    return sorted(by_split(load_examples(data))["test"], key=lambda e: hash_order(e.id))
+
+
+def workload(test: list, n: int, max_prompt_bytes: int, max_output_tokens: int):
     keep = [e for e in test if len(e.prompt.encode()) <= max_prompt_bytes
             and 1 <= e.output_tokens <= max_output_tokens]
-    keep.sort(key=lambda e: hash_order(e.id))
-    if n is None:
-        return keep
     if len(keep) < n:
         raise SystemExit(f"only {len(keep)} test prompts fit the limits; --requests {n}")
     return keep[:n]
@@ -426,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json == "-" else \
         (lambda *a: print(*a, flush=True))
     t_start, load_start = time.perf_counter(), os.getloadavg()
-    examples = workload(args.requests, args.max_prompt_bytes, args.max_output_tokens, args.data)
+    test = test_split(args.data)
+    examples = workload(test, args.requests, args.max_prompt_bytes, args.max_output_tokens)
     prompts = [[256, *e.prompt.encode()] for e in examples]
     lengths = [e.output_tokens for e in examples]
     offsets = arrival_offsets(len(examples), args.rate, args.seed)
@@ -434,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         return resimulate(args.resimulate, examples, prompts, lengths, offsets, args)
     if args.sweep:
         scores = Ranker.load(args.head).score([e.prompt for e in examples])
-        split = [e.output_tokens for e in workload(None, 1 << 62, 1 << 62, args.data)]
+        split = [e.output_tokens for e in test if e.output_tokens >= 1]
         print_sweep(sweep(examples, scores), rank_quality(scores, lengths).kendall_tau,
                     len(examples), split)
         return 0
