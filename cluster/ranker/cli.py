@@ -58,6 +58,9 @@ def add_ranker_commands(subparsers) -> None:
                          f"(0: keep it frozen; default {ADAPTER_RANK})")
     tr.add_argument("--adapter-steps", type=_positive, default=None,
                     help="backbone fine-tuning steps (one list each)")
+    tr.add_argument("--adapter-schedule", choices=("constant", "cosine"), default=None,
+                    help="backbone fine-tune learning rates: constant, or cosine decay to 0 "
+                         "by the last step (default constant)")
     tr.add_argument("--from-redis", action="store_true",
                     help="fine-tune on the completion log of the cluster in --config")
     tr.add_argument("--config", help="--from-redis: the cluster's YAML (or example name)")
@@ -109,6 +112,8 @@ def _cmd_train(args) -> int:
         cfg = replace(cfg, max_steps=args.max_steps)
     if args.adapter_steps:
         cfg = replace(cfg, adapter_steps=args.adapter_steps)
+    if args.adapter_schedule:
+        cfg = replace(cfg, adapter_schedule=args.adapter_schedule)
     try:
         return _train_from_redis(args, cfg) if args.from_redis else _train_offline(args, cfg)
     except (ValueError, OSError) as exc:

@@ -36,6 +36,9 @@ from cluster.ranker.head import ScoreHead, init_seed, prompt_features
 from cluster.ranker.listmle import listmle
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     list_size: int = 32  # prompts per ListMLE list (vllm-ltr trains on batches of 32)
@@ -52,6 +55,7 @@ class TrainConfig:
     adapter_rank: int = 0  # LoRA rank of the backbone fine-tune; 0 keeps the backbone frozen
     adapter_steps: int = 2000  # fine-tuning steps, one list of list_size prompts each
     adapter_lr: float = 5e-4
+    adapter_schedule: str = "constant"  # or "cosine": both learning rates decay to 0 by the last step
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,6 +67,9 @@ class TrainConfig:
             raise ValueError(f"adapter_rank={self.adapter_rank} must be >= 0")
         if self.list_size < 2:
             raise ValueError(f"list_size={self.list_size} must be >= 2")
+        if self.adapter_schedule not in SCHEDULES:
+            raise ValueError(f"adapter_schedule={self.adapter_schedule!r}: expected one of "
+                             f"{', '.join(SCHEDULES)}")
 
 
 @dataclass
@@ -158,6 +165,8 @@ def tune_backbone(train: list[Example], val: list[Example], cfg: TrainConfig, ma
     opt = torch.optim.AdamW([{"params": tuned.parameters(), "lr": cfg.adapter_lr},
                              {"params": head.parameters(), "lr": cfg.lr}],
                             weight_decay=cfg.weight_decay)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.adapter_steps)
+             if cfg.adapter_schedule == "cosine" else None)
     val_ids = enc.token_ids([e.prompt for e in val])
     val_plen, val_y = count_tokens([e.prompt for e in val]), [e.output_tokens for e in val]
     best, best_tensors, history, t0 = -2.0, tuned.tensors(), [], time.time()
@@ -168,6 +177,8 @@ def tune_backbone(train: list[Example], val: list[Example], cfg: TrainConfig, ma
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if sched:
+            sched.step()
         if step % cfg.eval_every and step != cfg.adapter_steps:
             continue
         val_x = prompt_features(enc.embed_ids(val_ids, batch_size=64), val_plen)
