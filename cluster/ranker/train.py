@@ -165,8 +165,7 @@ def tune_backbone(train: list[Example], val: list[Example], cfg: TrainConfig, ma
     opt = torch.optim.AdamW([{"params": tuned.parameters(), "lr": cfg.adapter_lr},
                              {"params": head.parameters(), "lr": cfg.lr}],
                             weight_decay=cfg.weight_decay)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.adapter_steps)
-             if cfg.adapter_schedule == "cosine" else None)
+    sched = backbone_schedule(opt, cfg)
     val_ids = enc.token_ids([e.prompt for e in val])
     val_plen, val_y = count_tokens([e.prompt for e in val]), [e.output_tokens for e in val]
     best, best_tensors, history, t0 = -2.0, tuned.tensors(), [], time.time()
@@ -191,6 +190,13 @@ def tune_backbone(train: list[Example], val: list[Example], cfg: TrainConfig, ma
         if tau > best:
             best, best_tensors = tau, tuned.tensors()
     return best_tensors, history
+
+
+def backbone_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig):
+    """The fine-tune's learning-rate schedule, stepped once per step (None: constant)."""
+    if cfg.adapter_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.adapter_steps)
+    return None
 
 
 def _features(enc: MiniLMEncoder, ids: list[list[int]], plen: list[int]) -> torch.Tensor:

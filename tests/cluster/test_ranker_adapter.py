@@ -110,3 +110,28 @@ def test_fine_tuning_steps_move_the_adapter_and_report_validation_tau():
     assert [h["step"] for h in history] == [2, 4]
     assert all(-1 <= h["val_tau"] <= 1 for h in history)
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if k.endswith("lora_b"))
+
+
+@pytest.mark.parametrize("schedule, mid, last", [("constant", 1.0, 1.0), ("cosine", 0.5, 0.0)])
+def test_backbone_schedule_scales_every_learning_rate(schedule, mid, last):
+    from cluster.ranker.train import TrainConfig, backbone_schedule
+
+    cfg = TrainConfig(adapter_steps=10, adapter_schedule=schedule)
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [w], "lr": 4e-4}, {"params": [], "lr": 1e-3}])
+    sched = backbone_schedule(opt, cfg)
+    seen = []
+    for _ in range(cfg.adapter_steps):
+        opt.step()
+        if sched:
+            sched.step()
+        seen.append([g["lr"] for g in opt.param_groups])
+    assert seen[4] == pytest.approx([4e-4 * mid, 1e-3 * mid])
+    assert seen[-1] == pytest.approx([4e-4 * last, 1e-3 * last], abs=1e-12)
+
+
+def test_unknown_schedule_is_refused():
+    from cluster.ranker.train import TrainConfig
+
+    with pytest.raises(ValueError, match="adapter_schedule='linear'"):
+        TrainConfig(adapter_schedule="linear")
