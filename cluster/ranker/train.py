@@ -35,7 +35,6 @@ from cluster.ranker.features import DEFAULT_CACHE, EmbeddingCache
 from cluster.ranker.head import ScoreHead, init_seed, prompt_features
 from cluster.ranker.listmle import listmle
 
-
 SCHEDULES = ("constant", "cosine")
 
 
