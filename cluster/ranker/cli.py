@@ -27,6 +27,7 @@ from pathlib import Path
 PRECISIONS = ("fp32", "bf16", "int8")  # encoder.PRECISIONS, named here so --help imports no torch
 ENCODER_LAYERS = 4  # encoder.DEFAULT_LAYERS, likewise
 ADAPTER_RANK = 16  # the shipped head's backbone fine-tune (0: frozen backbone)
+SCHEDULES = ("constant", "cosine")  # train.SCHEDULES, named here for the same reason
 
 
 def add_ranker_commands(subparsers) -> None:
@@ -58,7 +59,7 @@ def add_ranker_commands(subparsers) -> None:
                          f"(0: keep it frozen; default {ADAPTER_RANK})")
     tr.add_argument("--adapter-steps", type=_positive, default=None,
                     help="backbone fine-tuning steps (one list each)")
-    tr.add_argument("--adapter-schedule", choices=("constant", "cosine"), default=None,
+    tr.add_argument("--adapter-schedule", choices=SCHEDULES, default=None,
                     help="backbone fine-tune learning rates: constant, or cosine decay to 0 "
                          "by the last step (default constant)")
     tr.add_argument("--from-redis", action="store_true",

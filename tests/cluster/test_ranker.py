@@ -355,6 +355,12 @@ def test_cli_defaults_name_the_encoder_constants():
     assert cli.ENCODER_LAYERS == encoder.DEFAULT_LAYERS
 
 
+def test_cli_schedules_name_the_trainer_constant():
+    from cluster.ranker import cli, train
+
+    assert cli.SCHEDULES == train.SCHEDULES
+
+
 def test_swapping_in_a_head_of_another_encoder_setting_is_refused(tmp_path, encoder):
     from cluster.ranker.ranker import Ranker
 
