@@ -14,6 +14,7 @@ autoscaler and removes every actor.
 from __future__ import annotations
 
 import threading
+import time
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -35,6 +36,19 @@ class PlacementError(RuntimeError):
 
 def controller_name(cluster: str) -> str:
     return f"{cluster}/controller"
+
+
+def _wait_until_name_free(name: str, timeout_s: float = 30.0) -> None:
+    """``ray.kill`` returns before the GCS releases the actor's name; a new
+    actor of that name created too soon fails with ActorAlreadyExistsError."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"actor name {name!r} still taken {timeout_s} s after its actor was killed")
 
 
 class Deployment:
@@ -122,6 +136,7 @@ class Deployment:
     def restart_controller(self) -> None:
         with self.lock:
             ray.kill(self.controller, no_restart=True)
+            _wait_until_name_free(controller_name(self.config.name))
             self.start_controller()
 
     def kill_worker(self, worker_id: str) -> None:
