@@ -78,17 +78,18 @@ def test_killed_decode_worker_loses_no_request(deploy):
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     prompts = mixed_prompts(12, seed=7, low=10, high=150)
     ref = reference(prompts, params)
-    victim = f"{dep.config.name}/decode/0"
     seen = {"tokens": 0, "killed": False, "running_on_victim": 0}
 
     async def maybe_kill(i, chunk):
         seen["tokens"] += len(chunk.token_ids)
         if not seen["killed"] and seen["tokens"] >= 60:
             seen["killed"] = True
+            # The busier decode worker: the router may have left the other one idle.
             status = await dep.controller.status.remote()
-            seen["running_on_victim"] = next(
-                w["running"] for w in status["workers"] if w["worker_id"] == victim)
-            dep.kill_worker(victim)
+            victim = max((w for w in status["workers"] if w["role"] == "decode"),
+                         key=lambda w: w["running"])
+            seen["running_on_victim"] = victim["running"]
+            dep.kill_worker(victim["worker_id"])
 
     out = asyncio.run(run_all(dep.config.name, prompts, params, on_chunk=maybe_kill))
     assert seen["killed"] and seen["running_on_victim"] > 0
