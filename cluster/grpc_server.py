@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -69,6 +70,14 @@ class _Auth:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
 
+@dataclass
+class _Call:
+    """One Generate call's request; ``finished`` once its final chunk arrived."""
+
+    request_id: str
+    finished: bool = False
+
+
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, frontend: GrpcFrontend):
         self.f = frontend
@@ -89,35 +98,51 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except ValueError as exc:  # InvalidRequest, or the controller's own checks
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        async for message in self._responses(rid, len(valid.prompt_token_ids), request.stream,
+        call = self._cancel_unless_finished(rid, context)
+        async for message in self._responses(call, len(valid.prompt_token_ids), request.stream,
                                              context):
             yield message
 
-    async def _responses(self, rid: str, prompt_tokens: int, stream: bool, context):
-        cursor, held_ids, held_text = 0, [], []
-        try:
-            while True:
-                left = context.time_remaining()
-                if left is not None and left <= 0:
-                    await self.f.backend.cancel(rid)
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
-                chunk = await self.f.backend.stream(rid, cursor, min(5.0, left or 5.0))
-                cursor = chunk.cursor
-                if chunk.token_ids and stream:
+    def _cancel_unless_finished(self, rid: str, context) -> _Call:
+        """Cancel ``rid`` when its RPC ends before the request finished.
+
+        A done callback rather than ``except CancelledError`` in the handler: a
+        client that goes away while the server awaits a write cancels grpc's own
+        task, outside this generator, which is then only closed (GeneratorExit)
+        whenever it is collected; the request would run to its end.
+        """
+        call = _Call(rid)
+
+        def on_done(_context) -> None:
+            if not call.finished:
+                task = asyncio.get_running_loop().create_task(self.f.backend.cancel(rid))
+                self.f.background.add(task)
+                task.add_done_callback(self.f.background.discard)
+
+        context.add_done_callback(on_done)
+        return call
+
+    async def _responses(self, call: _Call, prompt_tokens: int, stream: bool, context):
+        rid, cursor, held_ids, held_text = call.request_id, 0, [], []
+        while True:
+            left = context.time_remaining()
+            if left is not None and left <= 0:  # the done callback cancels the request
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
+            chunk = await self.f.backend.stream(rid, cursor, min(5.0, left or 5.0))
+            cursor = chunk.cursor
+            if chunk.token_ids and stream:
+                yield pb.GenerateResponse(request_id=rid, chunk=pb.TokenChunk(
+                    token_ids=chunk.token_ids, text=chunk.text))
+            elif chunk.token_ids:
+                held_ids += chunk.token_ids
+                held_text.append(chunk.text)
+            if chunk.finished:
+                call.finished = True
+                if not stream:
                     yield pb.GenerateResponse(request_id=rid, chunk=pb.TokenChunk(
-                        token_ids=chunk.token_ids, text=chunk.text))
-                elif chunk.token_ids:
-                    held_ids += chunk.token_ids
-                    held_text.append(chunk.text)
-                if chunk.finished:
-                    if not stream:
-                        yield pb.GenerateResponse(request_id=rid, chunk=pb.TokenChunk(
-                            token_ids=held_ids, text="".join(held_text)))
-                    yield _final(rid, chunk, prompt_tokens, cursor)
-                    return
-        except asyncio.CancelledError:  # the client went away or its deadline passed
-            await asyncio.shield(self.f.backend.cancel(rid))
-            raise
+                        token_ids=held_ids, text="".join(held_text)))
+                yield _final(rid, chunk, prompt_tokens, cursor)
+                return
 
     async def Cancel(self, request, context):  # noqa: N802
         await self.f.auth.check(context)
@@ -171,6 +196,7 @@ class GrpcFrontend:
         self.render = render
         self.auth = _Auth(token)
         self.draining = False
+        self.background: set[asyncio.Task] = set()  # cancels of abandoned calls, in flight
         self.health = HealthServicer()
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]

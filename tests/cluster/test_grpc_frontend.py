@@ -170,6 +170,24 @@ def test_client_cancel_mid_stream_frees_the_blocks(served):
     assert done.finished and done.finish_reason == "abort" and len(done.token_ids) < 1500
 
 
+@pytest.mark.parametrize("after", [0, 1, 2, 5, 8, 13, 21, 34])
+def test_client_leaving_at_any_point_aborts_the_request(served, after):
+    """Wherever the server is when the client goes (awaiting tokens or a write),
+    the request is aborted, not run to its end."""
+    dep, channel = served
+    decode = dep.workers["grpc-fe/decode/0"][2]
+    free = ray.get(decode.free_blocks.remote())
+    rid = f"leaves-after-{after}"
+    _, call = long_stream(channel, request_id=rid)
+    for i, _ in enumerate(call):
+        if i == after:
+            break
+    call.cancel()
+    assert wait_blocks(decode, free) == free
+    done = ray.get(dep.controller.stream.remote(rid, 0, 1.0))
+    assert (done.finish_reason, len(done.token_ids) < 1500) == ("abort", True)
+
+
 def test_cancel_rpc_mid_stream_ends_it_as_abort_and_frees_the_blocks(served):
     dep, channel = served
     decode = dep.workers["grpc-fe/decode/0"][2]
