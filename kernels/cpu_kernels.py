@@ -20,7 +20,11 @@ with torch's C++ extension builder (a compiler and ninja are needed; about
 15 s on 2 cores) the first time a process on the machine calls it, then
 loads the cached build (``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) in about a second; where it cannot build it
-warns once and returns False. It builds with ``-fopenmp``, so that
+warns once and returns False. Each source file, flag set and checkout gets
+its own build folder, so two checkouts never rebuild each other's, and a
+build holds an OS lock (``fcntl.flock``) that dies with its process: torch's
+own lock file, left behind by a builder that was killed, would otherwise
+make every later ``load()`` wait forever. It builds with ``-fopenmp``, so that
 ``at::parallel_for`` spreads the work over torch's intra-op threads
 (``parallel_threads`` says how many), or without it where OpenMP is missing.
 The engine calls it when ``EngineConfig.cpu_kernels`` is set (the default)
@@ -29,9 +33,16 @@ on CPU in float32.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
 import platform
+import sys
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,27 +112,68 @@ def parallel_threads(tasks: int = 64) -> int:
     return torch.ops.baton_cpu.parallel_threads(tasks) if is_loaded() else 0
 
 
-def _build() -> bool:
-    from torch.utils.cpp_extension import load as load_extension
+@dataclass(frozen=True)
+class BuildVariant:
+    name: str  # torch's extension name
+    cflags: list[str]
+    ldflags: list[str]
 
+    @property
+    def folder(self) -> Path:
+        return build_folder(self.name, self.cflags)
+
+
+def build_variants() -> list[BuildVariant]:
+    """What ``load()`` tries, in order: with OpenMP, then without."""
     flags, tag = ["-O3"], "generic"
     if _x86_has("avx2", "fma"):
         flags, tag = flags + ["-mavx2", "-mfma"], "avx2"
     # Without -fopenmp, at::parallel_for compiles to a plain loop: the kernels
     # would run on one thread whatever torch.get_num_threads() says. The
     # extension then binds to the OpenMP runtime torch already loaded.
+    return [BuildVariant(f"baton_cpu_kernels_{tag}_omp", flags + ["-fopenmp"], ["-fopenmp"]),
+            BuildVariant(f"baton_cpu_kernels_{tag}", flags, [])]
+
+
+def _build() -> bool:
+    from torch.utils.cpp_extension import load as load_extension
+
     err: Exception | None = None
-    for omp in (["-fopenmp"], []):
+    for v in build_variants():
         try:
-            load_extension(f"baton_cpu_kernels_{tag}{'_omp' if omp else ''}", [str(SOURCE)],
-                           extra_cflags=flags + omp, extra_ldflags=omp,
-                           is_python_module=False, verbose=False)
+            with _build_lock(v.folder):
+                load_extension(v.name, [str(SOURCE)], extra_cflags=v.cflags,
+                               extra_ldflags=v.ldflags, build_directory=str(v.folder),
+                               is_python_module=False, verbose=False)
             return True
         except Exception as exc:  # no compiler, no ninja, no OpenMP: try without, then torch
             err = exc
     warnings.warn(f"CPU decode attention kernel unavailable ({err!r:.300}); "
                   "decode attention stays on torch", RuntimeWarning, stacklevel=3)
     return False
+
+
+def build_folder(name: str, flags: list[str]) -> Path:
+    """Where ``name`` builds: one folder per source text, flags and source path."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    key = hashlib.sha256("\0".join([str(SOURCE), SOURCE.read_text(), *flags]).encode())
+    return (Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+            / f"{name}_{key.hexdigest()[:12]}")
+
+
+@contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` while torch builds or loads
+    there. Every builder holds it, so a torch ``lock`` file found under it
+    was left by a killed one: removed rather than waited on forever."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "baton.flock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            (folder / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _x86_has(*flags: str) -> bool:

@@ -120,3 +120,20 @@ def test_kernels_run_on_torch_intra_op_threads():
         assert cpu_kernels.parallel_threads(64) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_lock_left_by_a_killed_build_does_not_stall_the_next_load():
+    """torch's build lock is a plain file: a builder killed mid-build (a Ray
+    worker torn down) leaves it, and torch alone would wait on it forever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    folder = next(v.folder for v in cpu_kernels.build_variants() if v.folder.is_dir())
+    (folder / "lock").touch()
+    code = "from kernels import cpu_kernels as k; print(k.load())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
+    assert not (folder / "lock").exists()
