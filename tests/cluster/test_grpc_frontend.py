@@ -101,10 +101,12 @@ def test_deadline_ends_the_request_and_frees_blocks(served):
     decode = dep.workers["grpc-fe/decode/0"][2]
     free = ray.get(decode.free_blocks.remote())
     with pytest.raises(grpc.RpcError) as err:
-        generate(channel, text="long", timeout=0.05, stream=True,
+        generate(channel, text="long", timeout=0.05, stream=True, request_id="deadline",
                  sampling=pb.SamplingParams(max_tokens=1500, ignore_eos=True))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_blocks(decode, free) == free
+    done = ray.get(dep.controller.stream.remote("deadline", 0, 1.0))
+    assert (done.finish_reason, len(done.token_ids) < 1500) == ("abort", True)
 
 
 def test_cancel_is_idempotent_and_health_serves(served):
