@@ -14,9 +14,10 @@ The full ShareGPT V3 set (17,671 complete conversations) comes from the
 truncated mid-record, so it is parsed record by record. 11,128 of those open
 with a non-empty human turn answered by the assistant: the same first turns
 as ``shared/data/prompts`` (checked). Its later human -> assistant turns
-(``sharegpt_later_turns``, about 50,000) are extra training data only: those
-of a conversation any part of which is in validation or test are left out,
-so the held-out splits stay first turns of conversations never trained on.
+(``sharegpt_later_turns``, about 50,000) can join the backbone fine-tune's
+train split (``--later-turns``; on ShareGPT they make first turns rank worse,
+see BENCHMARKS.md); those of a conversation with any part in validation or
+test are left out, so the held-out splits stay conversations never trained on.
 """
 
 from __future__ import annotations
