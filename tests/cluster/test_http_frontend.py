@@ -235,8 +235,17 @@ def test_metrics_parse_and_agree_with_the_run(served, client):
     for i in range(n):
         client.completions.create(model="tiny", prompt=f"metrics {i} " * 40, max_tokens=max_tokens,
                                   temperature=0, extra_body={"ignore_eos": True})
-    time.sleep(1.2)  # prefill loads are refreshed twice a second
-    after = metric_values(port)
+    # prefill loads are refreshed twice a second: wait for the refresh that carries
+    # these requests (a loaded machine may take several)
+    deadline = time.monotonic() + 30
+    while True:
+        time.sleep(0.6)
+        after = metric_values(port)
+        refreshed = (total(after, "baton_prefix_cache_queries_total")
+                     > total(before, "baton_prefix_cache_queries_total")
+                     and total(after, "baton_num_requests_running", role="decode") == 0)
+        if refreshed or time.monotonic() > deadline:
+            break
     names = {name.removesuffix(suffix) for name in after
              for suffix in ("_bucket", "_count", "_sum", "_created", "")}
     assert set(METRICS) <= names | set(after)
