@@ -131,6 +131,8 @@ def _train_offline(args, cfg) -> int:
 
     if args.later_turns and not args.sharegpt_package:
         raise ValueError("--later-turns needs --sharegpt-package (shared/data has first turns only)")
+    if args.later_turns and not cfg.adapter_rank:
+        raise ValueError("--later-turns feeds the backbone fine-tune: it needs --adapter-rank > 0")
     text = data.sharegpt_package_text() if args.sharegpt_package else None
     examples = (data.to_examples(data.sharegpt_first_turns(text)) if text is not None
                 else data.load_examples(args.data))

@@ -593,7 +593,7 @@ def test_later_turns_are_train_only_and_skip_held_out_conversations():
     assert conversation_of(f"{base}_9#1") == conversation_of(kept) == base
 
 
-def test_cli_later_turns_need_the_sharegpt_package(tmp_path, capsys):
+def test_cli_later_turns_need_the_package_and_the_backbone_fine_tune(tmp_path, capsys):
     from cluster.cli import main
 
     data = tmp_path / "d.jsonl"
@@ -601,6 +601,9 @@ def test_cli_later_turns_need_the_sharegpt_package(tmp_path, capsys):
     assert main(["ranker", "train", "--data", str(data), "--later-turns",
                  "--out", str(tmp_path / "o")]) == 2
     assert "--later-turns needs --sharegpt-package" in capsys.readouterr().err
+    assert main(["ranker", "train", "--sharegpt-package", "--later-turns", "--adapter-rank", "0",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "it needs --adapter-rank > 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
