@@ -26,7 +26,13 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.controller import Overloaded, Unavailable
 from cluster.grpc_decode import MalformedRequests
-from cluster.validation import InvalidRequest, ModelLimits, build_request, render_chat
+from cluster.validation import (
+    InvalidRequest,
+    ModelLimits,
+    ValidRequest,
+    build_request,
+    render_chat,
+)
 from proto.baton.v1 import serving_pb2 as pb
 from proto.baton.v1 import serving_pb2_grpc as pb_grpc
 
@@ -90,8 +96,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             valid = build_request(self.f.limits, self.f.tokenizer, model=request.model,
                                   sampling=_sampling(request), request_id=request.request_id,
                                   render=self.f.render, **_prompt(request))
-            rid = await self.f.backend.submit(valid.request_id, valid.prompt_token_ids,
-                                              valid.params)
+            rid = await self._admit(valid)
         except Overloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except Unavailable as exc:
@@ -102,6 +107,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async for message in self._responses(call, len(valid.prompt_token_ids), request.stream,
                                              context):
             yield message
+
+    async def _admit(self, valid: ValidRequest) -> str:
+        """Submit ``valid``; a client that leaves meanwhile cancels it once admitted."""
+        submit = asyncio.ensure_future(self.f.backend.submit(
+            valid.request_id, valid.prompt_token_ids, valid.params))
+
+        def cancel_once_admitted(fut: asyncio.Future) -> None:
+            if not fut.cancelled() and fut.exception() is None:
+                self.f.cancel_later(fut.result())
+
+        try:
+            return await asyncio.shield(submit)
+        except asyncio.CancelledError:
+            submit.add_done_callback(cancel_once_admitted)
+            raise
 
     def _cancel_unless_finished(self, rid: str, context) -> _Call:
         """Cancel ``rid`` when its RPC ends before the request finished.
@@ -115,9 +135,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
         def on_done(_context) -> None:
             if not call.finished:
-                task = asyncio.get_running_loop().create_task(self.f.backend.cancel(rid))
-                self.f.background.add(task)
-                task.add_done_callback(self.f.background.discard)
+                self.f.cancel_later(rid)
 
         context.add_done_callback(on_done)
         return call
@@ -209,6 +227,12 @@ class GrpcFrontend:
             (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
         self.port = 0
+
+    def cancel_later(self, rid: str) -> None:
+        """Cancel ``rid`` from a callback (a task, kept until it is done)."""
+        task = asyncio.get_running_loop().create_task(self.backend.cancel(rid))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def start(self, host: str = "0.0.0.0", port: int = 50051) -> int:
         self.port = self.server.add_insecure_port(f"{host}:{port}")

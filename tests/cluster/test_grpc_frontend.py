@@ -3,6 +3,7 @@ output, status codes for bad input, deadlines, cancellation, health."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -204,3 +205,53 @@ def test_cancel_rpc_mid_stream_ends_it_as_abort_and_frees_the_blocks(served):
     assert tokens < 1500 and rest[-1].final.usage.completion_tokens == tokens
     assert wait_blocks(decode, free) == free
     assert stub.Cancel(pb.CancelRequest(request_id="cancel-me")).cancelled is False  # idempotent
+
+
+class SlowAdmission:
+    """A controller stand-in whose ``submit`` takes ``delay_s``: the window in
+    which a client may leave before its request exists."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s, self.submitted, self.cancelled = delay_s, [], []
+
+    async def submit(self, request_id, prompt_token_ids, params) -> str:
+        await asyncio.sleep(self.delay_s)
+        self.submitted.append(request_id)
+        return request_id
+
+    async def cancel(self, request_id: str) -> bool:
+        self.cancelled.append(request_id)
+        return True
+
+    async def stream(self, request_id, cursor, idle_s):
+        await asyncio.sleep(idle_s)
+        raise AssertionError("a request whose client left during submit is never streamed")
+
+
+def test_client_leaving_during_admission_cancels_the_request_once_admitted():
+    from cluster.grpc_server import GrpcFrontend
+    from cluster.validation import ModelLimits
+    from workers.loader import load_tokenizer
+
+    backend = SlowAdmission(delay_s=0.5)
+
+    async def run() -> grpc.StatusCode:
+        frontend = GrpcFrontend(backend, ModelLimits("tiny", 2048, 320), load_tokenizer("tiny"))
+        port = await frontend.start("127.0.0.1", 0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+                call = stub.Generate(pb.GenerateRequest(request_id="leaves-early", text="hi"),
+                                     timeout=0.1)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in call:
+                        pass
+            deadline = time.monotonic() + 10
+            while not backend.cancelled and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return err.value.code()
+        finally:
+            await frontend.stop(0)
+
+    assert asyncio.run(run()) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert backend.submitted == backend.cancelled == ["leaves-early"]
