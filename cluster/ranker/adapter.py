@@ -17,6 +17,11 @@ Lifecycle::
 
 A merged encoder runs exactly as fast as the pretrained one: the adapter
 costs nothing at serving time.
+
+``soup(adapters, rank)`` averages several fine-tunes of the same backbone
+(a uniform model soup, Wortsman et al., 2022): every Linear's update becomes
+the mean of their ``B A``, re-factored to ``rank`` by SVD, and every
+LayerNorm the mean of theirs. One soup serves at the cost of one backbone.
 """
 
 from __future__ import annotations
@@ -112,6 +117,39 @@ def merge(weights: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor],
     for name in norm_names(layers):
         out[name] = adapter[name]
     return out
+
+
+def soup(adapters: list[dict[str, torch.Tensor]], rank: int | None = None,
+         ) -> dict[str, torch.Tensor]:
+    """The uniform average of ``adapters`` (same layers) as one adapter of
+    ``rank`` (default: the sum of their ranks, which keeps the average exact
+    up to float rounding; less truncates the SVD of each averaged update)."""
+    if len(adapters) < 2:
+        raise ValueError(f"a soup needs at least 2 adapters, got {len(adapters)}")
+    names = set(adapters[0])
+    for i, a in enumerate(adapters[1:], 1):
+        if set(a) != names:
+            raise ValueError(f"adapter {i} does not fit the same layers as adapter 0")
+    if rank is not None and rank <= 0:
+        raise ValueError(f"soup rank={rank} must be > 0")
+    out = {}
+    for name in sorted(names):
+        if name.endswith(".lora_a"):
+            base = name[: -len(".lora_a")]
+            delta = sum(a[base + ".lora_b"] @ a[name] for a in adapters) / len(adapters)  # (N, K)
+            r = rank or sum(a[name].shape[0] for a in adapters)
+            out[base + ".lora_b"], out[name] = _factor(delta, r)
+        elif not name.endswith(".lora_b"):
+            out[name] = sum(a[name] for a in adapters) / len(adapters)
+    return out
+
+
+def _factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B @ A the best rank-``rank`` approximation of ``delta``."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = min(rank, len(s))
+    root = s[:r].sqrt()
+    return (u[:, :r] * root).float().contiguous(), (root[:, None] * vh[:r]).float().contiguous()
 
 
 def digest(adapter: dict[str, torch.Tensor] | None) -> str:

@@ -1,7 +1,7 @@
 """``baton ranker``: train, evaluate and try the output-length ranker.
 
 Lifecycle: ``add_ranker_commands(subparsers)`` registers ``ranker train``,
-``ranker eval`` and ``ranker score`` on the ``baton`` parser; each handler
+``ranker soup``, ``ranker eval`` and ``ranker score`` on the ``baton`` parser; each handler
 validates its flags, does the work and returns an exit code (0 ok, 2 bad
 input). Torch and the backbone are imported only inside the handlers.
 
@@ -10,6 +10,9 @@ input). Torch and the backbone are imported only inside the handlers.
   DIR/report.json. Without --data: ShareGPT first turns in shared/data.
 - ``train --from-redis --config CFG``: fine-tune the serving head on the
   completion log of that cluster and hot-swap it into its running controller.
+- ``soup HEAD HEAD... --out DIR``: average the fine-tuned backbones of
+  several ``train`` runs (a uniform model soup) and train the head on it the
+  same way; serves at the cost of one backbone.
 - ``eval --data FILE.jsonl [--json]``: Kendall's tau and pairwise accuracy of
   a head on a file of ``{"prompt", "output_tokens"}`` or ``{"prompt", "response"}``.
 - ``score PROMPT``: one prompt's score (higher = shorter expected output).
@@ -73,6 +76,19 @@ def add_ranker_commands(subparsers) -> None:
     tr.add_argument("--no-swap", action="store_true", help="--from-redis: do not hot-swap")
     tr.add_argument("--ray-address", default="auto", help="--from-redis: Ray cluster to reach")
     tr.set_defaults(func=_cmd_train)
+
+    so = sub.add_parser("soup", help="average the fine-tuned backbones of several heads into one")
+    so.add_argument("heads", type=Path, nargs="+", metavar="HEAD",
+                    help="head files from `ranker train` runs (same encoder setting)")
+    so.add_argument("--out", type=Path, required=True, help="folder for head.safetensors + report.json")
+    so.add_argument("--rank", type=_positive, default=None,
+                    help="adapter rank of the soup (default: the sum of the heads' ranks, exact)")
+    so.add_argument("--data", type=Path, nargs="+", help="JSONL(.gz) files (default: shared ShareGPT)")
+    so.add_argument("--cache-dir", type=Path, default=None,
+                    help="embedding cache (default ~/.cache/baton/ranker)")
+    so.add_argument("--seed", type=int, default=0)
+    so.add_argument("--threads", type=_positive, default=1)
+    so.set_defaults(func=_cmd_soup)
 
     ev = sub.add_parser("eval", help="Kendall's tau and pairwise accuracy on a JSONL file")
     ev.add_argument("--data", type=Path, required=True)
@@ -140,14 +156,47 @@ def _train_offline(args, cfg) -> int:
         examples = sorted(examples, key=lambda e: data.hash_order(e.id))[:args.max_examples]
     extra = (data.to_examples(data.sharegpt_later_turns(text, examples))
              if args.later_turns else [])
-    command = "baton ranker " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-        if len(sys.argv) > 2 and sys.argv[1] == "ranker" else ""
-    report = train_and_evaluate(examples, args.out, cfg, command=command, extra_train=extra,
+    report = train_and_evaluate(examples, args.out, cfg, command=_command_line(), extra_train=extra,
                                 encoder_max_tokens=args.encoder_max_tokens,
                                 encoder_layers=args.encoder_layers, cache_dir=args.cache_dir)
     print(quality_table({k: RankQuality(**v) for k, v in report["test"].items()}))
     print(f"wrote {args.out / 'head.safetensors'} and {args.out / 'report.json'}")
     return 0
+
+
+def _cmd_soup(args) -> int:
+    from dataclasses import fields
+
+    import torch
+
+    from cluster.ranker import data
+    from cluster.ranker.evaluate import RankQuality
+    from cluster.ranker.head import ScoreHead
+    from cluster.ranker.train import TrainConfig, quality_table, soup_and_evaluate
+
+    torch.set_num_threads(args.threads)
+    if len(args.heads) < 2:
+        return _fail(f"a soup needs at least 2 heads, got {len(args.heads)}")
+    try:
+        heads = [ScoreHead.load(p) for p in args.heads]
+        known = {f.name for f in fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in heads[0].meta.get("config", {}).items()
+                             if k in known and k != "seed"}, seed=args.seed)
+        report = soup_and_evaluate(data.load_examples(args.data), heads, args.out, cfg,
+                                   command=_command_line(), rank=args.rank,
+                                   cache_dir=args.cache_dir)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
+    print(quality_table({k: RankQuality(**v) for k, v in report["test"].items()}))
+    print(f"wrote {args.out / 'head.safetensors'} and {args.out / 'report.json'}")
+    return 0
+
+
+def _command_line() -> str:
+    """The ``baton ranker ...`` command being run, for the report ("" when called from Python)."""
+    if len(sys.argv) > 2 and sys.argv[1] == "ranker":
+        return "baton ranker " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    return ""
 
 
 def _train_from_redis(args, cfg) -> int:

@@ -13,7 +13,9 @@ Lifecycle of ``train_and_evaluate`` (what ``baton ranker train`` runs)::
 
 Everything random draws from generators seeded by ``TrainConfig.seed``, so
 the same data and command give the same head (torch on one CPU thread count).
-``finetune`` continues an existing head on new (traffic) examples.
+``soup_and_evaluate`` (``baton ranker soup``) averages the fine-tuned
+backbones of several such runs into one and trains the head on it the same
+way. ``finetune`` continues an existing head on new (traffic) examples.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cluster.ranker.adapter import attach, digest
+from cluster.ranker.adapter import attach, digest, soup
 from cluster.ranker.data import BUCKET_TOKENS, Example, bucket, by_split, count_tokens
 from cluster.ranker.encoder import DEFAULT_LAYERS, MiniLMEncoder, mean_pool, pad_batch
 from cluster.ranker.evaluate import RankQuality, kendall_tau, rank_quality
@@ -251,7 +253,7 @@ def train_and_evaluate(examples: list[Example], out_dir: Path, cfg: TrainConfig,
                        extra_train: Sequence[Example] = (), log=None) -> dict:
     """``examples`` are split by id; ``extra_train`` (e.g. ShareGPT's later
     turns) joins the train split of the backbone fine-tune only."""
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = log or _stderr
     splits = by_split(examples)
     adapter, backbone_history = {}, []
     if cfg.adapter_rank:
@@ -260,6 +262,40 @@ def train_and_evaluate(examples: list[Example], out_dir: Path, cfg: TrainConfig,
             splits["train"] + list(extra_train), splits["val"], cfg, encoder_max_tokens,
             encoder_layers, log)
         log(f"backbone fine-tuned in {time.time() - t0:.0f} s")
+    return heads_on_backbone(splits, adapter, out_dir, cfg, command, encoder_max_tokens,
+                             encoder_layers, cache_dir, {"extra_train": len(extra_train)},
+                             backbone_history, log)
+
+
+def soup_and_evaluate(examples: list[Example], heads: Sequence[ScoreHead], out_dir: Path,
+                      cfg: TrainConfig, command: str = "", rank: int | None = None,
+                      cache_dir: Path | None = None, log=None) -> dict:
+    """A uniform soup of the fine-tuned backbones behind ``heads`` (adapter.soup),
+    then a head trained and evaluated on it exactly as ``train_and_evaluate`` does."""
+    settings = {(int(h.meta.get("encoder_max_tokens", 128)), int(h.meta.get("encoder_layers", 6)))
+                for h in heads}
+    if len(settings) != 1:
+        raise ValueError(f"the heads were trained on different encoder settings "
+                         f"(max tokens, layers): {sorted(settings)}")
+    frozen = [i for i, h in enumerate(heads) if not h.adapter]
+    if frozen:
+        raise ValueError(f"head(s) {frozen} read a frozen backbone: a soup averages fine-tunes")
+    adapter = soup([h.adapter for h in heads], rank)
+    max_tokens, layers = settings.pop()
+    provenance = {"soup": {"ingredients": [digest(h.adapter) for h in heads],
+                           "ingredient_test": [h.meta.get("test") for h in heads],
+                           "rank": int(next(v for k, v in adapter.items()
+                                            if k.endswith(".lora_a")).shape[0])}}
+    return heads_on_backbone(by_split(examples), adapter, out_dir, cfg, command, max_tokens,
+                             layers, cache_dir, provenance, [], log or _stderr)
+
+
+def heads_on_backbone(splits: dict[str, list[Example]], adapter: dict[str, torch.Tensor],
+                      out_dir: Path, cfg: TrainConfig, command: str, encoder_max_tokens: int,
+                      encoder_layers: int, cache_dir: Path | None, provenance: dict,
+                      backbone_history: list[dict], log) -> dict:
+    """The ListMLE head and both baselines on one backbone's (cached)
+    features; writes head.safetensors and report.json to ``out_dir``."""
     cache = EmbeddingCache(cache_dir or DEFAULT_CACHE, MiniLMEncoder.load(
         max_tokens=encoder_max_tokens, layers=encoder_layers, adapter=adapter))
     t0 = time.time()
@@ -279,9 +315,9 @@ def train_and_evaluate(examples: list[Example], out_dir: Path, cfg: TrainConfig,
         "prompt length": rank_quality(prompt_length_scores(test, sign).numpy(), y),
         "length-bucket classifier": rank_quality(classifier_scores(clf, test.x).numpy(), y),
     }
-    head.meta = {"command": command, "config": asdict(cfg), "examples": len(examples),
-                 "splits": {k: len(v) for k, v in splits.items()},
-                 "extra_train": len(extra_train),
+    split_sizes = {k: len(v) for k, v in splits.items()}
+    head.meta = {"command": command, "config": asdict(cfg),
+                 "examples": sum(split_sizes.values()), "splits": split_sizes, **provenance,
                  "test": results["ltr (ListMLE head)"].to_json(),
                  "encoder_max_tokens": encoder_max_tokens, "encoder_layers": encoder_layers,
                  "encoder_adapter": digest(adapter),
@@ -289,13 +325,16 @@ def train_and_evaluate(examples: list[Example], out_dir: Path, cfg: TrainConfig,
     head.adapter = adapter
     out_dir = Path(out_dir)
     head.save(out_dir / "head.safetensors")
-    report = {"command": command, "config": asdict(cfg), "splits": head.meta["splits"],
-              "extra_train": len(extra_train),
+    report = {"command": command, "config": asdict(cfg), "splits": split_sizes, **provenance,
               "train_seconds": round(train_s, 1), "backbone_history": backbone_history,
               "history": history,
               "test": {k: v.to_json() for k, v in results.items()}}
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def finetune(head: ScoreHead, train: Features, val: Features, cfg: TrainConfig,

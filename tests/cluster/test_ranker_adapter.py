@@ -1,13 +1,14 @@
 """LoRA adapters on the ranker's backbone: merging equals the trained view,
-the head file carries them, the ranker builds its encoder from them, and a
-few fine-tuning steps through the real backbone move them."""
+the head file carries them, the ranker builds its encoder from them, a few
+fine-tuning steps through the real backbone move them, and a soup of several
+is their average."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cluster.ranker.adapter import adapter_names, attach, digest, merge
+from cluster.ranker.adapter import adapter_names, attach, digest, merge, soup
 from cluster.ranker.head import ScoreHead
 
 TEXTS = ["How do I bake bread?", "Write a long essay on Rome and its emperors, please.", "hi"]
@@ -135,3 +136,99 @@ def test_unknown_schedule_is_refused():
 
     with pytest.raises(ValueError, match="adapter_schedule='linear'"):
         TrainConfig(adapter_schedule="linear")
+
+
+# ----- soups ---------------------------------------------------------------------------------
+def test_a_soup_merges_to_the_average_of_its_ingredients(backbone):
+    ingredients = [trained(backbone, rank=4, seed=s).tensors() for s in range(3)]
+    mixed = soup(ingredients)
+    assert set(mixed) == adapter_names(2)
+    assert mixed["encoder.layer.0.intermediate.dense.lora_a"].shape[0] == 12  # 3 x rank 4: exact
+    merged = [merge(backbone.w, a, 2) for a in ingredients]
+    changed = [k for k in merged[0] if merged[0][k] is not backbone.w[k]]
+    assert len(changed) == 2 * (6 + 4)  # per layer: q, k, v, out, ff1, ff2; 2 LayerNorms' w, b
+    got = merge(backbone.w, mixed, 2)
+    assert all(got[k] is backbone.w[k] for k in got if k not in changed)
+    for k in changed:
+        assert torch.allclose(got[k], sum(m[k] for m in merged) / 3, atol=1e-6), k
+    soup_enc = private(backbone, adapter=mixed)
+    assert soup_enc.adapter_id == digest(mixed) not in {digest(a) for a in ingredients}
+
+
+def test_a_lower_rank_soup_is_the_best_approximation_of_that_rank(backbone):
+    ingredients = [trained(backbone, rank=4, seed=s).tensors() for s in range(2)]
+    name = "encoder.layer.1.output.dense"
+    exact = sum(a[name + ".lora_b"] @ a[name + ".lora_a"] for a in ingredients) / 2
+    low = soup(ingredients, rank=3)
+    assert low[name + ".lora_a"].shape == (3, 1536) and low[name + ".lora_b"].shape == (384, 3)
+    s = torch.linalg.svdvals(exact.double())
+    err = torch.linalg.norm((low[name + ".lora_b"] @ low[name + ".lora_a"] - exact).double())
+    assert err == pytest.approx(s[3:].square().sum().sqrt().item(), rel=1e-4)  # Eckart-Young
+    assert err > 0
+
+
+def test_a_soup_refuses_one_adapter_mismatched_layers_and_a_bad_rank(backbone):
+    two = trained(backbone).tensors()
+    one = {k: v for k, v in two.items() if k.startswith("encoder.layer.0.")}
+    with pytest.raises(ValueError, match="at least 2"):
+        soup([two])
+    with pytest.raises(ValueError, match="adapter 1 does not fit"):
+        soup([two, one])
+    with pytest.raises(ValueError, match="rank=0"):
+        soup([two, two], rank=0)
+
+
+def test_cli_soup_trains_a_head_on_the_averaged_backbone(tmp_path, capsys, backbone):
+    import json
+
+    from cluster.cli import main
+    from cluster.ranker.data import load_examples
+    from cluster.ranker.ranker import Ranker
+    from cluster.ranker.train import TrainConfig, train_and_evaluate
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{' '.join(words[: 1 + i % 12])} #{i}?",
+                                        "output_tokens": 5 + 10 * (i % 12)}) + "\n"
+                            for i in range(160)))
+    examples, cache = load_examples([data]), tmp_path / "cache"
+    heads = []
+    for seed in (0, 1):
+        cfg = TrainConfig(list_size=8, eval_every=2, hidden=16, max_steps=6, adapter_rank=2,
+                          adapter_steps=4, adapter_lr=1e-2, seed=seed)
+        train_and_evaluate(examples, tmp_path / f"h{seed}", cfg, encoder_max_tokens=16,
+                           encoder_layers=1, cache_dir=cache, log=lambda m: None)
+        heads.append(tmp_path / f"h{seed}" / "head.safetensors")
+    capsys.readouterr()
+    out = tmp_path / "soup"
+    assert main(["ranker", "soup", *map(str, heads), "--out", str(out), "--data", str(data),
+                 "--cache-dir", str(cache)]) == 0
+    assert "length-bucket classifier" in capsys.readouterr().out
+    head = ScoreHead.load(out / "head.safetensors")
+    ingredients = [ScoreHead.load(h) for h in heads]
+    assert head.meta["soup"]["ingredients"] == [digest(h.adapter) for h in ingredients]
+    assert head.meta["soup"]["rank"] == 4 and head.meta["encoder_layers"] == 1
+    assert head.meta["config"]["hidden"] == 16  # the head's recipe is the first ingredient's
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["test"]) == {"ltr (ListMLE head)", "prompt length", "length-bucket classifier"}
+    assert Ranker.load(out / "head.safetensors").encoder.adapter_id == digest(head.adapter)
+
+
+def test_cli_soup_refuses_heads_it_cannot_average(tmp_path, capsys):
+    from cluster.cli import main
+
+    tuned = {"encoder_max_tokens": 16, "encoder_layers": 2}
+    for name, meta, adapter in (("a", tuned, True), ("b", {**tuned, "encoder_layers": 1}, True),
+                                ("frozen", tuned, False)):
+        head = ScoreHead(hidden=8, meta=meta)
+        if adapter:
+            head.adapter = {"encoder.layer.0.output.LayerNorm.weight": torch.ones(384)}
+        head.save(tmp_path / f"{name}.safetensors")
+    out = tmp_path / "o"
+    cases = ((["a"], "at least 2 heads"), (["a", "b"], "different encoder settings"),
+             (["a", "frozen"], "[1] read a frozen backbone"), (["a", "missing"], "missing"))
+    for names, msg in cases:
+        assert main(["ranker", "soup", *(str(tmp_path / f"{n}.safetensors") for n in names),
+                     "--out", str(out)]) == 2
+        assert msg in capsys.readouterr().err
+    assert not out.exists()
