@@ -41,7 +41,8 @@ def emit_report(report: dict, json_arg: str | None, print_tables: Callable[[dict
         text = json.dumps(report, indent=1)
         if json_arg == "-":
             print(text)
-        else:
+        else:  # its folder is made first: hours of measurement must not die on a missing folder
+            Path(json_arg).parent.mkdir(parents=True, exist_ok=True)
             Path(json_arg).write_text(text)
     if json_arg != "-":
         print_tables(report)

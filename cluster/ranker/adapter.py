@@ -106,7 +106,7 @@ def merge(weights: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor],
                          f"unexpected {extra[:3]}")
     out = dict(weights)
     for name in linear_names(layers):
-        delta = adapter[name + ".lora_b"] @ adapter[name + ".lora_a"]  # (N, K)
+        delta = adapter[name + ".lora_b"].float() @ adapter[name + ".lora_a"].float()  # (N, K)
         if name.endswith("qkv"):
             prefix = name[: -len("qkv")]
             for part, rows in zip(QKV, delta.chunk(3), strict=True):
@@ -120,10 +120,12 @@ def merge(weights: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor],
 
 
 def soup(adapters: list[dict[str, torch.Tensor]], rank: int | None = None,
-         ) -> dict[str, torch.Tensor]:
+         dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The uniform average of ``adapters`` (same layers) as one adapter of
     ``rank`` (default: the sum of their ranks, which keeps the average exact
-    up to float rounding; less truncates the SVD of each averaged update)."""
+    up to float rounding; less truncates the SVD of each averaged update).
+    ``dtype`` stores the low-rank factors (float16 halves the file; merging
+    computes in float32 either way)."""
     if len(adapters) < 2:
         raise ValueError(f"a soup needs at least 2 adapters, got {len(adapters)}")
     names = set(adapters[0])
@@ -136,9 +138,11 @@ def soup(adapters: list[dict[str, torch.Tensor]], rank: int | None = None,
     for name in sorted(names):
         if name.endswith(".lora_a"):
             base = name[: -len(".lora_a")]
-            delta = sum(a[base + ".lora_b"] @ a[name] for a in adapters) / len(adapters)  # (N, K)
+            delta = sum(a[base + ".lora_b"].float() @ a[name].float()
+                        for a in adapters) / len(adapters)  # (N, K)
             r = rank or sum(a[name].shape[0] for a in adapters)
-            out[base + ".lora_b"], out[name] = _factor(delta, r)
+            b, a = _factor(delta, r)
+            out[base + ".lora_b"], out[name] = b.to(dtype), a.to(dtype)
         elif not name.endswith(".lora_b"):
             out[name] = sum(a[name] for a in adapters) / len(adapters)
     return out

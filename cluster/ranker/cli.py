@@ -83,6 +83,8 @@ def add_ranker_commands(subparsers) -> None:
     so.add_argument("--out", type=Path, required=True, help="folder for head.safetensors + report.json")
     so.add_argument("--rank", type=_positive, default=None,
                     help="adapter rank of the soup (default: the sum of the heads' ranks, exact)")
+    so.add_argument("--half", action="store_true",
+                    help="store the soup's adapter factors in float16 (half the file)")
     so.add_argument("--data", type=Path, nargs="+", help="JSONL(.gz) files (default: shared ShareGPT)")
     so.add_argument("--cache-dir", type=Path, default=None,
                     help="embedding cache (default ~/.cache/baton/ranker)")
@@ -183,7 +185,7 @@ def _cmd_soup(args) -> int:
         cfg = TrainConfig(**{k: v for k, v in heads[0].meta.get("config", {}).items()
                              if k in known and k != "seed"}, seed=args.seed)
         report = soup_and_evaluate(data.load_examples(args.data), heads, args.out, cfg,
-                                   command=_command_line(), rank=args.rank,
+                                   command=_command_line(), rank=args.rank, half=args.half,
                                    cache_dir=args.cache_dir)
     except (ValueError, OSError) as exc:
         return _fail(str(exc))

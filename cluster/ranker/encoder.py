@@ -20,8 +20,8 @@ LayerNorm and GELU stay fp32) run:
 - ``int8``: weights int8 per output channel, activations quantized per token
   on the fly, exact int32 accumulation (``torch._int_mm``), so the result is
   the same on every CPU. 1.5-2.3x faster than fp32 on one thread (300 serving
-  prompts, 2-core machine); the shipped head's test-split tau is 0.4699 with
-  fp32 features and 0.4700 with int8 (BENCHMARKS.md).
+  prompts, 2-core machine); the shipped head's test-split tau is 0.481 with
+  fp32 features and 0.480 with int8 (BENCHMARKS.md).
 
 Query, key and value projections run as one fused matmul in every precision.
 
@@ -31,8 +31,9 @@ folded into the weights at construction, before quantization.
 ``layers`` runs only the first N of the six layers and pools their output.
 Frozen, layer 4 ranks best on the ShareGPT split (test tau 0.417-0.430,
 the last layer 0.383-0.393; BENCHMARKS.md). The shipped head reads layer 4
-(``DEFAULT_LAYERS``) of a backbone fine-tuned through adapters: test tau
-0.470 (two fine-tuned layers: 0.439, at half the cost).
+(``DEFAULT_LAYERS``) of a backbone fine-tuned through adapters, five
+fine-tunes averaged into one (``adapter.soup``): test tau 0.481 (one
+fine-tune: 0.461-0.471; two fine-tuned layers: 0.439, at half the cost).
 """
 
 from __future__ import annotations

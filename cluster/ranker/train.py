@@ -269,7 +269,7 @@ def train_and_evaluate(examples: list[Example], out_dir: Path, cfg: TrainConfig,
 
 def soup_and_evaluate(examples: list[Example], heads: Sequence[ScoreHead], out_dir: Path,
                       cfg: TrainConfig, command: str = "", rank: int | None = None,
-                      cache_dir: Path | None = None, log=None) -> dict:
+                      half: bool = False, cache_dir: Path | None = None, log=None) -> dict:
     """A uniform soup of the fine-tuned backbones behind ``heads`` (adapter.soup),
     then a head trained and evaluated on it exactly as ``train_and_evaluate`` does."""
     settings = {(int(h.meta.get("encoder_max_tokens", 128)), int(h.meta.get("encoder_layers", 6)))
@@ -280,12 +280,13 @@ def soup_and_evaluate(examples: list[Example], heads: Sequence[ScoreHead], out_d
     frozen = [i for i, h in enumerate(heads) if not h.adapter]
     if frozen:
         raise ValueError(f"head(s) {frozen} read a frozen backbone: a soup averages fine-tunes")
-    adapter = soup([h.adapter for h in heads], rank)
+    adapter = soup([h.adapter for h in heads], rank, torch.float16 if half else torch.float32)
     max_tokens, layers = settings.pop()
     provenance = {"soup": {"ingredients": [digest(h.adapter) for h in heads],
                            "ingredient_test": [h.meta.get("test") for h in heads],
                            "rank": int(next(v for k, v in adapter.items()
-                                            if k.endswith(".lora_a")).shape[0])}}
+                                            if k.endswith(".lora_a")).shape[0]),
+                           "factors": "float16" if half else "float32"}}
     return heads_on_backbone(by_split(examples), adapter, out_dir, cfg, command, max_tokens,
                              layers, cache_dir, provenance, [], log or _stderr)
 

@@ -167,6 +167,18 @@ def test_a_lower_rank_soup_is_the_best_approximation_of_that_rank(backbone):
     assert err > 0
 
 
+def test_a_half_precision_soup_merges_within_float16_rounding(backbone):
+    ingredients = [trained(backbone, rank=4, seed=s).tensors() for s in range(2)]
+    full, half = soup(ingredients), soup(ingredients, dtype=torch.float16)
+    assert {v.dtype for k, v in half.items() if "lora" in k} == {torch.float16}
+    assert {v.dtype for k, v in half.items() if "lora" not in k} == {torch.float32}
+    a, b = merge(backbone.w, full, 2), merge(backbone.w, half, 2)
+    name = "encoder.layer.0.intermediate.dense.weight"
+    assert b[name].dtype == torch.float32
+    step = (a[name] - backbone.w[name]).abs().max()
+    assert 0 < (a[name] - b[name]).abs().max() < 2e-3 * step
+
+
 def test_a_soup_refuses_one_adapter_mismatched_layers_and_a_bad_rank(backbone):
     two = trained(backbone).tensors()
     one = {k: v for k, v in two.items() if k.startswith("encoder.layer.0.")}
@@ -202,12 +214,14 @@ def test_cli_soup_trains_a_head_on_the_averaged_backbone(tmp_path, capsys, backb
     capsys.readouterr()
     out = tmp_path / "soup"
     assert main(["ranker", "soup", *map(str, heads), "--out", str(out), "--data", str(data),
-                 "--cache-dir", str(cache)]) == 0
+                 "--cache-dir", str(cache), "--half"]) == 0
     assert "length-bucket classifier" in capsys.readouterr().out
     head = ScoreHead.load(out / "head.safetensors")
     ingredients = [ScoreHead.load(h) for h in heads]
     assert head.meta["soup"]["ingredients"] == [digest(h.adapter) for h in ingredients]
     assert head.meta["soup"]["rank"] == 4 and head.meta["encoder_layers"] == 1
+    assert head.meta["soup"]["factors"] == "float16"
+    assert head.adapter["encoder.layer.0.output.dense.lora_a"].dtype == torch.float16
     assert head.meta["config"]["hidden"] == 16  # the head's recipe is the first ingredient's
     report = json.loads((out / "report.json").read_text())
     assert set(report["test"]) == {"ltr (ListMLE head)", "prompt length", "length-bucket classifier"}
