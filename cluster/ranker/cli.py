@@ -174,13 +174,14 @@ def _cmd_soup(args) -> int:
     from cluster.ranker import data
     from cluster.ranker.evaluate import RankQuality
     from cluster.ranker.head import ScoreHead
-    from cluster.ranker.train import TrainConfig, quality_table, soup_and_evaluate
+    from cluster.ranker.train import TrainConfig, quality_table, soup_and_evaluate, soup_setting
 
     torch.set_num_threads(args.threads)
     if len(args.heads) < 2:
         return _fail(f"a soup needs at least 2 heads, got {len(args.heads)}")
     try:
         heads = [ScoreHead.load(p) for p in args.heads]
+        soup_setting(heads)  # before reading the data: a bad set of heads fails at once
         known = {f.name for f in fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in heads[0].meta.get("config", {}).items()
                              if k in known and k != "seed"}, seed=args.seed)

@@ -272,6 +272,20 @@ def soup_and_evaluate(examples: list[Example], heads: Sequence[ScoreHead], out_d
                       half: bool = False, cache_dir: Path | None = None, log=None) -> dict:
     """A uniform soup of the fine-tuned backbones behind ``heads`` (adapter.soup),
     then a head trained and evaluated on it exactly as ``train_and_evaluate`` does."""
+    max_tokens, layers = soup_setting(heads)
+    adapter = soup([h.adapter for h in heads], rank, torch.float16 if half else torch.float32)
+    provenance = {"soup": {"ingredients": [digest(h.adapter) for h in heads],
+                           "ingredient_test": [h.meta.get("test") for h in heads],
+                           "rank": int(next(v for k, v in adapter.items()
+                                            if k.endswith(".lora_a")).shape[0]),
+                           "factors": "float16" if half else "float32"}}
+    return heads_on_backbone(by_split(examples), adapter, out_dir, cfg, command, max_tokens,
+                             layers, cache_dir, provenance, [], log or _stderr)
+
+
+def soup_setting(heads: Sequence[ScoreHead]) -> tuple[int, int]:
+    """(max tokens, layers) shared by the encoders of ``heads``; raises if they
+    differ or if any head reads a frozen backbone (nothing to average)."""
     settings = {(int(h.meta.get("encoder_max_tokens", 128)), int(h.meta.get("encoder_layers", 6)))
                 for h in heads}
     if len(settings) != 1:
@@ -280,15 +294,7 @@ def soup_and_evaluate(examples: list[Example], heads: Sequence[ScoreHead], out_d
     frozen = [i for i, h in enumerate(heads) if not h.adapter]
     if frozen:
         raise ValueError(f"head(s) {frozen} read a frozen backbone: a soup averages fine-tunes")
-    adapter = soup([h.adapter for h in heads], rank, torch.float16 if half else torch.float32)
-    max_tokens, layers = settings.pop()
-    provenance = {"soup": {"ingredients": [digest(h.adapter) for h in heads],
-                           "ingredient_test": [h.meta.get("test") for h in heads],
-                           "rank": int(next(v for k, v in adapter.items()
-                                            if k.endswith(".lora_a")).shape[0]),
-                           "factors": "float16" if half else "float32"}}
-    return heads_on_backbone(by_split(examples), adapter, out_dir, cfg, command, max_tokens,
-                             layers, cache_dir, provenance, [], log or _stderr)
+    return settings.pop()
 
 
 def heads_on_backbone(splits: dict[str, list[Example]], adapter: dict[str, torch.Tensor],

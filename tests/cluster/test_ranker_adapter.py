@@ -228,8 +228,12 @@ def test_cli_soup_trains_a_head_on_the_averaged_backbone(tmp_path, capsys, backb
     assert Ranker.load(out / "head.safetensors").encoder.adapter_id == digest(head.adapter)
 
 
-def test_cli_soup_refuses_heads_it_cannot_average(tmp_path, capsys):
+def test_cli_soup_refuses_heads_it_cannot_average(tmp_path, capsys, monkeypatch):
     from cluster.cli import main
+    from cluster.ranker import data
+
+    # with or without shared data, the heads are judged before any data is read
+    monkeypatch.setattr(data, "SHARED_PROMPTS", tmp_path / "no-data")
 
     tuned = {"encoder_max_tokens": 16, "encoder_layers": 2}
     for name, meta, adapter in (("a", tuned, True), ("b", {**tuned, "encoder_layers": 1}, True),
