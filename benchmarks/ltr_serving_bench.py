@@ -46,7 +46,9 @@ model through sim's public API (``Simulation``, ``Workload``,
 ``spec_from_cluster_config`` of the very config the cluster ran). The
 simulator's ranker is its own log-normal-noise model; ``ranker_noise`` is set
 by bisection so that its Kendall's tau on these requests equals the real
-ranker's measured tau. ``--profiles FILE`` simulates with other efficiency
+ranker's measured tau, and its scores come back after the real ranker's
+measured busy time per prompt (``sim/ranker.py``), so that requests are
+dispatched unscored while the burst is being scored, as on the cluster. ``--profiles FILE`` simulates with other efficiency
 profiles than the committed ones: this burst decodes 8 requests at once with
 contexts up to ~2,000 tokens, a regime the committed ``cpu`` profile (fitted on
 a light load) does not see; ``benchmarks/sim_vs_cluster.py --decode-probes
@@ -250,12 +252,15 @@ def time_encoder(prompts: list[str], repeats: int = 3, head: Path | None = None)
 
 
 # ----- the simulator on the same workload ------------------------------------------------------
-def simulate_policy(cfg, prompt_tokens, lengths, offsets, noise: float, profiles=None):
+def simulate_policy(cfg, prompt_tokens, lengths, offsets, noise: float, profiles=None,
+                    prompt_s: float = 0.0):
+    """``prompt_s``: the ranker's scoring seconds per prompt (0: scored on arrival)."""
     from sim.core import Simulation
     from sim.spec import spec_from_cluster_config
     from sim.workload import Request, Workload, WorkloadSpec
 
-    spec = spec_from_cluster_config(cfg, hardware="cpu", ranker_noise=noise)
+    spec = spec_from_cluster_config(cfg, hardware="cpu", ranker_noise=noise,
+                                    ranker_prompt_s=prompt_s)
     reqs = [Request(i, t, p, n) for i, (t, p, n) in
             enumerate(zip(offsets, prompt_tokens, lengths, strict=True))]
     wl = Workload(WorkloadSpec(num_requests=len(reqs)), reqs, closed=False)
@@ -284,27 +289,30 @@ def noise_for_tau(cfg, prompt_tokens, lengths, offsets, tau: float) -> float:
 
 def sim_report(cfgs: dict, prompt_tokens, lengths, offsets, tau: float, real: dict,
                profiles_path: Path | None) -> dict:
-    """The same burst in the simulator, its ranker's noise set to the real tau;
-    ``real`` = the cluster's rows by policy."""
+    """The same burst in the simulator, its ranker's noise set to the real tau
+    and its scoring time per prompt to the real ranker's (busy seconds over
+    prompts in the ltr run); ``real`` = the cluster's rows by policy."""
     from sim.latency import load_profiles
 
     profiles = load_profiles(profiles_path) if profiles_path else None
     noise = noise_for_tau(cfgs["fcfs"], prompt_tokens, lengths, offsets, tau)
-    srows = sim_rows(cfgs, prompt_tokens, lengths, offsets, noise, profiles)
+    prompt_s = real["ltr"].get("ranker_busy_s", 0.0) / len(lengths)
+    srows = sim_rows(cfgs, prompt_tokens, lengths, offsets, noise, profiles, prompt_s)
     for r in srows:
         r["sim_over_real_mean"] = r["e2e_mean_s"] / real[r["policy"]]["e2e_mean_s"]
     sby = {r["policy"]: r for r in srows}
     real_ratio = real["fcfs"]["e2e_mean_s"] / real["ltr"]["e2e_mean_s"]
     simr = sby["fcfs"]["e2e_mean_s"] / sby["ltr"]["e2e_mean_s"]
-    return {"ranker_noise": noise, "profiles": str(profiles_path or "committed"), "rows": srows,
+    return {"ranker_noise": noise, "ranker_prompt_s": prompt_s,
+            "profiles": str(profiles_path or "committed"), "rows": srows,
             "fcfs_over_ltr_mean": simr, "relative_error": abs(simr - real_ratio) / real_ratio}
 
 
 def sim_rows(cfgs: dict, prompt_tokens, lengths, offsets, noise: float,
-             profiles=None) -> list[dict]:
+             profiles=None, prompt_s: float = 0.0) -> list[dict]:
     rows = []
     for policy, cfg in cfgs.items():
-        res = simulate_policy(cfg, prompt_tokens, lengths, offsets, noise, profiles)
+        res = simulate_policy(cfg, prompt_tokens, lengths, offsets, noise, profiles, prompt_s)
         e2e = [t.finish_s - t.req.arrival_s for t in res.trackers]
         rows.append({"policy": policy, "e2e_mean_s": statistics.fmean(e2e),
                      "e2e_p90_s": pct(e2e, 0.9),
@@ -562,7 +570,8 @@ def print_tables(report: dict) -> None:
               f"per-token fcfs/ltr {x['fcfs_over_ltr_per_token']:.2f}")
     if "sim" in report:
         s = report["sim"]
-        print(f"simulator (ranker_noise {s['ranker_noise']:.2f}): " + ", ".join(
+        print(f"simulator (ranker_noise {s['ranker_noise']:.2f}, scoring "
+              f"{1e3 * s.get('ranker_prompt_s', 0.0):.1f} ms a prompt): " + ", ".join(
             f"{r['policy']} {r['e2e_mean_s']:.1f} s" for r in s["rows"])
               + f"; fcfs/ltr {s['fcfs_over_ltr_mean']:.2f}, off by {s['relative_error']:.1%} "
               f"(target <= {TARGET_SIM_RATIO_ERR:.0%})")

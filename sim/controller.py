@@ -44,7 +44,7 @@ class SimController:
                  admission: AdmissionPolicy, prefill: list[SimWorker], decode: list[SimWorker],
                  events: EventQueue, clock: Clock, on_reject: Callable[[Tracker], None],
                  use_prefix_index: bool = False, max_model_len: int = 1 << 62,
-                 dispatch_s: float = 0.0):
+                 dispatch_s: float = 0.0, scores_later: bool = False):
         self.scheduler, self.router, self.admission = scheduler, router, admission
         self.prefill, self.decode = prefill, decode
         self.colocated = prefill is decode
@@ -70,12 +70,14 @@ class SimController:
                                    self._max_total_blocks * self._block_size)
         self._by_id = {w.worker_id: w for w in [*prefill, *decode]}
         self.dispatch_s = dispatch_s  # the control plane's delay before the prompt reaches P
+        self.scores_later = scores_later  # a request joins unscored; ``rescore`` brings its score
 
     # ----- arrivals ------------------------------------------------------------------
     def arrive(self, tr: Tracker) -> None:
         r = tr.req
         view = RequestView(r.request_id, r.prompt_tokens, r.output_tokens, r.arrival_s, 0,
-                           tr.score, r.output_tokens,  # score, true_output_tokens
+                           None if self.scores_later else tr.score,
+                           r.output_tokens,  # true_output_tokens
                            self._prefix_hashes(r) if self.use_prefix_index else ())
         total = r.prompt_tokens + r.output_tokens
         reason = self._too_long(r) if total > self._max_fit_tokens else ""
@@ -113,6 +115,18 @@ class SimController:
             return ()
         from sim.workers import _prompt_tokens
         return tuple(block_hashes(_prompt_tokens(r, self._block_size), self._block_size))
+
+    def rescore(self, scored: list[Tracker]) -> None:
+        """Scores came back (``sim.ranker``): those of requests still waiting
+        take effect, as in the controller; a request dispatched unscored keeps
+        its place."""
+        now, changed = self.clock.now, False
+        for tr in scored:
+            if tr.req.request_id in self.trackers:
+                self.queue.rescore(tr.req.request_id, tr.score, now)
+                changed = True
+        if changed:
+            self.request_round()
 
     # ----- rounds ----------------------------------------------------------------------
     def request_round(self) -> None:

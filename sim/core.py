@@ -85,6 +85,8 @@ class Simulation:
         self._upcoming: Iterator[Request] = iter(())  # requests not yet in the event queue
         self._done = 0
         self._ranker = random.Random(spec.seed ^ 0x5EED)
+        self.scorer = self._scorer()  # None: every request is scored the moment it arrives
+        self._arrive = self.controller.arrive if self.scorer is None else self._arrive_unscored
 
     # ----- construction -----------------------------------------------------------------
     def _build_pool(self, p: SimPool, profiles) -> list[SimWorker]:
@@ -128,7 +130,16 @@ class Simulation:
                              self.events, self.clock, self._on_reject,
                              use_prefix_index=self.spec.router == "prefix-aware",
                              max_model_len=self.model.max_model_len,
-                             dispatch_s=self.spec.control.dispatch_s)
+                             dispatch_s=self.spec.control.dispatch_s,
+                             scores_later=self.spec.ranker_prompt_s > 0)
+
+    def _scorer(self):
+        if not self.spec.ranker_prompt_s:
+            return None
+        from sim.ranker import SimRanker
+        return SimRanker(self.events, self.clock, self.controller.rescore,
+                         self.spec.ranker_prompt_s, self.spec.ranker_chunk,
+                         self.spec.ranker_max_batch)
 
     def _hooks(self) -> Hooks:
         h = Hooks()
@@ -194,14 +205,19 @@ class Simulation:
         req = next(self._upcoming, None)  # _push_upcoming, written out (once per request)
         if req is not None:
             self._push_arrival(req, self._arrive_upcoming)
+        self._arrive(tr)
+
+    def _arrive_unscored(self, tr: Tracker) -> None:
         self.controller.arrive(tr)
+        if not tr.rejected:
+            self.scorer.arrive(tr)
 
     def _push_arrival(self, req, on_arrival=None) -> None:
         # the simulated ranker's score: higher = shorter, with log-normal error
         tr = Tracker(req, -math.log(req.output_tokens)
                      + self._ranker.gauss(0.0, self.spec.ranker_noise))
         self.trackers.append(tr)
-        self.events.push(req.arrival_s, ARRIVAL, on_arrival or self.controller.arrive, tr)
+        self.events.push(req.arrival_s, ARRIVAL, on_arrival or self._arrive, tr)
 
     # ----- hooks -------------------------------------------------------------------------------
     def _on_change(self) -> None:
@@ -272,7 +288,9 @@ class Simulation:
                 "steps": sum(s.steps for s in stats), "windows": sum(s.windows for s in stats),
                 "events": n_events, "transfers": self.network.transfers,
                 "transfer_bytes": self.network.total_bytes,
-                "dispatch_rounds": self.controller.rounds}
+                "dispatch_rounds": self.controller.rounds,
+                **({"ranker_calls": self.scorer.calls, "ranker_busy_s": self.scorer.busy_s}
+                   if self.scorer else {})}
 
 
 def _progress_bar(total: int):

@@ -68,6 +68,9 @@ class SimSpec:
     prefix_caching: bool = False  # BlockManager prefix reuse (Mooncake hash ids)
     fast_forward: bool = True  # decode windows (exact; see sim.workers)
     ranker_noise: float = 0.5  # std-dev of the simulated ranker's log-length error (ltr)
+    ranker_prompt_s: float = 0.0  # scoring time per prompt (sim.ranker); 0: scored on arrival
+    ranker_chunk: int = 16  # prompts per encoder call (the controller's RankerService.chunk)
+    ranker_max_batch: int = 64  # prompts taken from the ranker's queue at once
     seed: int = 0
     prices: dict[str, float] = field(default_factory=dict)  # GPU type -> USD/h overrides
 
@@ -83,6 +86,9 @@ class SimSpec:
             raise ValueError(f"memory_utilization {self.memory_utilization} must be in (0, 1]")
         if self.link_bandwidth is not None and self.link_bandwidth <= 0:
             raise ValueError(f"link_bandwidth {self.link_bandwidth} must be > 0")
+        if self.ranker_prompt_s < 0 or self.ranker_chunk <= 0 or self.ranker_max_batch <= 0:
+            raise ValueError(f"ranker_prompt_s={self.ranker_prompt_s} must be >= 0, ranker_chunk="
+                             f"{self.ranker_chunk} and ranker_max_batch={self.ranker_max_batch} > 0")
         for p in self.pools:
             if p.replicas <= 0:
                 raise ValueError(f"pool {p.name}: replicas={p.replicas} must be > 0 to simulate")

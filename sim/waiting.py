@@ -12,6 +12,9 @@ Lifecycle of a waiting request::
                             the controller dispatched the first ``sent`` of
                             that order (not all: ``clear`` then): they leave,
                             every other one is passed over once more
+    rescore(id, score, now) its ranker score came back while it waits (the
+                            simulated ranker's scoring time): it moves to
+                            its new place, keeping its count
 
 Two queues, the same orders:
 
@@ -77,8 +80,19 @@ class ScannedQueue:
         self.views[:] = [v.with_waited_rounds(v.waited_rounds + 1)
                          for v in self.views if v.request_id not in gone]
 
+    def rescore(self, request_id: str, score: float | None, now: float) -> None:
+        _rescore_view(self.views, 0, request_id, score)
+
     def clear(self) -> None:
         self.views.clear()
+
+
+def _rescore_view(views: list[RequestView], start: int, request_id: str,
+                  score: float | None) -> None:
+    for i in range(start, len(views)):
+        if views[i].request_id == request_id:
+            views[i] = views[i].with_score(score)
+            return
 
 
 class _Waiting:
@@ -109,6 +123,7 @@ class IndexedQueue:
         self._changes: list[tuple] = []  # heap of (passes, seq, _Waiting): ask ``starving`` then
         self._passes = 0  # rounds so far that passed over every request still waiting
         self._seq = 0
+        self._entries: dict[str, _Waiting] = {}  # indexed requests by id (for ``rescore``)
 
     def order(self, now: float, round_index: int) -> Iterator[RequestView]:
         self._index_new(now)
@@ -130,14 +145,27 @@ class IndexedQueue:
             del promoted[:k], rest[:sent - k]
             for item in gone:
                 item[-1].left = True
+                del self._entries[item[-1].view.request_id]
             ids = {item[-1].view.request_id for item in gone}
             self.views[:] = [v for v in self.views if v.request_id not in ids]
             self.indexed -= sent
         self.lone_in_order = False  # (requests are left, indexed)
         self._passes += 1
 
+    def rescore(self, request_id: str, score: float | None, now: float) -> None:
+        e = self._entries.get(request_id)
+        if e is None:  # joined since the last round: indexed with its new view later
+            _rescore_view(self.views, self.indexed, request_id, score)
+            return
+        ranked = self._promoted if e.promoted else self._rest
+        del ranked[bisect_left(ranked, e.item)]
+        e.view = self._current(e).with_score(score)
+        e.key = self.scheduler.key(e.view)
+        self._place(e, e.view, now)  # (its pending change, if any, then re-places it again)
+
     def clear(self) -> None:
         self.views.clear()
+        self._entries.clear()
         self._promoted.clear()
         self._rest.clear()
         self._changes.clear()
@@ -148,6 +176,7 @@ class IndexedQueue:
         views, key = self.views, self.scheduler.key
         for view in views[self.indexed:]:
             e = _Waiting(view, self._passes - view.waited_rounds, self._seq, key(view))
+            self._entries[view.request_id] = e
             self._seq += 1
             self._place(e, view, now)
         self.indexed = len(views)

@@ -45,6 +45,14 @@ class RequestView:
             "arrival_s": arrival_s, "waited_rounds": waited_rounds, "score": score,
             "true_output_tokens": true_output_tokens, "prefix_hashes": prefix_hashes})
 
+    def with_score(self, score: float | None) -> RequestView:
+        """This view with the ranker's score (it may come after the request joined)."""
+        fields = self.__dict__.copy()
+        fields["score"] = score
+        v = _new(type(self))
+        _setattr(v, "__dict__", fields)
+        return v
+
     def with_waited_rounds(self, waited_rounds: int) -> RequestView:
         """This view passed over ``waited_rounds`` times: ``dataclasses.replace`` of
         that field at a fifth of its cost (a waiting request gets a new view at

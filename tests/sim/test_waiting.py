@@ -1,6 +1,7 @@
 """The indexed waiting queue gives the orders the scheduler's own ``order`` gives
 over every waiting view (``ScannedQueue``), round after round, with requests
-joining, leaving and passed over into and out of starvation quanta."""
+joining, leaving, rescored while they wait (scores that come back late) and
+passed over into and out of starvation quanta."""
 
 import random
 
@@ -38,7 +39,7 @@ def test_indexed_orders_equal_the_scheduler_order(policy, seed):
     scheduler = make_scheduler(policy, starvation_rounds=rng.choice([1, 3, 7]),
                                quantum_rounds=rng.choice([1, 2, 5]))
     scanned, indexed = ScannedQueue(scheduler), IndexedQueue(scheduler)
-    now, n = 0.0, 0
+    now, n, rescored = 0.0, 0, 0
     for index in range(1, 400):
         for _ in range(rng.choice([0, 0, 1, 1, 2, 4])):
             now += rng.choice([0.0, 0.25])  # equal arrival times: ties by id
@@ -51,13 +52,33 @@ def test_indexed_orders_equal_the_scheduler_order(policy, seed):
             indexed.views.append(view)
         if not scanned.views:
             continue
+        for _ in range(rng.choice([0, 0, 0, 1, 3])):  # scores coming back, some after a round
+            rid = rng.choice(scanned.views).request_id
+            score = rng.choice([None, rng.randrange(4) / 4])
+            scanned.rescore(rid, score, now)
+            indexed.rescore(rid, score, now)
+            rescored += 1
         state = rng.getstate()
         a = one_round(scanned, now, index, rng)
         rng.setstate(state)
         b = one_round(indexed, now, index, rng)
         assert a == b  # the same requests in the same order, with the same counts
         assert len(scanned.views) == len(indexed.views)
-    assert n > 300
+    assert n > 300 and rescored > 50
+
+
+def test_rescoring_moves_a_waiting_request_and_keeps_its_count():
+    for queue in (ScannedQueue(make_scheduler("ltr")), IndexedQueue(make_scheduler("ltr"))):
+        queue.views.extend(RequestView(f"r{i}", 1, 1, float(i), score=None) for i in range(3))
+        order = list(queue.order(0.0, 1))
+        assert [v.request_id for v in order] == ["r0", "r1", "r2"]  # unscored: by arrival
+        queue.settle(order, 0, 0.0)
+        queue.rescore("r2", 0.5, 0.0)
+        queue.rescore("r1", 0.9, 0.0)
+        queue.rescore("gone", 1.0, 0.0)  # a request no longer waiting: nothing changes
+        order = list(queue.order(0.0, 2))
+        assert [(v.request_id, v.score, v.waited_rounds) for v in order] == [
+            ("r1", 0.9, 1), ("r2", 0.5, 1), ("r0", None, 1)]
 
 
 def test_rounds_to_change_names_every_change_of_starving():
