@@ -18,6 +18,11 @@ Event flow of one request (disaggregated)::
     of them; see sim.workers) -> finish
 
 Colocated: the mixed worker prefills and decodes; no transfer.
+
+Ranked policies: every request gets its simulated score on arrival; with
+``SimSpec.ranker_prompt_s`` > 0 it waits unscored until ``sim.ranker`` lands
+it (ARRIVAL -> controller.arrive, ranker.arrive -> ... LANDED ->
+controller.rescore), as the real controller's ranker does.
 """
 
 from __future__ import annotations
