@@ -64,7 +64,10 @@ def test_same_workload_on_the_cluster_and_in_the_simulator():
     spec = spec_from_cluster_config(config, hardware="cpu", **cluster_options("cpu"))
     simulated = sim_timings(simulate(spec, wl))
     assert [t.request_id for t in cluster_timings(real)] == [t.request_id for t in simulated]
-    assert all(len(r.token_times) == 8 and r.timing["kv_admission"] == "admitted" for r in real)
+    # admitted on the first try; the key may be missing: a request this short can decode
+    # all its tokens, and its last chunk leave, before the admit reply reaches the controller
+    assert all(len(r.token_times) == 8 and r.timing.get("kv_admission", "admitted") == "admitted"
+               for r in real)
     report = compare(cluster_timings(real), simulated)
     assert set(report) == {"ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms"}
     assert all(v["real"] > 0 and v["sim"] > 0 for v in report.values())
