@@ -48,8 +48,9 @@ simulator's ranker is its own log-normal-noise model; ``ranker_noise`` is set
 by bisection so that its Kendall's tau on these requests equals the real
 ranker's measured tau, and its scores come back after the real ranker's
 measured busy time per prompt (``sim/ranker.py``), so that requests are
-dispatched unscored while the burst is being scored, as on the cluster. ``--profiles FILE`` simulates with other efficiency
-profiles than the committed ones: this burst decodes 8 requests at once with
+dispatched unscored while the burst is being scored, as on the cluster.
+``--profiles FILE`` simulates with other efficiency profiles than the
+committed ones: this burst decodes 8 requests at once with
 contexts up to ~2,000 tokens, a regime the committed ``cpu`` profile (fitted on
 a light load) does not see; ``benchmarks/sim_vs_cluster.py --decode-probes
 --profiles FILE`` fits one that does.
