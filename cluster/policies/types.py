@@ -47,18 +47,17 @@ class RequestView:
 
     def with_score(self, score: float | None) -> RequestView:
         """This view with the ranker's score (it may come after the request joined)."""
-        fields = self.__dict__.copy()
-        fields["score"] = score
-        v = _new(type(self))
-        _setattr(v, "__dict__", fields)
-        return v
+        return self._replaced("score", score)
 
     def with_waited_rounds(self, waited_rounds: int) -> RequestView:
-        """This view passed over ``waited_rounds`` times: ``dataclasses.replace`` of
-        that field at a fifth of its cost (a waiting request gets a new view at
-        every round that passes it over)."""
+        """This view passed over ``waited_rounds`` times (a waiting request gets
+        a new view at every round that passes it over)."""
+        return self._replaced("waited_rounds", waited_rounds)
+
+    def _replaced(self, name: str, value) -> RequestView:
+        """``dataclasses.replace`` of one field at a fifth of its cost."""
         fields = self.__dict__.copy()
-        fields["waited_rounds"] = waited_rounds
+        fields[name] = value
         v = _new(type(self))
         _setattr(v, "__dict__", fields)
         return v
