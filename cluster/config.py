@@ -89,6 +89,7 @@ class SchedulerSpec:
     starvation_rounds: int = 200  # rounds passed over before promotion
     quantum_rounds: int = 10  # rounds a promoted request keeps its boost
     max_wait_s: float | None = None  # wall-clock bound on waiting, None = off
+    score_wait_s: float = 0.5  # ltr: longest wait for the ranker's score before dispatch
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,8 @@ def _validate(cfg: ClusterConfig) -> None:
     _positive("scheduler.quantum_rounds", cfg.scheduler.quantum_rounds)
     if cfg.scheduler.max_wait_s is not None:
         _positive("scheduler.max_wait_s", cfg.scheduler.max_wait_s)
+    if cfg.scheduler.score_wait_s < 0:
+        raise ConfigError(f"scheduler.score_wait_s: {cfg.scheduler.score_wait_s} must be >= 0")
     _one_of("ranker.log_prompts", cfg.ranker.log_prompts, ("features", "redacted"))
     _one_of("ranker.precision", cfg.ranker.precision, ("int8", "bf16", "fp32"))
     for key in ("max_batch", "chunk", "num_threads", "log_cap"):

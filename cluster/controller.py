@@ -66,7 +66,7 @@ from cluster.policies import (
     SchedulingRound,
     WorkerView,
     make_router,
-    make_scheduler,
+    scheduler_from_spec,
 )
 from cluster.policies.scaling import PoolLoad, ScalingDecision, measure_pool
 from cluster.policies.scheduler import Placement
@@ -218,9 +218,7 @@ class Controller:
         """``workers``: worker id -> (role, gpu type, actor handle)."""
         self.config = config
         self._worker_args = workers
-        self.scheduler = make_scheduler(
-            config.scheduler.policy, starvation_rounds=config.scheduler.starvation_rounds,
-            quantum_rounds=config.scheduler.quantum_rounds, max_wait_s=config.scheduler.max_wait_s)
+        self.scheduler = scheduler_from_spec(config.scheduler)
         self.router = make_router(config.router.policy)
         self.admission = BoundedQueue(config.admission.max_waiting)
         if redis_password is None:
@@ -674,6 +672,8 @@ class Controller:
         prefill, decode = self._views()
         dispatched: list[_Request] = []
         for view in self.scheduler.order(rnd):
+            if self.scheduler.hold_until(view, rnd.now_s) is not None:
+                break  # waiting for its score (the ticker wakes the loop when that ends)
             hits = await self._prefix_hits(view)
             route = self.router.route(view, prefill, decode, hits)
             if route is None:

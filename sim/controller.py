@@ -13,7 +13,9 @@ Lifecycle of a request at the controller::
                 built-in schedulers; a lone request needs no ordering)
              -> for each request in that order: ``router.route(request,
                 prefill views, decode views, prefix hits)``; dispatch while
-                it finds room, stop at the first ``None``; the rest get
+                it finds room, stop at the first ``None`` or at the first
+                request held for its score (``scheduler.hold_until``, only
+                when scores come later: then a round when the hold ends); the rest get
                 ``waited_rounds + 1``, and workers stop fast-forwarding (the
                 next round comes at the next step boundary of any worker)
     dispatch -> colocated: the mixed worker queues the prompt;
@@ -71,6 +73,7 @@ class SimController:
         self._by_id = {w.worker_id: w for w in [*prefill, *decode]}
         self.dispatch_s = dispatch_s  # the control plane's delay before the prompt reaches P
         self.scores_later = scores_later  # a request joins unscored; ``rescore`` brings its score
+        self._next_hold_round = float("inf")  # when a round for a request held for its score is due
 
     # ----- arrivals ------------------------------------------------------------------
     def arrive(self, tr: Tracker) -> None:
@@ -134,6 +137,17 @@ class SimController:
             self._round_pending = True
             self.events.push(self.clock.now, DISPATCH, self._round)
 
+    def _round_at(self, t: float) -> None:
+        """A round at ``t`` (a held request's end of waiting for its score),
+        unless one is already due by then."""
+        if t < self._next_hold_round:
+            self._next_hold_round = t
+            self.events.push(t, DISPATCH, self._hold_round)
+
+    def _hold_round(self, _=None) -> None:
+        self._next_hold_round = float("inf")
+        self.request_round()
+
     def _round(self, _=None) -> None:
         self._round_pending = False
         waiting = self.waiting
@@ -146,8 +160,14 @@ class SimController:
         else:
             order = self.queue.order(now, self.rounds)
         prefill, decode, router = self.prefill, self.decode, self.router
+        hold = self.scheduler.hold_until if self.scores_later else None  # (instant scores: none)
         sent = 0
         for view in order:
+            if hold is not None:
+                until = hold(view, now)
+                if until is not None:  # waiting for its score: a round when that ends
+                    self._round_at(until)
+                    break
             # ``SimWorker.view`` written out: a worker's cached view while it holds
             pviews = [w.cached_view if now < w.view_until else w.refresh_view() for w in prefill]
             dviews = pviews if self.colocated else \

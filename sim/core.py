@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from operator import attrgetter
 
-from cluster.policies import BoundedQueue, make_router, make_scheduler
+from cluster.policies import BoundedQueue, make_router, scheduler_from_spec
 from sim.events import ARRIVAL, LANDED, Clock, EventQueue
 from sim.hardware import get_gpu
 from sim.latency import LatencyModel, kv_blocks_from_memory, kv_bytes_per_token, profile_for
@@ -127,10 +127,7 @@ class Simulation:
 
     def _controller(self):
         from sim.controller import SimController
-        s = self.spec.scheduler
-        scheduler = make_scheduler(s.policy, starvation_rounds=s.starvation_rounds,
-                                   quantum_rounds=s.quantum_rounds, max_wait_s=s.max_wait_s)
-        return SimController(scheduler, make_router(self.spec.router),
+        return SimController(scheduler_from_spec(self.spec.scheduler), make_router(self.spec.router),
                              BoundedQueue(self.spec.max_waiting), self.prefill, self.decode,
                              self.events, self.clock, self._on_reject,
                              use_prefix_index=self.spec.router == "prefix-aware",

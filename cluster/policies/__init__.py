@@ -6,7 +6,8 @@ Policies are chosen by name from the registries below.
 """
 
 from cluster.policies.admission import AdmissionPolicy, BoundedQueue
-from cluster.policies.registry import ROUTERS, SCHEDULERS, make_router, make_scheduler
+from cluster.policies.registry import (ROUTERS, SCHEDULERS, make_router, make_scheduler,
+                                       scheduler_from_spec)
 from cluster.policies.router import RouterPolicy
 from cluster.policies.scheduler import SchedulerPolicy
 from cluster.policies.types import (
@@ -20,5 +21,5 @@ from cluster.policies.types import (
 __all__ = [
     "AdmissionDecision", "AdmissionPolicy", "BoundedQueue", "ROUTERS", "RequestView", "Route",
     "RouterPolicy", "SCHEDULERS", "SchedulerPolicy", "SchedulingRound", "WorkerView",
-    "make_router", "make_scheduler",
+    "make_router", "make_scheduler", "scheduler_from_spec",
 ]

@@ -19,6 +19,13 @@ def make_scheduler(name: str, **kwargs) -> SchedulerPolicy:
     return SCHEDULERS[name](**kwargs)
 
 
+def scheduler_from_spec(spec) -> SchedulerPolicy:
+    """The scheduler a config's ``SchedulerSpec`` names, with its knobs."""
+    return make_scheduler(spec.policy, starvation_rounds=spec.starvation_rounds,
+                          quantum_rounds=spec.quantum_rounds, max_wait_s=spec.max_wait_s,
+                          score_wait_s=spec.score_wait_s)
+
+
 def make_router(name: str) -> RouterPolicy:
     if name not in ROUTERS:
         raise ValueError(f"router {name!r} is unknown; known: {', '.join(ROUTERS)}")

@@ -33,6 +33,8 @@ def test_disaggregated_example_values():
     ({"transport": "tcp", "pools": [POOL]}, "transport: 'tcp' is not allowed; allowed: grpc, nccl"),
     ({"router": {"policy": "random"}, "pools": [POOL]}, "router.policy: 'random' is not allowed"),
     ({"scheduler": {"policy": "sjf"}, "pools": [POOL]}, "scheduler.policy: 'sjf' is not allowed"),
+    ({"scheduler": {"policy": "ltr", "score_wait_s": -1}, "pools": [POOL]},
+     r"scheduler.score_wait_s: -1(\.0)? must be >= 0"),
     ({"pools": [POOL], "colour": 1}, "colour: unknown key"),
     ({"pools": []}, "pools: must be a non-empty list"),
     ({"pools": [{**POOL, "role": "prefill"}]}, "needs both a prefill and a decode pool"),

@@ -169,11 +169,25 @@ def test_promoted_request_gets_a_quantum_and_others_their_rank():
     assert make_scheduler("fcfs").placement(fresh, 2.0).priority == 0.0
 
 
+def test_an_unscored_request_waits_for_its_score_at_most_score_wait_s():
+    policy = make_scheduler("ltr", starvation_rounds=5, score_wait_s=0.5)
+    unscored = _view("new", 10.0, 100)
+    assert policy.hold_until(unscored, 10.2) == 10.5
+    assert policy.hold_until(unscored, 10.5) is None  # waited long enough: dispatchable
+    assert policy.hold_until(_view("s", 10.0, 100, score=0.1), 10.2) is None
+    assert policy.hold_until(_view("p", 10.0, 100, waited=5), 10.2) is None  # promoted
+    assert make_scheduler("ltr", score_wait_s=0.0).hold_until(unscored, 10.0) is None
+    for name in ("fcfs", "sjf-oracle"):  # they never read a score
+        assert make_scheduler(name, score_wait_s=0.5).hold_until(unscored, 10.2) is None
+
+
 def test_guard_settings_are_validated():
     with pytest.raises(ValueError, match="starvation_rounds=0"):
         make_scheduler("ltr", starvation_rounds=0)
     with pytest.raises(ValueError, match="max_wait_s=-1"):
         make_scheduler("ltr", max_wait_s=-1)
+    with pytest.raises(ValueError, match="score_wait_s=-0.1"):
+        make_scheduler("ltr", score_wait_s=-0.1)
 
 
 # ----- data ----------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The simulated ranker takes time, as the controller's does: a burst is scored
-in length-sorted chunks, each chunk's scores land when it ends, and requests
-dispatched before their score are served unranked (after every scored one
-while they wait)."""
+in length-sorted chunks, each chunk's scores land when it ends; a request
+waits for its score at most ``scheduler.score_wait_s``, and one dispatched
+before its score is served unranked (after every scored one while they wait)."""
+
+from dataclasses import replace
 
 import pytest
 
@@ -35,22 +37,39 @@ def test_bad_ranker_settings_are_refused(make_spec):
         SimRanker(EventQueue(), Clock(), print, prompt_s=0.1, chunk=0)
 
 
-def _dispatch_order(make_spec, prompt_s: float) -> list[str]:
+def _dispatch(make_spec, prompt_s: float, score_wait_s: float):
     spec = make_spec(scheduler="ltr", ranker_noise=0.0, ranker_prompt_s=prompt_s,
                      batch={"max_num_seqs": 1, "max_num_batched_tokens": 2048,
                             "prefill_chunk_size": 512})
+    spec = replace(spec, scheduler=replace(spec.scheduler, score_wait_s=score_wait_s))
     outs = [40, 30, 20, 10, 5, 35]  # a burst: with perfect scores, ltr is shortest first
     reqs = [Request(i, 0.0, 16, n) for i, n in enumerate(outs)]
     res = Simulation(spec, Workload(WorkloadSpec(num_requests=len(reqs)), reqs,
                                     closed=False)).run()
     assert [t.req.output_tokens for t in res.trackers] == outs  # every request served
-    return res.dispatch_order
+    return res
+
+
+def _dispatch_order(make_spec, prompt_s: float, score_wait_s: float) -> list[str]:
+    return _dispatch(make_spec, prompt_s, score_wait_s).dispatch_order
 
 
 def test_requests_dispatched_before_their_score_go_unranked(make_spec):
-    assert _dispatch_order(make_spec, 0.0) == ["r4", "r3", "r2", "r1", "r5", "r0"]
+    assert _dispatch_order(make_spec, 0.0, 0.0) == ["r4", "r3", "r2", "r1", "r5", "r0"]
     # scoring takes 6 x 1 ms, less than any request holds the one slot: the slot takes
     # the first arrival unscored; the rest get their scores meanwhile and go shortest first
-    assert _dispatch_order(make_spec, 0.001) == ["r0", "r4", "r3", "r2", "r1", "r5"]
+    assert _dispatch_order(make_spec, 0.001, 0.0) == ["r0", "r4", "r3", "r2", "r1", "r5"]
     # scoring slower than serving: everything goes before its score, in arrival order
-    assert _dispatch_order(make_spec, 10.0) == ["r0", "r1", "r2", "r3", "r4", "r5"]
+    assert _dispatch_order(make_spec, 10.0, 0.0) == ["r0", "r1", "r2", "r3", "r4", "r5"]
+
+
+def test_requests_wait_for_their_score_up_to_score_wait_s(make_spec):
+    # the slot stays free 6 ms for the scores: shortest first from the start
+    assert _dispatch_order(make_spec, 0.001, 0.5) == ["r4", "r3", "r2", "r1", "r5", "r0"]
+    # a dead-slow ranker (one chunk of 6: 60 s) holds the burst only 0.5 s, then arrival order
+    res = _dispatch(make_spec, 10.0, 0.5)
+    assert res.dispatch_order == ["r0", "r1", "r2", "r3", "r4", "r5"]
+    first = min(res.trackers, key=lambda t: t.finish_s)
+    assert first.req.request_id == "r0" and first.finish_s > 0.5
+    no_wait = min(_dispatch(make_spec, 10.0, 0.0).trackers, key=lambda t: t.finish_s)
+    assert first.finish_s - no_wait.finish_s == pytest.approx(0.5, abs=1e-6)
