@@ -120,7 +120,7 @@ def arrival_offsets(n: int, rate: float | None, seed: int) -> list[float]:
 
 # ----- the real cluster ------------------------------------------------------------------------
 def make_config(policy: str, redis_url: str, tag: str, max_num_seqs: int, n: int,
-                head: Path | None = None):
+                head: Path | None = None, score_wait_s: float | None = None):
     from cluster.config import load_config
 
     cfg = load_config("tiny-colocated")
@@ -128,7 +128,8 @@ def make_config(policy: str, redis_url: str, tag: str, max_num_seqs: int, n: int
                   for p in cfg.pools)
     name = f"ltr-bench-{policy}-{tag}"
     return replace(cfg, name=name, pools=pools,
-                   scheduler=replace(cfg.scheduler, policy=policy),
+                   scheduler=replace(cfg.scheduler, policy=policy, score_wait_s=(
+                       cfg.scheduler.score_wait_s if score_wait_s is None else score_wait_s)),
                    admission=replace(cfg.admission, max_waiting=max(1024, 2 * n)),
                    redis=replace(cfg.redis, url=redis_url, namespace=name),
                    ranker=replace(cfg.ranker, head_path=str(head)) if head else cfg.ranker)
@@ -420,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(with --profiles, e.g. one calibrated with decode probes)")
     ap.add_argument("--head", type=Path, default=None,
                     help="ranker head for ltr (default: the shipped one)")
+    ap.add_argument("--score-wait-s", type=float, default=None,
+                    help="ltr: longest wait for a request's score before dispatch "
+                         "(default: the config's scheduler.score_wait_s)")
     ap.add_argument("--sweep", action="store_true",
                     help="no cluster: ratios by slot count in the slot model and the simulator, "
                          "with the shipped head's real scores")
@@ -468,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for policy in policies:
                 cfg = cfgs[policy] = make_config(policy, redis_server.url, tag,
-                                                 args.max_num_seqs, len(examples), args.head)
+                                                 args.max_num_seqs, len(examples), args.head,
+                                                 args.score_wait_s)
                 dep = Deployment(cfg).start()
                 try:
                     res = asyncio.run(run_policy(cfg, prompts, lengths, offsets))
@@ -490,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"CPU, {os.cpu_count()} cores, no GPU ({platform.machine()})",
               "requests": len(examples), "output_tokens": sum(lengths),
               "arrivals": "burst" if args.rate is None else f"poisson {args.rate}/s",
-              "max_num_seqs": args.max_num_seqs, "limits": {
+              "max_num_seqs": args.max_num_seqs,
+              "score_wait_s": next(iter(cfgs.values())).scheduler.score_wait_s, "limits": {
                   "max_prompt_bytes": args.max_prompt_bytes,
                   "max_output_tokens": args.max_output_tokens},
               "ranker_on_workload": quality.to_json(), "encoder_cost": encoder_cost,

@@ -89,7 +89,7 @@ class SchedulerSpec:
     starvation_rounds: int = 200  # rounds passed over before promotion
     quantum_rounds: int = 10  # rounds a promoted request keeps its boost
     max_wait_s: float | None = None  # wall-clock bound on waiting, None = off
-    score_wait_s: float = 0.5  # ltr: longest wait for the ranker's score before dispatch
+    score_wait_s: float = 1.0  # ltr: longest wait for the ranker's score before dispatch
 
 
 @dataclass(frozen=True)

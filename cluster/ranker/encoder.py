@@ -25,6 +25,17 @@ LayerNorm and GELU stay fp32) run:
 
 Query, key and value projections run as one fused matmul in every precision.
 
+After ``freeze()`` (the ``Ranker`` calls it: its weights never change
+again; a fine-tune's encoder stays eager, its adapters change under it),
+``embed`` runs the forward as a TorchScript trace of the weights then
+(equal to the eager forward exactly, for any batch and length): a trace runs
+in C++ without the GIL, while the eager forward takes the GIL back between
+its few hundred ops. In the controller the scoring thread shares the process
+with an event loop that is busy in Python during a burst; there the eager
+forward waited for the GIL more than it computed (300 serving prompts on one
+thread: 1.3 s alone, 27-34 s beside a thread spinning in Python; traced 1.9 s
+beside it, BENCHMARKS.md).
+
 ``adapter`` (optional): low-rank deltas from fine-tuning (``adapter.py``),
 folded into the weights at construction, before quantization.
 
@@ -38,6 +49,7 @@ fine-tune: 0.461-0.471; two fine-tuned layers: 0.439, at half the cost).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +114,7 @@ class MiniLMEncoder:
         self.precision = precision
         self.layers = layers
         self.linear = build_linears(weights, config, precision, layers)  # layer name -> Linear
+        self._traced = None  # ``freeze``: (ids, mask) -> mean-pooled output, without the GIL
 
     @classmethod
     def load(cls, folder: Path | None = None, max_tokens: int = 128,
@@ -115,15 +128,20 @@ class MiniLMEncoder:
     # ----- tokenization ---------------------------------------------------------
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """[CLS] head ... tail [SEP], at most ``max_tokens`` ids each."""
+        return self.tokenize(texts)[0]
+
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[int]]:
+        """``token_ids`` and each text's whole length in tokens (no special ones)."""
         body = self.max_tokens - 2
         head = body * 3 // 4
-        out = []
+        out, lengths = [], []
         for enc in self.tok.encode_batch(texts, add_special_tokens=False):
             ids = enc.ids
+            lengths.append(len(ids))
             if len(ids) > body:
                 ids = ids[:head] + ids[len(ids) - (body - head):]
             out.append([CLS_ID, *ids, SEP_ID])
-        return out
+        return out, lengths
 
     # ----- forward --------------------------------------------------------------------
     @torch.inference_mode()
@@ -140,8 +158,21 @@ class MiniLMEncoder:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             padded, mask = pad_batch([ids[i] for i in idx])
-            out[idx] = mean_pool(self.hidden_states(padded, mask), mask)
+            out[idx] = (self._traced or self.pooled)(padded, mask)
         return out
+
+    def pooled(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled output of layer ``self.layers``, (B, H): the eager forward."""
+        return mean_pool(self.hidden_states(ids, mask), mask)
+
+    def freeze(self) -> MiniLMEncoder:
+        """From now on ``embed`` runs a trace of the forward with the current
+        weights (see the module docstring); they must not change after this."""
+        example = pad_batch([[CLS_ID, 7592, 2088, SEP_ID], [CLS_ID, SEP_ID]])
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")  # the tracer's notes on shapes read as Python ints
+            self._traced = torch.jit.trace(self.pooled, example, check_trace=False)
+        return self
 
     def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Output of layer ``self.layers``, (B, T, H)."""
@@ -158,12 +189,10 @@ class MiniLMEncoder:
 
 def pad_batch(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids (B, T) and their mask (B, T)."""
-    width = max(len(x) for x in batch)
-    ids = torch.full((len(batch), width), PAD_ID, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.bool)
-    for i, x in enumerate(batch):
-        ids[i, :len(x)] = torch.tensor(x)
-        mask[i, :len(x)] = True
+    lengths = [len(x) for x in batch]
+    width = max(lengths)
+    ids = torch.tensor([x + [PAD_ID] * (width - len(x)) for x in batch], dtype=torch.long)
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
     return ids, mask
 
 

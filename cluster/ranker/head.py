@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,6 +69,14 @@ class ScoreHead(nn.Module):
             return self(x)
         finally:
             self.train(was)
+
+    def traced(self):
+        """``score`` as a TorchScript trace of the current weights (eval mode):
+        it runs without the GIL, like the frozen encoder."""
+        self.eval()
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")  # the tracer's notes on shapes read as Python ints
+            return torch.jit.trace(self, torch.zeros(2, NUM_FEATURES), check_trace=False)
 
     def clone(self) -> ScoreHead:
         """An independent copy (weights, scaler and meta)."""

@@ -8,6 +8,11 @@ the current one with a single reference assignment, so a scoring call in
 flight finishes with the old head and every later call uses the new one:
 no request is dropped or scored twice.
 
+The encoder is frozen and the head traced (``MiniLMEncoder.freeze``,
+``ScoreHead.traced``): scoring holds the GIL only between a few calls, so a
+busy event loop in the same process does not starve it. Each prompt is
+tokenized once, for both its truncated ids and its whole length.
+
 The backbone serves in int8 by default (``SERVING_PRECISION``; see
 ``encoder``): the head is trained on fp32 features, and int8 features score
 the test split within 0.002 of them in Kendall's tau.
@@ -29,9 +34,13 @@ SERVING_PRECISION = "int8"
 
 class Ranker:
     def __init__(self, encoder: MiniLMEncoder, head: ScoreHead, head_path: str = ""):
-        self.encoder = encoder
-        self.head = head
+        self.encoder = encoder.freeze()
+        self._current = (head, head.traced())  # swapped as one reference
         self.head_path = head_path
+
+    @property
+    def head(self) -> ScoreHead:
+        return self._current[0]
 
     @classmethod
     def load(cls, head_path: str | Path | None = None,
@@ -52,13 +61,14 @@ class Ranker:
 
     def features(self, prompts: list[str]) -> torch.Tensor:
         """(N, 385) head inputs: backbone embedding and log prompt length."""
-        lengths = [len(e.ids) for e in self.encoder.tok.encode_batch(prompts, add_special_tokens=False)]
-        return prompt_features(self.encoder.embed(prompts), lengths)
+        ids, lengths = self.encoder.tokenize(prompts)
+        return prompt_features(self.encoder.embed_ids(ids), lengths)
 
     def score_and_features(self, prompts: list[str]) -> tuple[list[float], torch.Tensor]:
-        head = self.head  # one head for the whole call, even if swapped meanwhile
+        _, score = self._current  # one head for the whole call, even if swapped meanwhile
         x = self.features(prompts)
-        return head.score(x).tolist(), x
+        with torch.inference_mode():
+            return score(x).tolist(), x
 
     def score(self, prompts: list[str]) -> list[float]:
         return self.score_and_features(prompts)[0] if prompts else []
@@ -70,7 +80,7 @@ class Ranker:
             raise ValueError(f"{path}: head was trained on a different encoder setting "
                              f"(max tokens, layers, adapter) {encoder_setting(new)}; the running "
                              f"encoder is {encoder_setting(self.head)}")
-        self.head, self.head_path = new, str(path)
+        self._current, self.head_path = (new, new.traced()), str(path)
         return {"head_path": str(path), "test": new.meta.get("test"), "source": new.meta.get("source")}
 
 

@@ -390,6 +390,33 @@ def test_swapping_in_a_head_of_another_encoder_setting_is_refused(tmp_path, enco
     assert ranker.head_path == str(heads[4])
 
 
+def test_a_frozen_encoder_and_a_traced_head_score_as_the_eager_ones(tmp_path, encoder):
+    """The traces (run without the GIL) generalize over batch size and length
+    exactly, in every precision, and a swapped-in head is traced anew."""
+    from cluster.ranker.encoder import MiniLMEncoder, pad_batch
+    from cluster.ranker.ranker import Ranker
+
+    rng = random.Random(3)
+    words = "the of to ask write explain code poem list short long why how".split()
+    texts = [" ".join(rng.choices(words, k=rng.randint(0, 40))) for _ in range(30)]
+    for precision in ("fp32", "int8"):
+        enc = MiniLMEncoder(encoder.w, encoder.tok, encoder.cfg, 16, precision).freeze()
+        for k in (1, 3, 16):
+            ids, mask = pad_batch(enc.token_ids(texts[:k]))
+            assert torch.equal(enc.embed(texts[:k]), enc.pooled(ids, mask)), (precision, k)
+    heads = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        heads.append(tmp_path / f"h{seed}.safetensors")
+        ScoreHead(hidden=8, meta={"encoder_max_tokens": 16, "encoder_layers": 4}).save(heads[-1])
+    ranker = Ranker.load(heads[0], precision="fp32")
+    ids, lengths = ranker.encoder.tokenize(texts)
+    x = prompt_features(ranker.encoder.pooled(*pad_batch(ids)), lengths)
+    assert ranker.score(texts) == pytest.approx(ScoreHead.load(heads[0]).score(x).tolist(), abs=1e-5)
+    ranker.swap_head(heads[1])
+    assert ranker.score(texts) == pytest.approx(ScoreHead.load(heads[1]).score(x).tolist(), abs=1e-5)
+
+
 def test_bf16_and_int8_encoders_stay_close_to_fp32(encoder):
     from cluster.ranker.encoder import MiniLMEncoder
 
