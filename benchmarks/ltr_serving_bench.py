@@ -526,11 +526,13 @@ def resimulate(path: Path, examples, prompts, lengths, offsets, args) -> int:
         raise SystemExit(f"{path}: another workload ({saved['requests']} requests, "
                          f"{saved['output_tokens']} tokens); give the same --requests and limits")
     by = {r["policy"]: r for r in saved["rows"]}
-    cfgs = {p: make_config(p, "redis://unused", "resim", saved["max_num_seqs"], len(examples))
-            for p in by}
+    # reports from before scheduler.score_wait_s dispatched unscored requests at once
+    wait = args.score_wait_s if args.score_wait_s is not None else saved.get("score_wait_s", 0.0)
+    cfgs = {p: make_config(p, "redis://unused", "resim", saved["max_num_seqs"], len(examples),
+                           score_wait_s=wait) for p in by}
     sim = sim_report(cfgs, [len(p) for p in prompts], lengths, offsets,
                      saved["ranker_on_workload"]["kendall_tau"], by, args.profiles)
-    emit_report({"resimulated": str(path), "sim": sim}, args.json,
+    emit_report({"resimulated": str(path), "score_wait_s": wait, "sim": sim}, args.json,
                 lambda r: print_resimulated(r["sim"], by))
     return 0
 
