@@ -7,20 +7,20 @@ Policies are chosen by name from the registries below.
 
 from cluster.policies.admission import AdmissionPolicy, BoundedQueue
 from cluster.policies.registry import (
-                                       ROUTERS,
-                                       SCHEDULERS,
-                                       make_router,
-                                       make_scheduler,
-                                       scheduler_from_spec,
+    ROUTERS,
+    SCHEDULERS,
+    make_router,
+    make_scheduler,
+    scheduler_from_spec,
 )
 from cluster.policies.router import RouterPolicy
 from cluster.policies.scheduler import SchedulerPolicy
 from cluster.policies.types import (
-                                       AdmissionDecision,
-                                       RequestView,
-                                       Route,
-                                       SchedulingRound,
-                                       WorkerView,
+    AdmissionDecision,
+    RequestView,
+    Route,
+    SchedulingRound,
+    WorkerView,
 )
 
 __all__ = [

@@ -29,9 +29,9 @@ schedules them; dispatching them unscored instead fills free slots in
 arrival order, and in a burst those are as long as any (a burst of 300
 ShareGPT prompts on 8 slots: 12 dispatched unscored cost ltr about 4% of its
 mean latency in the slot model). ``score_wait_s = 0`` dispatches them at
-once, after every scored request. The default, 1 s, outlasts the first
-chunk of a 300-prompt burst on a 2-core CPU (0.5-0.65 s); an idle cluster
-waits only as long as one prompt's scoring.
+once, after every scored request. The default, 1 s, outlasts the slowest
+first chunk of a 300-prompt burst seen on a 2-core CPU (0.5-0.6 s); an idle
+cluster waits only as long as one prompt's scoring.
 """
 
 from __future__ import annotations
