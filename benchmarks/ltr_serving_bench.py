@@ -29,13 +29,12 @@ chatbot metric). Ranker overhead (ltr), two ways:
     min(free slots, requests queued and not yet scored) (running = from
     dispatch, submit + ``queue_s``, to the last token), over the number of
     requests. A request waiting for its score while every slot is busy loses
-    nothing: it could not have run anyway. (The
-    controller never holds a request back for its score: an unscored request
-    is dispatchable, after every scored one; ``dispatched_unscored`` counts
+    nothing: it could not have run anyway. (A request waits for its score at
+    most ``scheduler.score_wait_s``, ``--score-wait-s``; then it is
+    dispatchable, after every scored one; ``dispatched_unscored`` counts
     those that ran before their score came.)
 
-The target (<= 2%) is judged on (a), the larger and the one that cannot be
-zero by construction; (b) is what a user sees. Beside the runs, the encoder's
+The target (<= 2%) is judged on (a), the larger one; (b) is what a user sees. Beside the runs, the encoder's
 own cost on the workload's prompts is timed in the benchmark's process on
 one thread, int8 (served) against fp32 (the reference), with the load
 average.

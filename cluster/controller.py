@@ -69,7 +69,7 @@ from cluster.policies import (
     scheduler_from_spec,
 )
 from cluster.policies.scaling import PoolLoad, ScalingDecision, measure_pool
-from cluster.policies.scheduler import Placement
+from cluster.policies.scheduler import UNRANKED, Placement
 from cluster.state import JournalBatcher, StateStore, password_from_env
 from cluster.token_channel import RespConnection, encode_tokens, output_channel
 from cluster.token_follower import TokenFollower, TokenStep, cancel_stream
@@ -381,7 +381,8 @@ class Controller:
         if self.ranker is None:
             return
         t0 = time.time()
-        req.score = await self.ranker.on_arrival(req.request_id, req.prompt)
+        score = await self.ranker.on_arrival(req.request_id, req.prompt)
+        req.score = UNRANKED if score is None else score  # (None: the encoder failed on it)
         req.timing["rank_s"] = time.time() - t0
         self._wake.set()
 

@@ -44,6 +44,7 @@ from typing import ClassVar
 from cluster.policies.types import RequestView, SchedulingRound
 
 _ARRIVAL = attrgetter("arrival_s", "request_id")  # first come, first served
+UNRANKED = float("-inf")  # the score of a request the ranker failed on: last, and never waited for
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class LearnedRank(SchedulerPolicy):
         return (-self.priority(r), r.arrival_s, r.request_id)
 
     def priority(self, r: RequestView) -> float:
-        return float("-inf") if r.score is None else r.score
+        return UNRANKED if r.score is None else r.score
 
     def hold_until(self, r: RequestView, now_s: float) -> float | None:
         """An unscored request waits for its score until ``score_wait_s``

@@ -151,12 +151,13 @@ def _train_offline(args, cfg) -> int:
         raise ValueError("--later-turns needs --sharegpt-package (shared/data has first turns only)")
     if args.later_turns and not cfg.adapter_rank:
         raise ValueError("--later-turns feeds the backbone fine-tune: it needs --adapter-rank > 0")
-    text = data.sharegpt_package_text() if args.sharegpt_package else None
-    examples = (data.to_examples(data.sharegpt_first_turns(text)) if text is not None
+    convs = (data.sharegpt_conversations(data.sharegpt_package_text())
+             if args.sharegpt_package else None)
+    examples = (data.to_examples(data.sharegpt_first_turns(convs)) if convs is not None
                 else data.load_examples(args.data))
     if args.max_examples:
         examples = sorted(examples, key=lambda e: data.hash_order(e.id))[:args.max_examples]
-    extra = (data.to_examples(data.sharegpt_later_turns(text, examples))
+    extra = (data.to_examples(data.sharegpt_later_turns(convs, examples))
              if args.later_turns else [])
     report = train_and_evaluate(examples, args.out, cfg, command=_command_line(), extra_train=extra,
                                 encoder_max_tokens=args.encoder_max_tokens,

