@@ -34,10 +34,10 @@ chatbot metric). Ranker overhead (ltr), two ways:
     dispatchable, after every scored one; ``dispatched_unscored`` counts
     those that ran before their score came.)
 
-The target (<= 2%) is judged on (a), the larger one; (b) is what a user sees. Beside the runs, the encoder's
-own cost on the workload's prompts is timed in the benchmark's process on
-one thread, int8 (served) against fp32 (the reference), with the load
-average.
+The target (<= 2%) is judged on (a), the larger one; (b) is what a user
+sees. Beside the runs, the encoder's own cost on the workload's prompts is
+timed in the benchmark's process on one thread, int8 (served) against fp32
+(the reference), with the load average.
 
 Simulator: the same requests (prompt = bytes + 1 tokens, same output
 lengths, same arrival times) on a colocated ``cpu`` worker of the ``tiny``
@@ -49,10 +49,10 @@ ranker's measured tau, and its scores come back after the real ranker's
 measured busy time per prompt (``sim/ranker.py``), so that requests are
 dispatched unscored while the burst is being scored, as on the cluster.
 ``--profiles FILE`` simulates with other efficiency profiles than the
-committed ones: this burst decodes 8 requests at once with
-contexts up to ~2,000 tokens, a regime the committed ``cpu`` profile (fitted on
-a light load) does not see; ``benchmarks/sim_vs_cluster.py --decode-probes
---profiles FILE`` fits one that does.
+committed ones. This burst decodes 8 requests at once with contexts up to
+~2,000 tokens; the committed ``cpu`` profile has seen such batches since it
+is calibrated with decode probes (``baton sim calibrate --target cluster
+--decode-probes``, which writes it).
 
 Usage::
 

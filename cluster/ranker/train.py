@@ -37,6 +37,7 @@ from cluster.ranker.evaluate import RankQuality, kendall_tau, rank_quality
 from cluster.ranker.features import DEFAULT_CACHE, EmbeddingCache
 from cluster.ranker.head import ScoreHead, init_seed, prompt_features
 from cluster.ranker.listmle import listmle
+from cluster.ranker.ranker import encoder_setting
 
 SCHEDULES = ("constant", "cosine")
 
@@ -286,8 +287,7 @@ def soup_and_evaluate(examples: list[Example], heads: Sequence[ScoreHead], out_d
 def soup_setting(heads: Sequence[ScoreHead]) -> tuple[int, int]:
     """(max tokens, layers) shared by the encoders of ``heads``; raises if they
     differ or if any head reads a frozen backbone (nothing to average)."""
-    settings = {(int(h.meta.get("encoder_max_tokens", 128)), int(h.meta.get("encoder_layers", 6)))
-                for h in heads}
+    settings = {encoder_setting(h)[:2] for h in heads}
     if len(settings) != 1:
         raise ValueError(f"the heads were trained on different encoder settings "
                          f"(max tokens, layers): {sorted(settings)}")
